@@ -1,0 +1,9 @@
+//! Waybill: zero-code distributed tracing for Linux.
+//!
+//! Follow one event through the folders in this order: `loader` (feature probes, attach) →
+//! `events` (ring buffer, record decoding) → `conn` (connection table, reassembly, protocol
+//! detection) → `protocols` (pure parsers) → `stitch` (pairing, span building) → `export`
+//! (OTLP, terminal view, metrics). `process` selects targets and describes them as resources.
+
+pub mod protocols;
+pub mod stitch;

@@ -1,0 +1,3 @@
+//! Request/response pairing, span building and parent links.
+
+pub mod span;

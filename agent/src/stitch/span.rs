@@ -1,0 +1,121 @@
+//! The agent's span model: what the stitcher builds from parsed exchanges and what every
+//! exporter (OTLP, terminal) consumes. Ids, parents and timestamps are decided by Waybill.
+
+use std::sync::Arc;
+
+/// An attribute value (the subset of OpenTelemetry's `AnyValue` that Waybill produces).
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&str> for AttrValue {
+    fn from(v: &str) -> Self {
+        AttrValue::Str(v.to_string())
+    }
+}
+impl From<String> for AttrValue {
+    fn from(v: String) -> Self {
+        AttrValue::Str(v)
+    }
+}
+impl From<i64> for AttrValue {
+    fn from(v: i64) -> Self {
+        AttrValue::Int(v)
+    }
+}
+impl From<bool> for AttrValue {
+    fn from(v: bool) -> Self {
+        AttrValue::Bool(v)
+    }
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Int(i) => write!(f, "{i}"),
+            AttrValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// A key/value attribute. Keys are OpenTelemetry semantic-convention names.
+pub type Attr = (String, AttrValue);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SpanStatus {
+    Unset,
+    Error(String),
+}
+
+/// How a span's parent was found (exported as `waybill.parent.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentSource {
+    /// No parent: the span starts a trace.
+    None,
+    /// An incoming W3C `traceparent` header.
+    Header,
+}
+
+impl ParentSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentSource::None => "none",
+            ParentSource::Header => "header",
+        }
+    }
+}
+
+/// The OpenTelemetry resource of one traced process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessResource {
+    pub pid: u32,
+    pub service_name: String,
+    /// All resource attributes, `service.name` included.
+    pub attributes: Vec<Attr>,
+}
+
+/// One finished span.
+#[derive(Clone, Debug)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    /// W3C `tracestate` carried from the incoming request, if any.
+    pub trace_state: Option<String>,
+    pub sampled: bool,
+    pub name: String,
+    pub kind: SpanKind,
+    /// Wall-clock start and end, nanoseconds since the Unix epoch.
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<Attr>,
+    pub status: SpanStatus,
+    pub parent_source: ParentSource,
+    pub resource: Arc<ProcessResource>,
+}
+
+impl SpanRecord {
+    /// The value of attribute `key`, if present.
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+}
+
+/// Lower-case hex of an id.
+pub fn hex(id: &[u8]) -> String {
+    use std::fmt::Write;
+    id.iter().fold(String::with_capacity(id.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,0 +1,266 @@
+//! Types shared by Waybill's eBPF programs (`ebpf-probes/src`) and the user-space agent.
+//!
+//! Every struct here is `#[repr(C)]` with explicit padding and a size assertion, so the kernel
+//! and user sides cannot drift apart. Every ring-buffer record starts with [`EventHeader`] whose
+//! first field is the record kind; kinds are grouped in ranges per hook family.
+#![no_std]
+
+use core::mem::size_of;
+
+// ---------------------------------------------------------------------------------------------
+// Record kinds. 1xx: process lifecycle, 2xx: sockets.
+// ---------------------------------------------------------------------------------------------
+
+/// A process called execve (only sent while user space asked for exec events).
+pub const KIND_PROC_EXEC: u32 = 100;
+/// A traced process forked a child process; the child is already traced.
+pub const KIND_PROC_FORK: u32 = 101;
+/// A traced process exited (its main thread ended).
+pub const KIND_PROC_EXIT: u32 = 102;
+/// A process that is not traced yet started listening on / accepted from a watched port.
+pub const KIND_PORT_MATCH: u32 = 103;
+
+/// First sight of a TCP connection on an fd of a traced process: its 4-tuple.
+pub const KIND_CONN: u32 = 200;
+/// Bytes read from or written to a TCP socket of a traced process.
+pub const KIND_DATA: u32 = 201;
+/// A traced process closed a TCP socket fd.
+pub const KIND_CLOSE: u32 = 202;
+
+// ---------------------------------------------------------------------------------------------
+// Drop / loss counters: index into the per-CPU `LOST` array.
+// ---------------------------------------------------------------------------------------------
+
+/// A record could not be reserved in the ring buffer (it was full).
+pub const LOST_RINGBUF_FULL: u32 = 0;
+/// Payload bytes were not captured because they were beyond the capture window (counted in records).
+pub const LOST_PAYLOAD_TRUNCATED: u32 = 1;
+/// The entry→exit stash map was full: a syscall could not be followed.
+pub const LOST_STASH_FULL: u32 = 2;
+/// Reading the payload from user memory failed.
+pub const LOST_READ_USER: u32 = 3;
+/// Number of counters.
+pub const LOST_COUNTERS: u32 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Sizes and limits.
+// ---------------------------------------------------------------------------------------------
+
+/// Largest payload prefix one data record can carry (a power of two).
+pub const MAX_CAPTURE: usize = 16384;
+/// Default payload prefix captured per syscall (user space may lower or raise it up to MAX_CAPTURE).
+pub const DEFAULT_CAPTURE: u32 = 4096;
+/// How many iovec elements of readv/writev/recvmsg/sendmsg are copied.
+pub const MAX_IOVECS: u32 = 8;
+
+/// Direction of a data record, from the traced process's point of view.
+pub const DIR_READ: u32 = 0;
+/// Bytes written by the traced process.
+pub const DIR_WRITE: u32 = 1;
+
+/// The connection's role was not seen (it existed before Waybill attached).
+pub const ROLE_UNKNOWN: u32 = 0;
+/// The fd came from accept(): the traced process is the server.
+pub const ROLE_SERVER: u32 = 1;
+/// The fd was connect()ed: the traced process is the client.
+pub const ROLE_CLIENT: u32 = 2;
+
+/// Which syscall produced a data record (for diagnostics and the no-payload sendfile case).
+pub const SYS_READ: u32 = 0;
+pub const SYS_WRITE: u32 = 1;
+pub const SYS_READV: u32 = 2;
+pub const SYS_WRITEV: u32 = 3;
+pub const SYS_RECVFROM: u32 = 4;
+pub const SYS_SENDTO: u32 = 5;
+pub const SYS_RECVMSG: u32 = 6;
+pub const SYS_SENDMSG: u32 = 7;
+pub const SYS_SENDFILE: u32 = 8;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+// ---------------------------------------------------------------------------------------------
+// Records.
+// ---------------------------------------------------------------------------------------------
+
+/// Common head of every ring-buffer record. `kind` must stay the first field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Thread-group id (what user space calls the PID).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event happened.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 24);
+
+/// A TCP connection's addresses. IPv4 addresses use the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub family: u16,
+    /// Local port, host byte order.
+    pub lport: u16,
+    /// Remote port, host byte order.
+    pub rport: u16,
+    pub _pad: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+}
+const _: () = assert!(size_of::<Tuple>() == 40);
+
+/// `KIND_CONN`: the tuple of a socket fd, sent once per (tgid, fd) until it is closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnEvent {
+    pub hdr: EventHeader,
+    pub fd: u32,
+    /// One of `ROLE_*`.
+    pub role: u32,
+    /// Kernel `struct sock *`, an identity for the connection while it lives.
+    pub sk: u64,
+    pub tuple: Tuple,
+}
+const _: () = assert!(size_of::<ConnEvent>() == 80);
+
+/// `KIND_DATA` head; `captured` payload bytes follow it in the same record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataHeader {
+    pub hdr: EventHeader,
+    pub fd: u32,
+    /// `DIR_READ` or `DIR_WRITE`.
+    pub dir: u32,
+    /// Bytes the syscall really transferred (its return value).
+    pub total: u64,
+    /// Payload bytes that follow this header (≤ total, ≤ the capture window).
+    pub captured: u32,
+    /// One of `SYS_*`.
+    pub syscall: u32,
+    pub sk: u64,
+}
+const _: () = assert!(size_of::<DataHeader>() == 56);
+
+/// Scratch layout used by the kernel side to build a data record before output.
+#[repr(C)]
+pub struct DataEvent {
+    pub head: DataHeader,
+    /// Twice the window so that bounded copies at any offset < MAX_CAPTURE stay in bounds.
+    pub data: [u8; 2 * MAX_CAPTURE],
+}
+
+/// `KIND_CLOSE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseEvent {
+    pub hdr: EventHeader,
+    pub fd: u32,
+    pub _pad: u32,
+    pub sk: u64,
+}
+const _: () = assert!(size_of::<CloseEvent>() == 40);
+
+/// `KIND_PROC_EXEC`, `KIND_PROC_FORK`, `KIND_PROC_EXIT`, `KIND_PORT_MATCH`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEvent {
+    pub hdr: EventHeader,
+    /// For fork: the parent tgid. For a port match: the port.
+    pub other: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<ProcEvent>() == 48);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration handed to the programs before load (`EbpfLoader::override_global`).
+// ---------------------------------------------------------------------------------------------
+
+/// Kernel struct member offsets, read by user space from /sys/kernel/btf/vmlinux.
+/// Nothing about kernel struct layout is compiled into the eBPF object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_f_inode: u32,
+    pub file_private_data: u32,
+    pub inode_i_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    /// 0 when the kernel has no IPv6: AF_INET6 sockets are then skipped.
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// 1 once filled in by user space.
+    pub valid: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 68);
+
+/// Offsets of tracepoint fields that are not part of the fixed syscall layout, read from
+/// tracefs `format` files at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    /// task/task_newtask: `pid` of the new task.
+    pub newtask_pid: u32,
+    /// task/task_newtask: `clone_flags`.
+    pub newtask_clone_flags: u32,
+    /// Size in bytes of `clone_flags` (4 or 8; it became u64 in 6.x).
+    pub newtask_clone_flags_size: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<TracepointOffsets>() == 16);
+
+/// Run-time settings for the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Payload bytes captured per syscall, ≤ MAX_CAPTURE.
+    pub capture_bytes: u32,
+    /// 1: send `KIND_PROC_EXEC` for every exec on the host (needed for `--exe`).
+    pub watch_exec: u32,
+    /// 1: the `WATCH_PORTS` map is in use (needed for `--port`).
+    pub watch_ports: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProbeConfig>() == 16);
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self { capture_bytes: DEFAULT_CAPTURE, watch_exec: 0, watch_ports: 0, _pad: 0 }
+    }
+}
+
+/// Value of the per-(tgid, fd) socket cache in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockInfo {
+    pub sk: u64,
+    /// 1 for a TCP socket, 0 for "not a TCP socket" (negative entries are cached too).
+    pub is_tcp: u32,
+    pub role: u32,
+}
+const _: () = assert!(size_of::<SockInfo>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have no
+    // implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for TracepointOffsets {}
+    unsafe impl aya::Pod for ProbeConfig {}
+    unsafe impl aya::Pod for SockInfo {}
+    unsafe impl aya::Pod for Tuple {}
+}
