@@ -2,8 +2,7 @@
 //!
 //! Follow one event through the folders in this order: `loader` (feature probes, attach) →
 //! `events` (ring buffer, record decoding) → `conn` (connection table, reassembly, protocol
-//! detection) → `protocols` (pure parsers) → `stitch` (pairing, span building) → `export`
+//! detection) → `agent/protocols` (the `waybill-protocols` crate: pure parsers) → `stitch` (pairing, span building) → `export`
 //! (OTLP, terminal view, metrics). `process` selects targets and describes them as resources.
 
-pub mod protocols;
 pub mod stitch;
