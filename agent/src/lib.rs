@@ -5,4 +5,12 @@
 //! detection) → `agent/protocols` (the `waybill-protocols` crate: pure parsers) → `stitch` (pairing, span building) → `export`
 //! (OTLP, terminal view, metrics). `process` selects targets and describes them as resources.
 
+pub mod clock;
+pub mod conn;
+pub mod events;
+pub mod export;
+pub mod ids;
+pub mod loader;
+pub mod metrics;
+pub mod process;
 pub mod stitch;

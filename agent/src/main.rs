@@ -1,1 +1,217 @@
-fn main() {}
+//! `waybill`: command-line entry point. Wiring only; the work lives in the library modules.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+use waybill::{
+    events::pump::{Pipeline, PipelineConfig},
+    export,
+    loader::{
+        attach::{self, LoadOptions},
+        features,
+    },
+    metrics::{self, Metrics},
+    process::{self, Selector},
+};
+use waybill_common::{MAX_CAPTURE, ProbeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "waybill",
+    version,
+    about = "Zero-code distributed tracing for Linux, with eBPF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Trace the selected processes: spans to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set,
+    /// otherwise a waterfall per trace in the terminal.
+    Run(RunArgs),
+    /// Show what this kernel and these privileges allow, and which hooks will be used.
+    Check,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Trace this process and its descendants (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Trace every process running this executable, now and later (repeatable).
+    #[arg(long = "exe", value_name = "NAME")]
+    exes: Vec<String>,
+    /// Trace every process serving this TCP port, now and later (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u16>,
+    /// Serve Prometheus /metrics and /healthz on this address.
+    #[arg(long, value_name = "HOST:PORT", env = "WAYBILL_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Payload bytes copied per syscall (enough for the request and response heads).
+    #[arg(long, default_value_t = waybill_common::DEFAULT_CAPTURE, env = "WAYBILL_CAPTURE_BYTES",
+          value_parser = clap::value_parser!(u32).range(64..=MAX_CAPTURE as i64))]
+    capture_bytes: u32,
+    /// Size of the kernel → agent ring buffer in bytes (a power of two ≥ 4096).
+    #[arg(long, default_value_t = 8 * 1024 * 1024, env = "WAYBILL_RING_BUFFER_BYTES")]
+    ring_buffer_bytes: u32,
+    /// Connections tracked at once; the least recently active is evicted beyond it.
+    #[arg(long, default_value_t = 16384, env = "WAYBILL_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// Seconds after which an idle connection's state is dropped.
+    #[arg(long, default_value_t = 300, env = "WAYBILL_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: u64,
+    /// Spans queued for export before new ones are dropped (and counted).
+    #[arg(long, default_value_t = 65536, env = "WAYBILL_SPAN_QUEUE")]
+    span_queue: usize,
+    /// Load this eBPF object instead of the embedded one (development).
+    #[arg(long, hide = true)]
+    ebpf_object: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WAYBILL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check => {
+            let f = features::detect();
+            print!("{}", f.render());
+            if f.privileged {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Cmd::Run(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+            };
+            match rt.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("waybill: error: {msg}");
+    ExitCode::from(1)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let selector = Selector {
+        pids: args.pids.clone(),
+        exes: args.exes.clone(),
+        ports: args.ports.clone(),
+    };
+    if selector.is_empty() {
+        anyhow::bail!(
+            "nothing to trace: name targets with --pid PID, --exe NAME or --port PORT (each repeatable)"
+        );
+    }
+    for pid in &selector.pids {
+        if !process::exists(*pid) {
+            anyhow::bail!(
+                "no process with PID {pid}: check the PID with `ps -p {pid}` (or select by --exe / --port)"
+            );
+        }
+    }
+    if !features::privileged() {
+        anyhow::bail!(
+            "not enough privileges to load eBPF programs: run as root (sudo waybill run …) or grant \
+             CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE; `waybill check` shows what is missing"
+        );
+    }
+    if !args.ring_buffer_bytes.is_power_of_two() || args.ring_buffer_bytes < 4096 {
+        anyhow::bail!(
+            "--ring-buffer-bytes must be a power of two ≥ 4096 (got {})",
+            args.ring_buffer_bytes
+        );
+    }
+    // Exporter first: a bad OTEL_* setting fails before anything is attached.
+    let otlp = export::otlp::OtlpConfig::from_env()?;
+    let metrics = Arc::new(Metrics::default());
+    let config = ProbeConfig {
+        capture_bytes: args.capture_bytes,
+        watch_exec: u32::from(!selector.exes.is_empty()),
+        watch_ports: u32::from(!selector.ports.is_empty()),
+        _pad: 0,
+    };
+    let opts = LoadOptions {
+        config,
+        ring_buffer_bytes: args.ring_buffer_bytes,
+        object: args.ebpf_object.clone(),
+    };
+    let (probes, ring) = attach::load(&opts)?;
+    tracing::info!(
+        hooks = probes.attached.len(),
+        skipped = probes.skipped.len(),
+        "eBPF programs attached (syscall tracepoints; kprobes/fentry not needed)"
+    );
+    metrics
+        .probe_attach_failures
+        .set(probes.skipped.len() as u64);
+
+    let (tx, rx) = mpsc::channel(args.span_queue);
+    let exporter = match otlp {
+        Some(cfg) => {
+            tracing::info!(endpoint = %cfg.endpoint, protocol = ?cfg.protocol, "exporting OTLP");
+            export::otlp::spawn_otlp(cfg, rx, metrics.export.clone())?
+        }
+        None => {
+            tracing::info!("OTEL_EXPORTER_OTLP_ENDPOINT not set: printing traces to the terminal");
+            export::terminal::spawn_terminal(rx, Box::new(std::io::stdout()))
+        }
+    };
+    let _metrics_server = match &args.metrics_addr {
+        Some(addr) => Some(
+            metrics::serve(addr.clone(), metrics.clone())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot serve metrics on {addr}: {e} (is the port free?)")
+                })?,
+        ),
+        None => None,
+    };
+
+    let cfg = PipelineConfig {
+        selector,
+        max_connections: args.max_connections,
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        rescan_every: Duration::from_secs(2),
+    };
+    let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);
+    let n = pipeline.initial_targets();
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(processes = n, "ready");
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: flushing spans");
+    };
+    pipeline.run(ring, shutdown).await?;
+    // The pipeline owned the only sender: the exporter now drains and returns.
+    let _ = tokio::time::timeout(Duration::from_secs(10), exporter).await;
+    Ok(())
+}

@@ -1,1 +1,2 @@
 //! Test harness for Waybill root integration tests.
+pub mod otlp_receiver;

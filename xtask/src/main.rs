@@ -1,1 +1,331 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | test | run | bench`.
+//!
+//! - `setup`: installs the toolchain and test tools (idempotent: each step is skipped when present).
+//! - `build [--release]`: builds the eBPF object (ebpf-probes/, Debian rustc for bpfel-unknown-none,
+//!   linked by bpf-linker) and then the agent, which embeds that object.
+//! - `test`: setup, build, unit tests, then the root integration tests in tests/.
+//! - `run -- <waybill args>`: build and run the agent.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Waybill developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and the test tools (apt, bpf-linker, PyPI). Idempotent.
+    Setup {
+        /// Only the build toolchain, not the servers and tools the tests use.
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Build the eBPF object and the agent that embeds it.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole suite: unit tests, then root integration tests (needs root for those).
+    Test {
+        /// Skip `setup` (when you know the tools are there).
+        #[arg(long)]
+        no_setup: bool,
+        /// Only unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Extra arguments for the integration test run (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build (release) and run waybill with the given arguments.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages needed to build the eBPF object and bpf-linker.
+const BUILD_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libffi-dev",
+    "libxml2-dev",
+    "libedit-dev",
+    "libncurses-dev",
+];
+
+/// Debian packages the integration tests use (real servers and clients).
+const TEST_PACKAGES: &[&str] = &["nginx-light", "curl", "python3", "iproute2"];
+
+/// PyPI packages the integration tests use: rotel is a real OTLP collector.
+const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    match cli.cmd {
+        Cmd::Setup { build_only } => setup(build_only),
+        Cmd::Build { release } => build(&root, release).map(|_| ()),
+        Cmd::Test {
+            no_setup,
+            unit,
+            args,
+        } => test(&root, no_setup, unit, &args),
+        Cmd::Run { args } => {
+            let bin = build(&root, true)?;
+            run(Command::new(bin).args(args))
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn have_package(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs.iter().copied().filter(|p| !have_package(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !Path::new("/etc/debian_version").exists() {
+        bail!(
+            "this is not a Debian-like system; install the equivalents of these packages yourself: {}",
+            missing.join(" ")
+        );
+    }
+    if !is_root() {
+        bail!(
+            "missing packages and not root. Run:\n  sudo apt-get update && sudo apt-get install -y --no-install-recommends {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let stamp = Path::new("/var/lib/apt/periodic/waybill-update-stamp");
+    if !stamp.exists() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        let _ = std::fs::create_dir_all(stamp.parent().unwrap());
+        let _ = std::fs::write(stamp, b"");
+    }
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Where bpf-linker is installed (its own root keeps it out of the user's ~/.cargo/bin).
+fn tools_dir() -> PathBuf {
+    std::env::var_os("WAYBILL_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            if is_root() {
+                PathBuf::from("/opt/waybill-tools")
+            } else {
+                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into()))
+                    .join(".local/waybill-tools")
+            }
+        })
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(tools_dir().join("bin/bpf-linker"))
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+fn setup(build_only: bool) -> Result<()> {
+    apt_install(BUILD_PACKAGES)?;
+    if !bpf_linker_ok() {
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+            ])
+            .args(["--features", "llvm-22", "--root"])
+            .arg(tools_dir())
+            .env("PATH", path)
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if build_only {
+        return Ok(());
+    }
+    apt_install(TEST_PACKAGES)?;
+    for (module, spec) in PIP_PACKAGES {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !present {
+            eprintln!("xtask: pip install {spec}");
+            run(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                spec,
+            ]))?;
+        }
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+/// The `bpf_target_arch` cfg aya-ebpf wants, for the host architecture.
+fn bpf_target_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "aarch64",
+        "riscv64" => "riscv64",
+        "powerpc64" => "powerpc64",
+        "s390x" => "s390x",
+        _ => "x86_64",
+    }
+}
+
+/// Builds the eBPF object; returns its path.
+pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
+    if !bpf_linker_ok() {
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} is not installed: run `cargo xtask setup --build-only` first"
+        );
+    }
+    let dir = root.join("ebpf-probes");
+    let path = format!(
+        "{}:{}",
+        tools_dir().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let flags = format!(
+        "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        bpf_target_arch()
+    );
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .args(["build", "--release", "--target", "bpfel-unknown-none"])
+        .env("PATH", path)
+        // Debian's rustc 1.96 ships a precompiled core for bpfel-unknown-none.
+        .env("RUSTC", "/usr/bin/rustc")
+        // aya-ebpf uses #![feature(asm_experimental_arch)]; allow it for that crate only.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        .env_remove("RUSTFLAGS"))?;
+    Ok(dir.join("target/bpfel-unknown-none/release/waybill-probes"))
+}
+
+/// Builds the eBPF object and the agent; returns the agent binary's path.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let obj = build_ebpf(root)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(["build", "--package", "waybill", "--bin", "waybill"])
+        .env("WAYBILL_EBPF_OBJ", &obj);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let bin = root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("waybill");
+    eprintln!("xtask: built {}", bin.display());
+    Ok(bin)
+}
+
+fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> {
+    if !no_setup {
+        setup(unit)?;
+    }
+    let bin = build(root, true)?;
+    let obj = root.join("ebpf-probes/target/bpfel-unknown-none/release/waybill-probes");
+    eprintln!("xtask: unit tests");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "waybill-tests",
+            "--release",
+        ])
+        .env("WAYBILL_EBPF_OBJ", &obj))?;
+    if unit {
+        return Ok(());
+    }
+    if !is_root() {
+        if std::env::var_os("CI").is_some() {
+            bail!("root integration tests need root, and CI must run them: run as root");
+        }
+        eprintln!(
+            "xtask: NOT running the root integration tests (not root). Run `sudo cargo xtask test`."
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: root integration tests");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--release", "--package", "waybill-tests", "--"])
+        .arg("--test-threads=1")
+        .args(args)
+        .env("WAYBILL_BIN", &bin)
+        .env("WAYBILL_EBPF_OBJ", &obj))
+}

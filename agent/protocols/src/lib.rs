@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod http1;
+pub mod redact;
 
 /// Which way bytes travelled on a connection, independent of which end Waybill watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

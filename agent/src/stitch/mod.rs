@@ -1,3 +1,393 @@
-//! Request/response pairing, span building and parent links.
+//! Turns finished exchanges into spans: names, semantic-convention attributes, status, ids and
+//! the parent link.
+//!
+//! Parent rules implemented here:
+//! - an incoming HTTP request with a valid W3C `traceparent` joins that trace as a child of the
+//!   remote span (`waybill.parent.source = header`); its sampled flag is honoured (an unsampled
+//!   request produces no span, counted in `waybill_spans_unsampled_total`); a malformed header is
+//!   ignored and counted, the span then starts a new trace;
+//! - otherwise the span starts a new trace (`none`).
 
 pub mod span;
+
+use std::{net::IpAddr, sync::Arc};
+
+use waybill_common::{AF_INET, AF_INET6, Tuple};
+use waybill_protocols::http1::{self, HttpExchange};
+
+use crate::{
+    clock::Clock,
+    conn::{ConnMeta, Finished, Role},
+    ids::{self, TraceParent},
+    metrics::Metrics,
+    process::Resources,
+};
+use span::{Attr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
+
+/// Methods named by the HTTP semantic conventions; others become `_OTHER`.
+const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+];
+
+pub fn ip(t: &Tuple, local: bool) -> Option<IpAddr> {
+    let a = if local { &t.laddr } else { &t.raddr };
+    match t.family {
+        AF_INET => Some(IpAddr::from([a[0], a[1], a[2], a[3]])),
+        AF_INET6 => {
+            let v6 = std::net::Ipv6Addr::from(*a);
+            Some(
+                v6.to_ipv4_mapped()
+                    .map(IpAddr::V4)
+                    .unwrap_or(IpAddr::V6(v6)),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Splits a Host header into host and optional port (IPv6 literals in brackets kept whole).
+fn split_host(h: &str) -> (String, Option<u16>) {
+    let h = h.trim();
+    if let Some(rest) = h.strip_prefix('[') {
+        if let Some((host, tail)) = rest.split_once(']') {
+            return (
+                host.to_string(),
+                tail.strip_prefix(':').and_then(|p| p.parse().ok()),
+            );
+        }
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host.to_string(), port.parse().ok()),
+        _ => (h.to_string(), None),
+    }
+}
+
+fn attr(k: &str, v: impl Into<AttrValue>) -> Attr {
+    (k.to_string(), v.into())
+}
+
+pub struct Stitcher {
+    clock: Clock,
+    pub resources: Resources,
+}
+
+impl Stitcher {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            resources: Resources::new(),
+        }
+    }
+
+    /// Builds the span for a finished exchange, or None when it must not be exported.
+    pub fn span(&mut self, f: Finished, m: &Metrics) -> Option<SpanRecord> {
+        match f {
+            Finished::Http(meta, ex) => self.http_span(&meta, ex, m),
+        }
+    }
+
+    fn http_span(&mut self, meta: &ConnMeta, ex: HttpExchange, m: &Metrics) -> Option<SpanRecord> {
+        let req = &ex.request;
+        let server = meta.role != Role::Client;
+        let method_known = KNOWN_METHODS.contains(&req.method.as_str());
+        let method = if method_known {
+            req.method.clone()
+        } else {
+            "_OTHER".to_string()
+        };
+        let template = http1::path_template(&req.path);
+        let name = if server {
+            format!("{method} {template}")
+        } else {
+            method.clone()
+        };
+        let mut a: Vec<Attr> = Vec::with_capacity(16);
+        a.push(attr("http.request.method", method.as_str()));
+        if !method_known {
+            a.push(attr("http.request.method_original", req.method.as_str()));
+        }
+        let local = ip(&meta.tuple, true);
+        let remote = ip(&meta.tuple, false);
+        let (host, host_port) = req.host.as_deref().map(split_host).unwrap_or_default();
+        if server {
+            a.push(attr("url.path", req.path.as_str()));
+            if let Some(q) = &req.query {
+                a.push(attr("url.query", q.as_str()));
+            }
+            a.push(attr("url.scheme", "http"));
+            let server_addr = if host.is_empty() {
+                local.map(|i| i.to_string()).unwrap_or_default()
+            } else {
+                host.clone()
+            };
+            if !server_addr.is_empty() {
+                a.push(attr("server.address", server_addr));
+            }
+            if let Some(p) = host_port.or((meta.tuple.lport != 0).then_some(meta.tuple.lport)) {
+                a.push(attr("server.port", p as i64));
+            }
+            if let Some(r) = remote {
+                a.push(attr("client.address", r.to_string()));
+                a.push(attr("client.port", meta.tuple.rport as i64));
+                a.push(attr("network.peer.address", r.to_string()));
+                a.push(attr("network.peer.port", meta.tuple.rport as i64));
+            }
+        } else {
+            let addr = if host.is_empty() {
+                remote.map(|i| i.to_string()).unwrap_or_default()
+            } else {
+                host.clone()
+            };
+            let port = host_port.unwrap_or(meta.tuple.rport);
+            let authority = if port == 80 || port == 0 {
+                addr.clone()
+            } else {
+                format!("{addr}:{port}")
+            };
+            let mut full = format!("http://{authority}{}", req.path);
+            if let Some(q) = &req.query {
+                full.push('?');
+                full.push_str(q);
+            }
+            a.push(attr("url.full", full));
+            if !addr.is_empty() {
+                a.push(attr("server.address", addr));
+            }
+            if port != 0 {
+                a.push(attr("server.port", port as i64));
+            }
+            if let Some(r) = remote {
+                a.push(attr("network.peer.address", r.to_string()));
+                a.push(attr("network.peer.port", meta.tuple.rport as i64));
+            }
+        }
+        a.push(attr("network.transport", "tcp"));
+        a.push(attr("network.protocol.name", "http"));
+        a.push(attr(
+            "network.protocol.version",
+            if req.version_minor == 0 { "1.0" } else { "1.1" },
+        ));
+        if let Some(ua) = &req.user_agent {
+            a.push(attr("user_agent.original", ua.as_str()));
+        }
+        if let Some(n) = req.content_length.filter(|n| *n > 0) {
+            a.push(attr("http.request.body.size", n as i64));
+        }
+        let status = match &ex.response {
+            Some(r) => {
+                a.push(attr("http.response.status_code", r.status as i64));
+                if let Some(n) = r.content_length {
+                    a.push(attr("http.response.body.size", n as i64));
+                }
+                let is_err = if server {
+                    r.status >= 500
+                } else {
+                    r.status >= 400
+                };
+                if is_err {
+                    a.push(attr("error.type", r.status.to_string()));
+                    SpanStatus::Error(format!("HTTP {}", r.status))
+                } else {
+                    SpanStatus::Unset
+                }
+            }
+            None => {
+                a.push(attr("error.type", "no_response"));
+                SpanStatus::Error("no response before the connection ended".into())
+            }
+        };
+        if ex.approximate {
+            a.push(attr("waybill.timing.approximate", true));
+        }
+        if req.head_truncated {
+            a.push(attr("waybill.request.head_truncated", true));
+        }
+
+        // Parent: an incoming traceparent on a server span.
+        let mut trace_id = ids::trace_id();
+        let mut parent = None;
+        let mut sampled = true;
+        let mut source = ParentSource::None;
+        let mut trace_state = None;
+        if server {
+            if let Some(tp) = req.traceparent.as_deref() {
+                match TraceParent::parse(tp) {
+                    Some(tp) => {
+                        trace_id = tp.trace_id;
+                        parent = Some(tp.parent_id);
+                        sampled = tp.sampled;
+                        source = ParentSource::Header;
+                        trace_state = req.tracestate.clone();
+                    }
+                    None => m.traceparent_malformed.inc(),
+                }
+            }
+        }
+        if !sampled {
+            m.spans_unsampled.inc();
+            return None;
+        }
+        match source {
+            ParentSource::None => m.parent_source_none.inc(),
+            ParentSource::Header => m.parent_source_header.inc(),
+        }
+        let end = if ex.response_end_ns != 0 {
+            ex.response_end_ns
+        } else {
+            ex.request_end_ns.max(ex.request_start_ns)
+        };
+        let resource = self.resources.get(meta.pid);
+        m.spans_created.inc();
+        Some(SpanRecord {
+            trace_id,
+            span_id: ids::span_id(),
+            parent_span_id: parent,
+            trace_state,
+            sampled,
+            name,
+            kind: if server {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
+            start_unix_ns: self.clock.to_unix_ns(ex.request_start_ns),
+            end_unix_ns: self.clock.to_unix_ns(end),
+            attributes: a,
+            status,
+            parent_source: source,
+            resource: Arc::clone(&resource),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use waybill_protocols::{Chunk, FlowDir, http1::Http1Conn};
+
+    use super::*;
+
+    fn exchange(req: &[u8], resp: &[u8]) -> HttpExchange {
+        let mut c = Http1Conn::new();
+        let mut out = Vec::new();
+        c.feed(
+            Chunk {
+                dir: FlowDir::ToServer,
+                data: req,
+                total: req.len(),
+                ts_ns: 1_000_000,
+            },
+            &mut out,
+        );
+        c.feed(
+            Chunk {
+                dir: FlowDir::ToClient,
+                data: resp,
+                total: resp.len(),
+                ts_ns: 3_000_000,
+            },
+            &mut out,
+        );
+        out.pop().expect("one exchange")
+    }
+
+    fn meta(role: Role) -> ConnMeta {
+        let mut t = Tuple {
+            family: AF_INET,
+            lport: 8080,
+            rport: 40000,
+            ..Default::default()
+        };
+        t.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        t.raddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        ConnMeta {
+            pid: std::process::id(),
+            fd: 3,
+            tuple: t,
+            role,
+            tid: 1,
+        }
+    }
+
+    #[test]
+    fn server_span_has_semconv_attributes() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let ex = exchange(
+            b"GET /users/123?page=2 HTTP/1.1\r\nHost: shop.local:8080\r\nUser-Agent: curl/8\r\n\r\n",
+            b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n",
+        );
+        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        assert_eq!(sp.name, "GET /users/{id}");
+        assert_eq!(sp.kind, SpanKind::Server);
+        let get = |k: &str| sp.attr(k).map(|v| v.to_string());
+        assert_eq!(get("http.request.method").as_deref(), Some("GET"));
+        assert_eq!(get("url.path").as_deref(), Some("/users/123"));
+        assert_eq!(get("url.query").as_deref(), Some("page=2"));
+        assert_eq!(get("server.address").as_deref(), Some("shop.local"));
+        assert_eq!(get("server.port").as_deref(), Some("8080"));
+        assert_eq!(get("client.address").as_deref(), Some("127.0.0.2"));
+        assert_eq!(get("client.port").as_deref(), Some("40000"));
+        assert_eq!(get("http.response.status_code").as_deref(), Some("503"));
+        assert_eq!(get("user_agent.original").as_deref(), Some("curl/8"));
+        assert_eq!(get("network.protocol.version").as_deref(), Some("1.1"));
+        assert!(matches!(sp.status, SpanStatus::Error(_)));
+        assert_eq!(sp.end_unix_ns - sp.start_unix_ns, 2_000_000);
+        assert_eq!(sp.parent_source, ParentSource::None);
+        assert_eq!(m.spans_created.get(), 1);
+    }
+
+    #[test]
+    fn traceparent_joins_and_unsampled_is_dropped() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let ex = exchange(
+            b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        assert_eq!(span::hex(&sp.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            sp.parent_span_id.map(|p| span::hex(&p)).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(sp.trace_state.as_deref(), Some("k=v"));
+        assert_eq!(sp.parent_source, ParentSource::Header);
+        let ex = exchange(
+            b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert!(s.span(Finished::Http(meta(Role::Server), ex), &m).is_none());
+        assert_eq!(m.spans_unsampled.get(), 1);
+        let ex = exchange(
+            b"GET / HTTP/1.1\r\ntraceparent: garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        assert_eq!(sp.parent_source, ParentSource::None);
+        assert_eq!(m.traceparent_malformed.get(), 1);
+    }
+
+    #[test]
+    fn client_span_uses_url_full_and_4xx_is_error() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let ex = exchange(
+            b"GET /v1/x?token=abc HTTP/1.1\r\nHost: api:9000\r\n\r\n",
+            b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n",
+        );
+        let sp = s.span(Finished::Http(meta(Role::Client), ex), &m).unwrap();
+        assert_eq!(sp.kind, SpanKind::Client);
+        assert_eq!(sp.name, "GET");
+        let full = sp.attr("url.full").unwrap().to_string();
+        assert!(full.starts_with("http://api:9000/v1/x?token="), "{full}");
+        assert!(!full.contains("abc"), "secret leaked: {full}");
+        assert!(matches!(sp.status, SpanStatus::Error(_)));
+    }
+
+    #[test]
+    fn host_header_split() {
+        assert_eq!(split_host("a.b:81"), ("a.b".to_string(), Some(81)));
+        assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
+        assert_eq!(split_host("host"), ("host".to_string(), None));
+    }
+}

@@ -46,8 +46,9 @@ pub const LOST_COUNTERS: u32 = 4;
 // Sizes and limits.
 // ---------------------------------------------------------------------------------------------
 
-/// Largest payload prefix one data record can carry (a power of two).
-pub const MAX_CAPTURE: usize = 16384;
+/// Largest payload prefix one data record can carry (a power of two). The per-CPU scratch
+/// record is 2·MAX_CAPTURE + header, and per-CPU map values are limited to 32 KiB.
+pub const MAX_CAPTURE: usize = 8192;
 /// Default payload prefix captured per syscall (user space may lower or raise it up to MAX_CAPTURE).
 pub const DEFAULT_CAPTURE: u32 = 4096;
 /// How many iovec elements of readv/writev/recvmsg/sendmsg are copied.
@@ -238,7 +239,12 @@ const _: () = assert!(size_of::<ProbeConfig>() == 16);
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self { capture_bytes: DEFAULT_CAPTURE, watch_exec: 0, watch_ports: 0, _pad: 0 }
+        Self {
+            capture_bytes: DEFAULT_CAPTURE,
+            watch_exec: 0,
+            watch_ports: 0,
+            _pad: 0,
+        }
     }
 }
 

@@ -1,0 +1,1032 @@
+//! PostgreSQL frontend/backend protocol v3 → [`DbCall`]s.
+//!
+//! # What it handles
+//! * Startup: `StartupMessage` (namespace = `database`, else `user`), `SSLRequest` /
+//!   `GSSENCRequest` (answer `N` → the startup follows in clear; `S`/`G` → encrypted from here on:
+//!   the connection is ignored for good), `CancelRequest` (nothing to report), a TLS ClientHello
+//!   as first bytes (direct TLS: ignored for good), authentication (`R` requests, `p`
+//!   password/SASL/GSS messages: **their bodies are never buffered, parsed or stored**).
+//! * Simple query `Q`: **one call per `Q` message**, completed by `ReadyForQuery`. A
+//!   multi-statement text gets `batch_size` = statement count, operation `BATCH <op>` when all
+//!   statements share one operation (else `BATCH`), collection when they share one, summary =
+//!   distinct statement summaries joined by `"; "`, rows = sum of the CommandComplete counts.
+//!   The first `ErrorResponse` gives status/error. `EmptyQueryResponse` → a call with no text.
+//! * Extended query: **one call per `Execute`** (timestamps: first frontend message since the
+//!   previous `Execute`/`Sync` → its `CommandComplete`/`EmptyQueryResponse`/`PortalSuspended`/
+//!   `ErrorResponse`). Statement names → redacted SQL are remembered per connection (LRU, 256
+//!   statements + the unnamed one; 64 portals), so executions of a prepared statement report its
+//!   SQL. When `Parse`/`Bind`/`Describe` fails, the error is reported on the group's first
+//!   `Execute` (or, when the group has none, on a call for the failing statement); the rest of
+//!   the group up to `Sync` is skipped as the server does. Pipelined `Sync`s and `Flush` work.
+//! * COPY in/out (`G`/`H`/`W`, `d`/`c`/`f` in both directions) is passed over; the `COPY`
+//!   statement's call completes normally. Function calls (`F`) are tracked but emit nothing.
+//! * `NoticeResponse`, `ParameterStatus`, `NotificationResponse`, `BackendKeyData`,
+//!   `NegotiateProtocolVersion` are skipped wherever they appear.
+//!
+//! # Lost bytes and resynchronisation
+//! Each direction is framed by length prefix, so uncaptured bytes *inside* a message (a chunk
+//! whose `total > data.len()`) are skipped without losing sync. When uncaptured bytes cross a
+//! message boundary, or a header is implausible (unknown type byte for the direction, or a
+//! length outside the type's bounds), that direction is *lost* and resynchronises on a later
+//! chunk: candidate offsets are tried in order, and one is accepted when the messages parsed
+//! from it chain with valid headers and type-specific body checks (e.g. `Z` is 5 bytes with
+//! status `I`/`T`/`E`, `C` is a printable tag, `D`/`T`/`B`/`P` lengths add up exactly) to the end
+//! of the captured data (a last partial message is allowed). At a chunk's first byte one
+//! plausible message suffices; elsewhere a strongly validated one is required. Mid-stream
+//! adoption (first bytes are not a startup packet) uses the same rule and leaves the namespace
+//! unknown. While anything was lost, calls are `approximate`; when a new request group starts
+//! while the response direction is still lost, the outstanding calls are flushed as
+//! approximate (clients wait for `ReadyForQuery` unless pipelining).
+//!
+//! # Redaction
+//! Query texts go through [`crate::sql::redact`]; only redacted SQL is kept in the statement
+//! cache. Errors keep severity + SQLSTATE + the primary message with quoted parts and numbers
+//! replaced by `?` (`ERROR 42P01: relation ? does not exist`); for user-raised errors (class
+//! `P0`) the message is dropped. Error detail/hint/where fields are never read.
+//!
+//! # Limits
+//! SQL longer than 32 KiB is truncated before redaction (unterminated literals at the cut are
+//! redacted to the end). At most 1024 expected responses are tracked; beyond that requests are
+//! counted in [`ParserStats::dropped`] and their responses skipped. Protocol versions other
+//! than 3.x are ignored.
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::db::{DbCall, DbSystem, ParserStats, redact_message};
+use crate::{Chunk, FlowDir, sql};
+
+const MAX_SQL: usize = 32 * 1024;
+const MAX_INFLIGHT: usize = 1024;
+const MAX_STATEMENTS: usize = 256;
+const MAX_PORTALS: usize = 64;
+/// PostgreSQL refuses messages above 1 GiB.
+const MAX_MSG: usize = 1 << 30;
+/// Untyped startup-phase packets (PostgreSQL caps them at 10000 bytes).
+const MAX_STARTUP: usize = 10_000;
+const PROTO_V3: u32 = 196_608;
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+/// The NUL-terminated string at `*pos`; advances past the NUL.
+fn cstr<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+    let rest = b.get(*pos..)?;
+    let n = rest.iter().position(|&c| c == 0)?;
+    *pos += n + 1;
+    Some(&rest[..n])
+}
+
+fn printable(b: &[u8]) -> bool {
+    b.iter()
+        .all(|&c| c >= 0x20 && c != 0x7f || c == b'\t' || c == b'\n' || c == b'\r')
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message validation (framing sanity and resync scoring)
+
+fn valid_type(dir: FlowDir, ty: u8) -> bool {
+    match dir {
+        FlowDir::ToServer => b"QPBEDSHCXFdcfp".contains(&ty),
+        FlowDir::ToClient => b"RKSZCTDEN123ntsIGHWdcAVv".contains(&ty),
+    }
+}
+
+/// Bounds of the length field (which counts itself) for a message type.
+fn len_bounds(dir: FlowDir, ty: u8) -> (usize, usize) {
+    match (dir, ty) {
+        (FlowDir::ToServer, b'S' | b'H' | b'X' | b'c') => (4, 4),
+        (FlowDir::ToServer, b'E') => (9, 4 + 1024 + 4),
+        (FlowDir::ToServer, b'D' | b'C') => (6, 4 + 1 + 1024),
+        (FlowDir::ToClient, b'Z') => (5, 5),
+        (FlowDir::ToClient, b'1' | b'2' | b'3' | b'n' | b's' | b'I' | b'c') => (4, 4),
+        (FlowDir::ToClient, b'K') => (12, 4 + 256 + 4),
+        (FlowDir::ToClient, b'R') => (8, 64 * 1024),
+        (FlowDir::ToClient, b'C') => (5, 4 + 1024),
+        (FlowDir::ToClient, b'S') => (6, 64 * 1024),
+        (_, b'p') => (4, 64 * 1024),
+        _ => (4, MAX_MSG),
+    }
+}
+
+/// How convincing a message is as a resync point: `None` = impossible, else a score
+/// (3 strong, 2 good, 1 weak-but-consistent, 0 anything-goes payload like CopyData).
+/// `body` may be a prefix (`complete == false`).
+fn score_body(dir: FlowDir, ty: u8, body: &[u8], complete: bool) -> Option<u32> {
+    use FlowDir::*;
+    let n = body.len();
+    let exact = |need: usize| -> Option<u32> {
+        if complete {
+            (need == n).then_some(3)
+        } else {
+            (need >= n).then_some(2)
+        }
+    };
+    match (dir, ty) {
+        (ToServer, b'Q') => {
+            let (text, term) = if complete && n > 0 {
+                (&body[..n - 1], body[n - 1] == 0)
+            } else {
+                (body, true)
+            };
+            if !term || !printable(text) {
+                return None;
+            }
+            Some(if complete || n >= 8 { 3 } else { 1 })
+        }
+        (ToServer, b'P') => {
+            let mut p = 0;
+            let name = cstr(body, &mut p);
+            let Some(name) = name else {
+                return (!complete && printable(body)).then_some(1);
+            };
+            if !printable(name) || name.len() > 255 {
+                return None;
+            }
+            let Some(q) = cstr(body, &mut p) else {
+                return (!complete && printable(&body[p..])).then_some(2);
+            };
+            if !printable(q) {
+                return None;
+            }
+            if n < p + 2 {
+                return (!complete).then_some(2);
+            }
+            let k = be16(&body[p..]) as usize;
+            exact(p + 2 + 4 * k)
+        }
+        (ToServer, b'B') => {
+            let mut p = 0;
+            let (Some(portal), Some(stmt)) = (cstr(body, &mut p), cstr(body, &mut p)) else {
+                return (!complete && body.len() < 512).then_some(1);
+            };
+            if !printable(portal) || !printable(stmt) {
+                return None;
+            }
+            // formats
+            let mut walk = || -> Option<bool> {
+                let nf = be16(body.get(p..p + 2)?) as usize;
+                p += 2;
+                for _ in 0..nf {
+                    if be16(body.get(p..p + 2)?) > 1 {
+                        return Some(false);
+                    }
+                    p += 2;
+                }
+                let np = be16(body.get(p..p + 2)?) as usize;
+                p += 2;
+                if nf > 1 && nf != np {
+                    return Some(false);
+                }
+                for _ in 0..np {
+                    let l = be32(body.get(p..p + 4)?) as i32;
+                    p += 4;
+                    if l < -1 {
+                        return Some(false);
+                    }
+                    p += l.max(0) as usize;
+                }
+                let nr = be16(body.get(p..p + 2)?) as usize;
+                p += 2;
+                for _ in 0..nr {
+                    if be16(body.get(p..p + 2)?) > 1 {
+                        return Some(false);
+                    }
+                    p += 2;
+                }
+                Some(p == n)
+            };
+            match walk() {
+                Some(true) => Some(3),
+                Some(false) => None,
+                None => (!complete).then_some(2),
+            }
+        }
+        (ToServer, b'E') => {
+            let mut p = 0;
+            let name = cstr(body, &mut p)?;
+            if !printable(name) {
+                return None;
+            }
+            exact(p + 4)
+        }
+        (ToServer, b'D' | b'C') => {
+            if !matches!(body.first(), Some(b'S' | b'P')) {
+                return None;
+            }
+            let mut p = 1;
+            match cstr(body, &mut p) {
+                Some(name) if printable(name) => exact(p),
+                Some(_) => None,
+                None => (!complete).then_some(1),
+            }
+        }
+        (ToServer, b'S' | b'H' | b'X' | b'c') => Some(1),
+        (ToServer, b'f') => {
+            let mut p = 0;
+            match cstr(body, &mut p) {
+                Some(_) => exact(p),
+                None => (!complete).then_some(0),
+            }
+        }
+        (ToServer, b'd' | b'p' | b'F') => Some(0),
+        (ToClient, b'Z') => {
+            if complete {
+                matches!(body, [b'I' | b'T' | b'E']).then_some(3)
+            } else {
+                Some(0)
+            }
+        }
+        (ToClient, b'C') => {
+            if !body.first().is_none_or(u8::is_ascii_uppercase) {
+                return None;
+            }
+            if complete {
+                let ok = n >= 2 && body[n - 1] == 0 && printable(&body[..n - 1]);
+                ok.then_some(3)
+            } else {
+                printable(body).then_some(1)
+            }
+        }
+        (ToClient, b'T') => {
+            let walk = || -> Option<bool> {
+                let nf = be16(body.get(0..2)?) as usize;
+                let mut p = 2;
+                for _ in 0..nf {
+                    let name = cstr(body, &mut p)?;
+                    if !printable(name) {
+                        return Some(false);
+                    }
+                    body.get(p..p + 18)?;
+                    p += 18;
+                }
+                Some(p == n)
+            };
+            match walk() {
+                Some(true) => Some(3),
+                Some(false) => None,
+                None => (!complete).then_some(2),
+            }
+        }
+        (ToClient, b'D') => {
+            let walk = || -> Option<bool> {
+                let nc = be16(body.get(0..2)?) as usize;
+                if nc > 1664 {
+                    return Some(false);
+                }
+                let mut p = 2;
+                for _ in 0..nc {
+                    let l = be32(body.get(p..p + 4)?) as i32;
+                    if l < -1 {
+                        return Some(false);
+                    }
+                    p += 4 + l.max(0) as usize;
+                    if p > n {
+                        return if complete { Some(false) } else { None };
+                    }
+                }
+                Some(p == n)
+            };
+            match walk() {
+                Some(true) => Some(3),
+                Some(false) => None,
+                None => (!complete).then_some(1),
+            }
+        }
+        (ToClient, b'E' | b'N') => {
+            let mut p = 0;
+            loop {
+                let Some(&code) = body.get(p) else {
+                    return (!complete).then_some(1);
+                };
+                if code == 0 {
+                    return (p + 1 == n).then_some(3);
+                }
+                if !code.is_ascii_alphabetic() {
+                    return None;
+                }
+                p += 1;
+                match cstr(body, &mut p) {
+                    Some(v) if printable(v) => {}
+                    Some(_) => return None,
+                    None => return (!complete).then_some(2),
+                }
+            }
+        }
+        (ToClient, b'S') => {
+            let mut p = 0;
+            match (cstr(body, &mut p), cstr(body, &mut p)) {
+                (Some(a), Some(b)) if printable(a) && printable(b) => exact(p),
+                (Some(_), Some(_)) => None,
+                _ => (!complete).then_some(1),
+            }
+        }
+        (ToClient, b't') => {
+            let Some(k) = body.get(0..2).map(be16) else {
+                return (!complete).then_some(0);
+            };
+            exact(2 + 4 * k as usize)
+        }
+        (ToClient, b'G' | b'H' | b'W') => {
+            let Some(k) = body.get(1..3).map(be16) else {
+                return (!complete).then_some(0);
+            };
+            if body[0] > 1 {
+                return None;
+            }
+            exact(3 + 2 * k as usize)
+        }
+        (ToClient, b'R') => {
+            let Some(code) = body.get(0..4).map(be32) else {
+                return (!complete).then_some(0);
+            };
+            if !matches!(code, 0 | 2 | 3 | 5 | 6 | 7 | 8 | 9 | 10 | 11 | 12) {
+                return None;
+            }
+            Some(2)
+        }
+        (ToClient, b'A') => Some(1),
+        (ToClient, b'V') => {
+            let Some(l) = body.get(0..4).map(be32) else {
+                return (!complete).then_some(0);
+            };
+            exact(4 + (l as i32).max(0) as usize)
+        }
+        (ToClient, b'1' | b'2' | b'3' | b'n' | b's' | b'I' | b'c') => Some(1),
+        (ToClient, b'K' | b'v') => Some(1),
+        (ToClient, b'd') => Some(0),
+        _ => None,
+    }
+}
+
+/// Total score of the message chain starting at `data[0]`, or `None` when it breaks.
+/// The chain must reach the end of `data` (the last message may be partial).
+fn chain_score(dir: FlowDir, data: &[u8]) -> Option<u32> {
+    let mut p = 0;
+    let mut score = 0;
+    let mut msgs = 0;
+    while p < data.len() {
+        let ty = data[p];
+        if !valid_type(dir, ty) {
+            return None;
+        }
+        if data.len() - p < 5 {
+            // Partial header: nothing more to check.
+            return Some(score);
+        }
+        let len = be32(&data[p + 1..]) as usize;
+        let (lo, hi) = len_bounds(dir, ty);
+        if len < lo || len > hi {
+            return None;
+        }
+        let body_end = p + 1 + len;
+        let complete = body_end <= data.len();
+        let body = &data[p + 5..body_end.min(data.len())];
+        score += score_body(dir, ty, body, complete)?;
+        msgs += 1;
+        if !complete || msgs >= 64 {
+            return Some(score);
+        }
+        p = body_end;
+    }
+    Some(score)
+}
+
+/// First offset of `data` from which a plausible message chain starts.
+fn find_resync(dir: FlowDir, data: &[u8], chunk_start: bool) -> Option<usize> {
+    (0..data.len()).find(|&o| {
+        let need = if o == 0 && chunk_start { 1 } else { 3 };
+        chain_score(dir, &data[o..]).is_some_and(|s| s >= need)
+    })
+}
+
+/// StartupMessage / SSLRequest / GSSENCRequest / CancelRequest (the untyped packets a
+/// connection starts with). Works on a prefix of at least 8 bytes.
+pub fn looks_like_postgres_startup(data: &[u8]) -> bool {
+    if data.len() < 8 {
+        return false;
+    }
+    let len = be32(data) as usize;
+    let code = be32(&data[4..]);
+    match code {
+        SSL_REQUEST | GSSENC_REQUEST => len == 8,
+        CANCEL_REQUEST => len == 16,
+        c if c >> 16 == 3 => {
+            if !(8 + 5..=MAX_STARTUP).contains(&len) {
+                return false;
+            }
+            // Parameters: printable key/value C strings; a complete packet ends with a NUL and
+            // names `user`.
+            let params = &data[8..data.len().min(len)];
+            if !params
+                .iter()
+                .all(|&c| c == 0 || (0x20..0x7f).contains(&c) || c >= 0x80)
+            {
+                return false;
+            }
+            if data.len() >= len {
+                params.last() == Some(&0) && params.windows(5).any(|w| w == b"user\0")
+            } else {
+                true
+            }
+        }
+        _ => false,
+    }
+}
+
+/// A plausible typed frontend message (chain) at the start of `data`: requires at least one
+/// strongly validated message (`Q`, `P`, `B`, `E`, `D`, `C`…), so a lone `Sync` does not count.
+pub fn looks_like_postgres_frontend(data: &[u8]) -> bool {
+    chain_score(FlowDir::ToServer, data).is_some_and(|s| s >= 2)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    Nothing,
+    Prefix(usize),
+    /// Up to and including the n-th NUL (at most 1 KiB).
+    CStrings(u8),
+}
+
+fn keep_rule(dir: FlowDir, ty: u8) -> Keep {
+    match (dir, ty) {
+        (FlowDir::ToServer, 0) => Keep::Prefix(MAX_STARTUP),
+        (FlowDir::ToServer, b'Q' | b'P') => Keep::Prefix(MAX_SQL + 512),
+        (FlowDir::ToServer, b'B') => Keep::CStrings(2),
+        (FlowDir::ToServer, b'E' | b'D' | b'C') => Keep::Prefix(1100),
+        (FlowDir::ToClient, b'C') => Keep::Prefix(1100),
+        (FlowDir::ToClient, b'E') => Keep::Prefix(4096),
+        (FlowDir::ToClient, b'Z') => Keep::Prefix(1),
+        _ => Keep::Nothing,
+    }
+}
+
+struct Msg {
+    /// 0 for an untyped (startup-phase) packet.
+    ty: u8,
+    /// Kept prefix of the body.
+    body: Vec<u8>,
+    /// Some body bytes were not captured or not kept.
+    partial: bool,
+    start_ts: u64,
+    end_ts: u64,
+}
+
+struct Body {
+    ty: u8,
+    remaining: usize,
+    keep: Keep,
+    nuls: u8,
+    body: Vec<u8>,
+    partial: bool,
+    start_ts: u64,
+}
+
+enum FState {
+    Lost,
+    Header { buf: [u8; 5], have: usize, start_ts: u64 },
+    Body(Box<Body>),
+}
+
+/// What the consumer of a message wants next.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Same,
+    Typed,
+    Untyped,
+}
+
+struct Framer {
+    dir: FlowDir,
+    untyped: bool,
+    state: FState,
+    /// The state went Lost after the stream had been in sync (not the initial unknown).
+    lost_after_sync: bool,
+}
+
+#[derive(Default)]
+struct FeedOutcome {
+    lost: bool,
+    resynced: bool,
+}
+
+impl Framer {
+    fn new(dir: FlowDir) -> Self {
+        Framer {
+            dir,
+            untyped: false,
+            state: FState::Lost,
+            lost_after_sync: false,
+        }
+    }
+
+    fn synced(&mut self) {
+        self.state = FState::Header {
+            buf: [0; 5],
+            have: 0,
+            start_ts: 0,
+        };
+        self.lost_after_sync = false;
+    }
+
+    fn is_lost(&self) -> bool {
+        matches!(self.state, FState::Lost)
+    }
+
+    fn lose(&mut self, out: &mut FeedOutcome) {
+        if !self.is_lost() {
+            self.lost_after_sync = true;
+            out.lost = true;
+        }
+        self.state = FState::Lost;
+    }
+
+    fn feed(
+        &mut self,
+        data: &[u8],
+        mut gap: usize,
+        ts: u64,
+        stats: &mut ParserStats,
+        sink: &mut dyn FnMut(Msg) -> Next,
+    ) -> FeedOutcome {
+        let mut res = FeedOutcome::default();
+        let mut i = 0usize;
+        loop {
+            match &mut self.state {
+                FState::Lost => {
+                    if i >= data.len() {
+                        break;
+                    }
+                    match find_resync(self.dir, &data[i..], i == 0) {
+                        Some(o) => {
+                            i += o;
+                            self.untyped = false;
+                            self.synced();
+                            stats.resyncs += 1;
+                            res.resynced = true;
+                        }
+                        None => break,
+                    }
+                }
+                FState::Header {
+                    buf,
+                    have,
+                    start_ts,
+                } => {
+                    if i >= data.len() {
+                        break;
+                    }
+                    let need = if self.untyped { 4 } else { 5 };
+                    if *have == 0 {
+                        *start_ts = ts;
+                    }
+                    let hdr_pos = i;
+                    let take = (need - *have).min(data.len() - i);
+                    buf[*have..*have + take].copy_from_slice(&data[i..i + take]);
+                    *have += take;
+                    i += take;
+                    if *have < need {
+                        break;
+                    }
+                    let (ty, len) = if self.untyped {
+                        (0, be32(&buf[..4]) as usize)
+                    } else {
+                        (buf[0], be32(&buf[1..5]) as usize)
+                    };
+                    let ok = if self.untyped {
+                        (8..=MAX_STARTUP).contains(&len)
+                    } else {
+                        let (lo, hi) = len_bounds(self.dir, ty);
+                        valid_type(self.dir, ty) && len >= lo && len <= hi
+                    };
+                    if !ok {
+                        stats.parse_errors += 1;
+                        self.lose(&mut res);
+                        // Re-scan from just after the bad header's first byte when it was all
+                        // in this chunk.
+                        if take == need {
+                            i = hdr_pos + 1;
+                        }
+                        continue;
+                    }
+                    let start_ts = *start_ts;
+                    let rule = keep_rule(self.dir, ty);
+                    self.state = FState::Body(Box::new(Body {
+                        ty,
+                        remaining: len - 4,
+                        keep: rule,
+                        nuls: 0,
+                        body: Vec::new(),
+                        partial: false,
+                        start_ts,
+                    }));
+                    if len == 4 {
+                        self.finish(ts, sink);
+                    }
+                }
+                FState::Body(b) => {
+                    if i >= data.len() {
+                        break;
+                    }
+                    let take = b.remaining.min(data.len() - i);
+                    let bytes = &data[i..i + take];
+                    match b.keep {
+                        Keep::Nothing => {}
+                        Keep::Prefix(max) => {
+                            let room = max.saturating_sub(b.body.len());
+                            b.body.extend_from_slice(&bytes[..room.min(take)]);
+                            if room < take {
+                                b.partial = true;
+                            }
+                        }
+                        Keep::CStrings(n) => {
+                            for &c in bytes {
+                                if b.nuls >= n || b.body.len() >= 1024 {
+                                    break;
+                                }
+                                b.body.push(c);
+                                if c == 0 {
+                                    b.nuls += 1;
+                                }
+                            }
+                        }
+                    }
+                    b.remaining -= take;
+                    i += take;
+                    if b.remaining == 0 {
+                        self.finish(ts, sink);
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+        if gap > 0 {
+            if let FState::Body(b) = &mut self.state {
+                let t = gap.min(b.remaining);
+                b.remaining -= t;
+                b.partial = true;
+                gap -= t;
+                if b.remaining == 0 {
+                    self.finish(ts, sink);
+                }
+            }
+            if gap > 0 {
+                self.lose(&mut res);
+            }
+        }
+        res
+    }
+
+    fn finish(&mut self, ts: u64, sink: &mut dyn FnMut(Msg) -> Next) {
+        let FState::Body(b) = std::mem::replace(
+            &mut self.state,
+            FState::Header {
+                buf: [0; 5],
+                have: 0,
+                start_ts: 0,
+            },
+        ) else {
+            return;
+        };
+        let b = *b;
+        let msg = Msg {
+            ty: b.ty,
+            body: b.body,
+            partial: b.partial,
+            start_ts: b.start_ts,
+            end_ts: ts,
+        };
+        match sink(msg) {
+            Next::Same => {}
+            Next::Typed => self.untyped = false,
+            Next::Untyped => self.untyped = true,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairing
+
+/// What is known about a statement (only redacted text is kept).
+#[derive(Debug, Default)]
+struct StmtInfo {
+    query_text: Option<String>,
+    operation: Option<String>,
+    collection: Option<String>,
+    summary: Option<String>,
+    batch_size: Option<u32>,
+}
+
+fn sql_text(body: &[u8]) -> String {
+    let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
+    let b = &body[..end.min(MAX_SQL)];
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn stmt_info(sql: &str) -> StmtInfo {
+    let stmts = sql::split_statements(sql);
+    let redacted = sql::redact(sql);
+    let query_text = (!redacted.is_empty()).then_some(redacted);
+    if stmts.len() <= 1 {
+        let (operation, collection, summary) = sql::describe(stmts.first().copied().unwrap_or(""));
+        return StmtInfo {
+            query_text,
+            operation,
+            collection,
+            summary: (!summary.is_empty()).then_some(summary),
+            batch_size: None,
+        };
+    }
+    let descs: Vec<_> = stmts.iter().map(|s| sql::describe(s)).collect();
+    let first_op = &descs[0].0;
+    let same_op = first_op.is_some() && descs.iter().all(|d| &d.0 == first_op);
+    let operation = Some(match (same_op, first_op) {
+        (true, Some(op)) => format!("BATCH {op}"),
+        _ => "BATCH".to_string(),
+    });
+    let first_coll = &descs[0].1;
+    let collection = if descs.iter().all(|d| &d.1 == first_coll) {
+        first_coll.clone()
+    } else {
+        None
+    };
+    let mut summary = String::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for d in &descs {
+        if d.2.is_empty() || seen.contains(&d.2.as_str()) {
+            continue;
+        }
+        seen.push(&d.2);
+        if summary.len() + d.2.len() > 255 {
+            break;
+        }
+        if !summary.is_empty() {
+            summary.push_str("; ");
+        }
+        summary.push_str(&d.2);
+    }
+    StmtInfo {
+        query_text,
+        operation,
+        collection,
+        summary: (!summary.is_empty()).then_some(summary),
+        batch_size: Some(stmts.len().min(u32::MAX as usize) as u32),
+    }
+}
+
+/// A call being assembled.
+struct Acc {
+    info: Option<Arc<StmtInfo>>,
+    start_ns: u64,
+    rows: Option<u64>,
+    data_rows: u64,
+    status: Option<String>,
+    error: Option<String>,
+}
+
+impl Acc {
+    fn new(info: Option<Arc<StmtInfo>>, start_ns: u64) -> Box<Self> {
+        Box::new(Acc {
+            info,
+            start_ns,
+            rows: None,
+            data_rows: 0,
+            status: None,
+            error: None,
+        })
+    }
+}
+
+enum Expect {
+    /// `Q`: completes at `Z`.
+    Simple(Box<Acc>),
+    Parse(Option<Arc<StmtInfo>>, u64),
+    Bind(Option<Arc<StmtInfo>>, u64),
+    Describe(Option<Arc<StmtInfo>>, u64),
+    Close,
+    Execute(Box<Acc>),
+    Sync,
+    /// `F`: `V` then `Z`.
+    Func,
+    /// Untracked request groups (queue overflow): swallow responses through this many `Z`.
+    Skip(u32),
+}
+
+/// Bounded name → statement map with least-recently-used eviction.
+struct Lru {
+    cap: usize,
+    tick: u64,
+    map: HashMap<Vec<u8>, (Arc<StmtInfo>, u64)>,
+}
+
+impl Lru {
+    fn new(cap: usize) -> Self {
+        Lru {
+            cap,
+            tick: 0,
+            map: HashMap::new(),
+        }
+    }
+    fn get(&mut self, k: &[u8]) -> Option<Arc<StmtInfo>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(k).map(|e| {
+            e.1 = t;
+            e.0.clone()
+        })
+    }
+    fn put(&mut self, k: &[u8], v: Arc<StmtInfo>) {
+        self.tick += 1;
+        if !self.map.contains_key(k) && self.map.len() >= self.cap {
+            if let Some(old) = self.map.iter().min_by_key(|e| e.1.1).map(|e| e.0.clone()) {
+                self.map.remove(&old);
+            }
+        }
+        self.map.insert(k.to_vec(), (v, self.tick));
+    }
+    fn remove(&mut self, k: &[u8]) {
+        self.map.remove(k);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing seen yet on the frontend.
+    Initial,
+    /// Startup packets (untyped) expected.
+    Startup,
+    /// Waiting for the one-byte answer to SSLRequest/GSSENCRequest.
+    AwaitEncAnswer,
+    /// Typed messages flowing.
+    Running,
+    /// Encrypted, cancelled, unsupported or closed: ignore everything.
+    Dead,
+}
+
+struct State {
+    phase: Phase,
+    namespace: Option<String>,
+    queue: VecDeque<Expect>,
+    statements: Lru,
+    unnamed_stmt: Option<Arc<StmtInfo>>,
+    portals: Lru,
+    unnamed_portal: Option<Arc<StmtInfo>>,
+    /// Start of the call being prepared (first frontend message since the last call boundary).
+    call_start: Option<u64>,
+    /// After an extended-protocol error: frontend messages up to `Sync` are discarded.
+    discard_until_sync: bool,
+    /// Requests are being dropped (queue full) until the current group ends.
+    dropping: bool,
+    /// Bytes were lost while calls were in flight.
+    uncertain: bool,
+    /// The frontend's last message was a `Sync` (or nothing yet): the next one opens a group.
+    group_closed: bool,
+    last_be_ts: u64,
+    /// The backend direction lost sync after having been in sync (and has not resynced).
+    be_lost: bool,
+    stats: ParserStats,
+}
+
+/// PostgreSQL connection parser. See the module docs.
+pub struct PgConn {
+    fe: Framer,
+    be: Framer,
+    st: State,
+}
+
+impl Default for PgConn {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for PgConn {
+    /// Never prints buffered bytes (they may hold literals).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConn")
+            .field("namespace", &self.st.namespace)
+            .field("in_flight", &self.st.queue.len())
+            .field("statements", &self.st.statements.map.len())
+            .field("stats", &self.st.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConn {
+    pub fn new() -> Self {
+        PgConn {
+            fe: Framer::new(FlowDir::ToServer),
+            be: Framer::new(FlowDir::ToClient),
+            st: State {
+                phase: Phase::Initial,
+                namespace: None,
+                queue: VecDeque::new(),
+                statements: Lru::new(MAX_STATEMENTS),
+                unnamed_stmt: None,
+                portals: Lru::new(MAX_PORTALS),
+                unnamed_portal: None,
+                call_start: None,
+                discard_until_sync: false,
+                dropping: false,
+                uncertain: false,
+                group_closed: true,
+                last_be_ts: 0,
+                be_lost: false,
+                stats: ParserStats::default(),
+            },
+        }
+    }
+
+    /// The database name, once known from the StartupMessage.
+    pub fn namespace(&self) -> Option<&str> {
+        self.st.namespace.as_deref()
+    }
+
+    pub fn stats(&self) -> ParserStats {
+        self.st.stats
+    }
+
+    pub fn feed(&mut self, c: Chunk<'_>, out: &mut Vec<DbCall>) {
+        let gap = c.total.saturating_sub(c.data.len());
+        let mut data = c.data;
+        let st = &mut self.st;
+        if st.phase == Phase::Dead {
+            return;
+        }
+        match c.dir {
+            FlowDir::ToServer => {
+                if st.phase == Phase::Initial {
+                    if data.len() >= 2 && data[0] == 0x16 && data[1] == 0x03 {
+                        st.phase = Phase::Dead; // direct TLS
+                        return;
+                    }
+                    if data.len() >= 8 && looks_like_postgres_startup(data) {
+                        st.phase = Phase::Startup;
+                        self.fe.untyped = true;
+                        self.fe.synced();
+                        self.be.synced();
+                    } else {
+                        st.phase = Phase::Running;
+                    }
+                }
+                st.be_lost = self.be.is_lost() && self.be.lost_after_sync;
+                let r = self.fe.feed(data, gap, c.ts_ns, &mut st.stats, &mut |m| {
+                    st.on_frontend(m, out)
+                });
+                if r.lost || r.resynced {
+                    st.uncertain = true;
+                }
+                if st.phase == Phase::Dead {
+                    st.queue.clear();
+                }
+            }
+            FlowDir::ToClient => {
+                st.last_be_ts = c.ts_ns;
+                if st.phase == Phase::AwaitEncAnswer {
+                    let Some(&b) = data.first() else { return };
+                    match b {
+                        b'N' => {
+                            data = &data[1..];
+                            st.phase = Phase::Startup;
+                            self.fe.untyped = true;
+                            self.fe.synced();
+                        }
+                        b'E' => st.phase = Phase::Running, // ancient server: error follows
+                        _ => {
+                            st.phase = Phase::Dead; // 'S' / 'G': encrypted from here on
+                            return;
+                        }
+                    }
+                }
+                let r = self.be.feed(data, gap, c.ts_ns, &mut st.stats, &mut |m| {
+                    st.on_backend(m, out);
+                    Next::Same
+                });
+                if r.lost || r.resynced {
+                    st.uncertain = true;
+                }
+            }
+        }
+    }
+
+    pub fn close(&mut self, ts_ns: u64, out: &mut Vec<DbCall>) {
+        self.st.flush_all(ts_ns, out);
+        self.st.phase = Phase::Dead;
+    }
+}
+

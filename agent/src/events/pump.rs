@@ -1,0 +1,249 @@
+//! The event loop: drains the ring buffer (woken by epoll through tokio's `AsyncFd`), feeds the
+//! connection table, turns finished exchanges into spans and hands them to the exporter without
+//! ever blocking (a full queue drops the span and counts it). One task owns all state: no locks
+//! on the hot path.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use waybill_common::{LOST_PAYLOAD_TRUNCATED, LOST_READ_USER, LOST_RINGBUF_FULL, LOST_STASH_FULL};
+
+use super::{Record, comm, decode};
+use crate::{
+    clock::Clock,
+    conn::{ConnTable, Finished},
+    loader::attach::Probes,
+    metrics::Metrics,
+    process::{self, Selector},
+    stitch::{Stitcher, span::SpanRecord},
+};
+
+/// Settings of the pipeline.
+pub struct PipelineConfig {
+    pub selector: Selector,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    /// How often /proc is rescanned for `--exe` / `--port` matches missed by the kernel events.
+    pub rescan_every: Duration,
+}
+
+pub struct Pipeline {
+    probes: Probes,
+    conns: ConnTable,
+    stitcher: Stitcher,
+    metrics: Arc<Metrics>,
+    cfg: PipelineConfig,
+    spans: mpsc::Sender<SpanRecord>,
+    traced: HashSet<u32>,
+    finished: Vec<Finished>,
+}
+
+impl Pipeline {
+    pub fn new(
+        probes: Probes,
+        cfg: PipelineConfig,
+        metrics: Arc<Metrics>,
+        spans: mpsc::Sender<SpanRecord>,
+    ) -> Self {
+        let conns = ConnTable::new(cfg.max_connections, cfg.idle_timeout.as_nanos() as u64);
+        Self {
+            probes,
+            conns,
+            stitcher: Stitcher::new(Clock::new()),
+            metrics,
+            cfg,
+            spans,
+            traced: HashSet::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// Starts tracing `pid`. Returns false when the kernel map is full.
+    pub fn trace(&mut self, pid: u32, why: &str) -> bool {
+        if self.traced.contains(&pid) {
+            return true;
+        }
+        if !self.probes.add_target(pid) {
+            self.metrics.process_attach_failures.inc();
+            tracing::warn!(pid, "cannot trace: the target map is full (4096 processes)");
+            return false;
+        }
+        self.traced.insert(pid);
+        self.metrics
+            .processes_attached
+            .set(self.traced.len() as u64);
+        let names = process::names(pid);
+        tracing::info!(
+            pid,
+            exe = names.first().map(String::as_str).unwrap_or("?"),
+            why,
+            "tracing process"
+        );
+        true
+    }
+
+    /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.
+    pub fn initial_targets(&mut self) -> usize {
+        for port in self.cfg.selector.ports.clone() {
+            if !self.probes.watch_port(port) {
+                tracing::warn!(port, "too many watched ports");
+            }
+        }
+        for pid in self.cfg.selector.pids.clone() {
+            for p in process::with_descendants(pid) {
+                self.trace(
+                    p,
+                    if p == pid {
+                        "--pid"
+                    } else {
+                        "descendant of --pid"
+                    },
+                );
+            }
+        }
+        self.rescan();
+        self.traced.len()
+    }
+
+    fn rescan(&mut self) {
+        for pid in process::scan(&self.cfg.selector, &self.traced) {
+            self.trace(pid, "matches --exe/--port");
+        }
+        // Forget processes that are gone (their exit event may have been lost).
+        let gone: Vec<u32> = self
+            .traced
+            .iter()
+            .copied()
+            .filter(|p| !process::exists(*p))
+            .collect();
+        for p in gone {
+            self.untrace(p, Clock::monotonic_now());
+        }
+    }
+
+    fn untrace(&mut self, pid: u32, ts_ns: u64) {
+        self.traced.remove(&pid);
+        self.probes.remove_target(pid);
+        self.conns
+            .on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
+        self.stitcher.resources.forget(pid);
+        self.metrics
+            .processes_attached
+            .set(self.traced.len() as u64);
+    }
+
+    fn handle(&mut self, buf: &[u8]) {
+        self.metrics.records_received.inc();
+        let Some(rec) = decode(buf) else {
+            self.metrics.records_malformed.inc();
+            return;
+        };
+        let m = &self.metrics;
+        match rec {
+            Record::Conn(ev) => self.conns.on_conn(&ev, m, &mut self.finished),
+            Record::Data { head, payload } => {
+                m.bytes_captured.add(payload.len() as u64);
+                self.conns.on_data(&head, payload, m, &mut self.finished)
+            }
+            Record::Close(ev) => self.conns.on_close(&ev, m, &mut self.finished),
+            Record::Exec(ev) => {
+                let pid = ev.hdr.tgid;
+                if self.traced.contains(&pid) {
+                    // Same process, new program: describe it afresh.
+                    self.stitcher.resources.forget(pid);
+                } else if process::exe_matches(pid, &self.cfg.selector.exes) {
+                    self.trace(pid, "exec matches --exe");
+                }
+            }
+            Record::Fork(ev) => {
+                let pid = ev.hdr.tgid;
+                self.traced.insert(pid);
+                self.metrics
+                    .processes_attached
+                    .set(self.traced.len() as u64);
+                tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
+            }
+            Record::Exit(ev) => {
+                tracing::debug!(pid = ev.hdr.tgid, "traced process exited");
+                self.untrace(ev.hdr.tgid, ev.hdr.ts_ns);
+            }
+            Record::PortMatch(ev) => {
+                let pid = ev.hdr.tgid;
+                self.traced.insert(pid);
+                self.metrics
+                    .processes_attached
+                    .set(self.traced.len() as u64);
+                tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
+            }
+        }
+        self.flush_finished();
+    }
+
+    fn flush_finished(&mut self) {
+        for f in self.finished.drain(..) {
+            if let Some(span) = self.stitcher.span(f, &self.metrics) {
+                if self.spans.try_send(span).is_err() {
+                    self.metrics.spans_dropped_queue_full.inc();
+                }
+            }
+        }
+    }
+
+    fn refresh_lost(&self) {
+        let l = self.probes.lost_counters();
+        self.metrics
+            .lost_ringbuf_full
+            .set(l[LOST_RINGBUF_FULL as usize]);
+        self.metrics
+            .lost_payload_truncated
+            .set(l[LOST_PAYLOAD_TRUNCATED as usize]);
+        self.metrics
+            .lost_stash_full
+            .set(l[LOST_STASH_FULL as usize]);
+        self.metrics.lost_read_user.set(l[LOST_READ_USER as usize]);
+    }
+
+    /// Runs until `shutdown` resolves; then drains what the kernel already produced.
+    pub async fn run(
+        mut self,
+        ring: RingBuf<MapData>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        // SAFETY: the RingBuf owns its map fd and lives inside the AsyncFd, so the fd stays open
+        // for as long as it is registered.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_scan = std::time::Instant::now();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        self.handle(&item);
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    self.refresh_lost();
+                    self.conns.sweep(Clock::monotonic_now(), &self.metrics, &mut self.finished);
+                    self.flush_finished();
+                    if last_scan.elapsed() >= self.cfg.rescan_every {
+                        last_scan = std::time::Instant::now();
+                        self.rescan();
+                    }
+                }
+                _ = &mut shutdown => break,
+            }
+        }
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            self.handle(&item);
+        }
+        self.refresh_lost();
+        Ok(())
+    }
+}

@@ -1,0 +1,1073 @@
+//! OTLP export: one task owns one `opentelemetry-otlp` span exporter.
+//!
+//! Waybill decides span ids, parents and timestamps itself, so it does not use the SDK's tracer or
+//! batch processor: it converts each [`SpanRecord`] into an SDK [`SpanData`] and hands batches to
+//! [`SpanExporter::export`]. An exporter carries one resource at a time while Waybill traces many
+//! processes, so every batch is grouped by process and each group is exported after
+//! [`SpanExporter::set_resource`].
+//!
+//! The task drains a bounded channel (the sender uses `try_send`), batches by size
+//! (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512) or time (`OTEL_BSP_SCHEDULE_DELAY`, 1000 ms after the
+//! first span of a batch), retries failed exports itself with exponential backoff (the crate's own
+//! retry is disabled so that retries are counted and the channel keeps being drained meanwhile) and
+//! keeps a bounded backlog whose oldest spans are dropped, and counted, when it overflows. When the
+//! channel closes it flushes what is left, bounded in time, and returns.
+//!
+//! Configuration follows the OpenTelemetry exporter environment variables, see
+//! [`OtlpConfig::from_env`].
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind as OtelSpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkError;
+use opentelemetry_sdk::resource::TelemetryResourceDetector;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::stitch::span::{
+    AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus,
+};
+
+pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+pub const OTEL_EXPORTER_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+pub const OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
+pub const OTEL_EXPORTER_OTLP_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_COMPRESSION";
+pub const OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION";
+pub const OTEL_EXPORTER_OTLP_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
+pub const OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
+pub const OTEL_EXPORTER_OTLP_INSECURE: &str = "OTEL_EXPORTER_OTLP_INSECURE";
+pub const OTEL_EXPORTER_OTLP_TRACES_INSECURE: &str = "OTEL_EXPORTER_OTLP_TRACES_INSECURE";
+pub const OTEL_BSP_MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
+pub const OTEL_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
+
+/// Instrumentation scope name of every exported span.
+pub const SCOPE_NAME: &str = "waybill";
+/// Span attribute telling how the parent was found ([`ParentSource::as_str`]).
+pub const PARENT_SOURCE_ATTR: &str = "waybill.parent.source";
+
+/// OTLP transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (`grpc`), default port 4317.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`), default port 4318. The spec default.
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// The value used in `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "grpc" => Ok(Protocol::Grpc),
+            "http/protobuf" => Ok(Protocol::HttpProtobuf),
+            other => Err(format!(
+                "unsupported protocol '{other}' (allowed: grpc, http/protobuf)"
+            )),
+        }
+    }
+}
+
+/// Request body compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A configuration value is invalid; `var` names the environment variable or setting.
+    #[error("{var}: {message}")]
+    Config { var: &'static str, message: String },
+    #[error("cannot build the OTLP exporter: {0}")]
+    Build(String),
+    #[error("the OTLP export task must be spawned from within a Tokio runtime")]
+    NoRuntime,
+}
+
+/// Where and how spans are exported, plus the export task's batching and retry settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtlpConfig {
+    /// The URL spans are sent to, used as is. HTTP: the full traces URL (`…/v1/traces`). gRPC: the
+    /// collector address, e.g. `http://127.0.0.1:4317`; without a scheme, `https://` is assumed
+    /// unless `OTEL_EXPORTER_OTLP_[TRACES_]INSECURE=true`.
+    pub endpoint: String,
+    pub protocol: Protocol,
+    pub compression: Option<Compression>,
+    /// Per-request timeout. `None`: `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` or 10 s.
+    pub timeout: Option<Duration>,
+    /// Most spans per export request (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`).
+    pub max_batch_size: usize,
+    /// Longest wait after a batch's first span before it is exported (`OTEL_BSP_SCHEDULE_DELAY`).
+    pub schedule_delay: Duration,
+    /// Most spans held while exports are slow or failing; beyond, the oldest are dropped.
+    pub max_backlog: usize,
+    /// Retries after a failed export request (so `max_retries + 1` tries in all).
+    pub max_retries: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long the final flush may take once the channel is closed.
+    pub shutdown_timeout: Duration,
+}
+
+const DEFAULT_MAX_BATCH: usize = 512;
+const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_millis(1000);
+
+impl OtlpConfig {
+    /// A configuration with default settings. `base_endpoint` is the collector's base URL
+    /// (`http://host:4318` or `http://host:4317`); for HTTP `/v1/traces` is appended, as the spec
+    /// does for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn new(protocol: Protocol, base_endpoint: &str) -> OtlpConfig {
+        let endpoint = match protocol {
+            Protocol::Grpc => base_endpoint.to_string(),
+            Protocol::HttpProtobuf => append_traces_path(base_endpoint),
+        };
+        OtlpConfig {
+            endpoint,
+            protocol,
+            compression: None,
+            timeout: None,
+            max_batch_size: DEFAULT_MAX_BATCH,
+            schedule_delay: DEFAULT_SCHEDULE_DELAY,
+            max_backlog: 8192,
+            max_retries: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Reads the standard OpenTelemetry variables. `Ok(None)` when neither
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` nor `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP export
+    /// off).
+    ///
+    /// - endpoint: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is used as is; `OTEL_EXPORTER_OTLP_ENDPOINT`
+    ///   gets `/v1/traces` appended for HTTP.
+    /// - `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`: `grpc` or `http/protobuf`; default
+    ///   `http/protobuf`, the spec's default.
+    /// - `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION`: `gzip` or `none`.
+    /// - `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`: milliseconds.
+    /// - `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, `OTEL_BSP_SCHEDULE_DELAY` (ms).
+    /// - `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` (`k=v,k2=v2`, URL-encoded values) and
+    ///   `OTEL_EXPORTER_OTLP_[TRACES_]INSECURE` are read by `opentelemetry-otlp` itself when the
+    ///   exporter is built.
+    pub fn from_env() -> Result<Option<OtlpConfig>, ExportError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) over any variable source (for tests).
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<OtlpConfig>, ExportError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let first = |a: &'static str, b: &'static str| {
+            get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)))
+        };
+
+        let protocol = match first(
+            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+            OTEL_EXPORTER_OTLP_PROTOCOL,
+        ) {
+            Some((var, v)) => v
+                .parse::<Protocol>()
+                .map_err(|message| ExportError::Config { var, message })?,
+            None => Protocol::HttpProtobuf,
+        };
+
+        let endpoint = if let Some(v) = get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) {
+            (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, v.trim().to_string())
+        } else if let Some(v) = get(OTEL_EXPORTER_OTLP_ENDPOINT) {
+            let v = v.trim();
+            let v = match protocol {
+                Protocol::Grpc => v.to_string(),
+                Protocol::HttpProtobuf => append_traces_path(v),
+            };
+            (OTEL_EXPORTER_OTLP_ENDPOINT, v)
+        } else {
+            return Ok(None);
+        };
+        let (endpoint_var, endpoint) = endpoint;
+        if protocol == Protocol::HttpProtobuf
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ExportError::Config {
+                var: endpoint_var,
+                message: format!(
+                    "endpoint '{endpoint}' must start with http:// or https:// for http/protobuf"
+                ),
+            });
+        }
+        let endpoint = match protocol {
+            Protocol::Grpc if !has_scheme(&endpoint) => {
+                let insecure = first(
+                    OTEL_EXPORTER_OTLP_TRACES_INSECURE,
+                    OTEL_EXPORTER_OTLP_INSECURE,
+                )
+                .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
+                let scheme = if insecure { "http" } else { "https" };
+                format!("{scheme}://{endpoint}")
+            }
+            _ => endpoint,
+        };
+
+        let compression = match first(
+            OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
+            OTEL_EXPORTER_OTLP_COMPRESSION,
+        ) {
+            None => None,
+            Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
+                "gzip" => Some(Compression::Gzip),
+                "none" => None,
+                other => {
+                    return Err(ExportError::Config {
+                        var,
+                        message: format!("unsupported compression '{other}' (allowed: gzip, none)"),
+                    });
+                }
+            },
+        };
+
+        let millis = |var: &'static str, v: String| {
+            v.trim()
+                .parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| ExportError::Config {
+                    var,
+                    message: format!("'{v}' is not a whole number of milliseconds"),
+                })
+        };
+        let timeout = match first(
+            OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+            OTEL_EXPORTER_OTLP_TIMEOUT,
+        ) {
+            Some((var, v)) => Some(millis(var, v)?),
+            None => None,
+        };
+
+        let mut cfg = OtlpConfig::new(protocol, "");
+        cfg.endpoint = endpoint;
+        cfg.compression = compression;
+        cfg.timeout = timeout;
+        if let Some(v) = get(OTEL_BSP_SCHEDULE_DELAY) {
+            cfg.schedule_delay = millis(OTEL_BSP_SCHEDULE_DELAY, v)?;
+        }
+        if let Some(v) = get(OTEL_BSP_MAX_EXPORT_BATCH_SIZE) {
+            cfg.max_batch_size = match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(ExportError::Config {
+                        var: OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+                        message: format!("'{v}' is not a positive whole number"),
+                    });
+                }
+            };
+        }
+        Ok(Some(cfg))
+    }
+}
+
+fn has_scheme(endpoint: &str) -> bool {
+    endpoint
+        .split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.contains(['/', '?', '#']))
+}
+
+fn append_traces_path(base: &str) -> String {
+    format!("{}/v1/traces", base.strip_suffix('/').unwrap_or(base))
+}
+
+/// Export counters (spans), shared with the self-metrics.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Spans the collector accepted.
+    pub exported: AtomicU64,
+    /// Spans given up on after all retries (or not sent in time at shutdown).
+    pub failed: AtomicU64,
+    /// Spans dropped from a full backlog (oldest first).
+    pub dropped: AtomicU64,
+    /// Spans sent again after a failed request (counted once per retry).
+    pub retried: AtomicU64,
+}
+
+impl ExportStats {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Builds the exporter for `cfg` and spawns the export task on the current Tokio runtime.
+///
+/// The task ends once `rx` is closed (every sender dropped) and the backlog is flushed, at most
+/// `cfg.shutdown_timeout` later.
+pub fn spawn_otlp(
+    cfg: OtlpConfig,
+    rx: mpsc::Receiver<SpanRecord>,
+    stats: Arc<ExportStats>,
+) -> Result<JoinHandle<()>, ExportError> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
+    let exporter = build_exporter(&cfg)?;
+    Ok(handle.spawn(run(exporter, rx, stats, cfg)))
+}
+
+fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
+    // One crypto provider for reqwest and tonic (`https://` endpoints). Fails harmlessly when
+    // someone installed one already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let build_err = |e: opentelemetry_otlp::ExporterBuildError| ExportError::Build(e.to_string());
+    let retry = opentelemetry_otlp::RetryPolicy::disabled();
+    let compression = cfg
+        .compression
+        .map(|Compression::Gzip| opentelemetry_otlp::Compression::Gzip);
+    match cfg.protocol {
+        Protocol::Grpc => {
+            if !has_scheme(&cfg.endpoint) {
+                return Err(ExportError::Config {
+                    var: "endpoint",
+                    message: format!(
+                        "gRPC endpoint '{}' needs a scheme (http:// or https://)",
+                        cfg.endpoint
+                    ),
+                });
+            }
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(cfg.endpoint.clone())
+                .with_retry_policy(retry);
+            if let Some(t) = cfg.timeout {
+                b = b.with_timeout(t);
+            }
+            if let Some(c) = compression {
+                b = b.with_compression(c);
+            }
+            if cfg.endpoint.starts_with("https://") {
+                b = b.with_tls_config(
+                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
+                        .with_native_roots(),
+                );
+            }
+            b.build().map_err(build_err)
+        }
+        Protocol::HttpProtobuf => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(cfg.endpoint.clone())
+                .with_retry_policy(retry);
+            if let Some(t) = cfg.timeout {
+                b = b.with_timeout(t);
+            }
+            if let Some(c) = compression {
+                b = b.with_compression(c);
+            }
+            b.build().map_err(build_err)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversion
+
+/// The instrumentation scope of every exported span.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder(SCOPE_NAME)
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+fn otel_value(v: &AttrValue) -> Value {
+    match v {
+        AttrValue::Str(s) => Value::String(s.clone().into()),
+        AttrValue::Int(i) => Value::I64(*i),
+        AttrValue::Bool(b) => Value::Bool(*b),
+    }
+}
+
+/// `SpanRecord` → SDK `SpanData`, field for field.
+pub fn to_span_data(r: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
+    let trace_state = r
+        .trace_state
+        .as_deref()
+        .and_then(|s| TraceState::from_str(s).ok())
+        .unwrap_or_default();
+    let flags = if r.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let span_context = SpanContext::new(
+        TraceId::from_bytes(r.trace_id),
+        SpanId::from_bytes(r.span_id),
+        flags,
+        false,
+        trace_state,
+    );
+    let mut attributes: Vec<KeyValue> = Vec::with_capacity(r.attributes.len() + 1);
+    attributes.extend(
+        r.attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))),
+    );
+    attributes.push(KeyValue::new(PARENT_SOURCE_ATTR, r.parent_source.as_str()));
+    SpanData {
+        span_context,
+        parent_span_id: r.parent_span_id.map_or(SpanId::INVALID, SpanId::from_bytes),
+        parent_span_is_remote: r.parent_span_id.is_some()
+            && r.parent_source == ParentSource::Header,
+        span_kind: match r.kind {
+            SpanKind::Server => OtelSpanKind::Server,
+            SpanKind::Client => OtelSpanKind::Client,
+        },
+        name: r.name.clone().into(),
+        start_time: UNIX_EPOCH + Duration::from_nanos(r.start_unix_ns),
+        end_time: UNIX_EPOCH + Duration::from_nanos(r.end_unix_ns),
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match &r.status {
+            SpanStatus::Unset => Status::Unset,
+            SpanStatus::Error(d) => Status::error(d.clone()),
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// The OpenTelemetry resource of one traced process: `telemetry.sdk.*` (the SDK that encodes the
+/// spans), `telemetry.distro.*` (Waybill), `host.name` (the agent's host, unless the process
+/// resource has one), then the process's own attributes, which win; `service.name` falls back to
+/// [`ProcessResource::service_name`].
+pub fn to_resource(p: &ProcessResource, host_name: Option<&str>) -> Resource {
+    let has = |key: &str| p.attributes.iter().any(|(k, _)| k == key);
+    let mut kvs = vec![
+        KeyValue::new("telemetry.distro.name", "waybill"),
+        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ];
+    if let Some(h) = host_name.filter(|_| !has("host.name")) {
+        kvs.push(KeyValue::new("host.name", h.to_string()));
+    }
+    if !has("service.name") {
+        kvs.push(KeyValue::new("service.name", p.service_name.clone()));
+    }
+    kvs.extend(
+        p.attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))),
+    );
+    Resource::builder_empty()
+        .with_detector(Box::new(TelemetryResourceDetector))
+        .with_attributes(kvs)
+        .build()
+}
+
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Splits a batch by process, keeping arrival order within each group. Groups are keyed by the
+/// `Arc`'s address, which is sound because the batch holds every `Arc` while grouping.
+fn group_by_resource(batch: Vec<SpanRecord>) -> Vec<(Arc<ProcessResource>, Vec<SpanRecord>)> {
+    let mut index: HashMap<*const ProcessResource, usize> = HashMap::new();
+    let mut groups: Vec<(Arc<ProcessResource>, Vec<SpanRecord>)> = Vec::new();
+    for r in batch {
+        let key = Arc::as_ptr(&r.resource);
+        let i = *index.entry(key).or_insert_with(|| {
+            groups.push((Arc::clone(&r.resource), Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(r);
+    }
+    groups
+}
+
+// ---------------------------------------------------------------------------------------------
+// The export task
+
+/// The channel end and the backlog, drained while an export or a backoff is pending.
+struct Intake<'a> {
+    rx: &'a mut mpsc::Receiver<SpanRecord>,
+    backlog: VecDeque<SpanRecord>,
+    max_backlog: usize,
+    closed: bool,
+    stats: &'a ExportStats,
+}
+
+impl Intake<'_> {
+    fn push(&mut self, r: SpanRecord) {
+        if self.backlog.len() >= self.max_backlog.max(1) {
+            self.backlog.pop_front();
+            ExportStats::add(&self.stats.dropped, 1);
+        }
+        self.backlog.push_back(r);
+    }
+
+    fn take(&mut self, r: Option<SpanRecord>) {
+        match r {
+            Some(r) => self.push(r),
+            None => self.closed = true,
+        }
+    }
+
+    /// Awaits `fut` while moving whatever arrives on the channel into the backlog, so the sender
+    /// never sees a full channel because an export is slow.
+    async fn while_pending<F: Future>(&mut self, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            if self.closed {
+                return fut.await;
+            }
+            tokio::select! {
+                biased;
+                out = &mut fut => return out,
+                r = self.rx.recv() => self.take(r),
+            }
+        }
+    }
+}
+
+/// Log state: warn when exports start failing, info when they recover, not once per batch.
+#[derive(Default)]
+struct Health {
+    failing: bool,
+}
+
+async fn run<E: SpanExporter>(
+    mut exporter: E,
+    mut rx: mpsc::Receiver<SpanRecord>,
+    stats: Arc<ExportStats>,
+    cfg: OtlpConfig,
+) {
+    let scope = scope();
+    let host = host_name();
+    let max_batch = cfg.max_batch_size.max(1);
+    let mut health = Health::default();
+    let mut intake = Intake {
+        rx: &mut rx,
+        backlog: VecDeque::new(),
+        max_backlog: cfg.max_backlog,
+        closed: false,
+        stats: &stats,
+    };
+    let ctx = BatchCtx {
+        cfg: &cfg,
+        scope: &scope,
+        host: host.as_deref(),
+    };
+
+    while !intake.closed {
+        if intake.backlog.is_empty() {
+            let r = intake.rx.recv().await;
+            intake.take(r);
+            continue;
+        }
+        // Collect until the batch is full or the schedule delay has passed since it started.
+        let deadline = Instant::now() + cfg.schedule_delay;
+        while !intake.closed && intake.backlog.len() < max_batch {
+            tokio::select! {
+                r = intake.rx.recv() => intake.take(r),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if intake.closed {
+            break;
+        }
+        let n = intake.backlog.len().min(max_batch);
+        let batch: Vec<SpanRecord> = intake.backlog.drain(..n).collect();
+        export_batch(&mut exporter, &mut intake, &mut health, &ctx, batch, None).await;
+    }
+
+    // Shutdown: the channel is closed and drained; flush the backlog within the time bound.
+    let deadline = Instant::now() + cfg.shutdown_timeout;
+    while !intake.backlog.is_empty() {
+        let n = intake.backlog.len().min(max_batch);
+        let batch: Vec<SpanRecord> = intake.backlog.drain(..n).collect();
+        export_batch(
+            &mut exporter,
+            &mut intake,
+            &mut health,
+            &ctx,
+            batch,
+            Some(deadline),
+        )
+        .await;
+    }
+    if let Err(e) = exporter.shutdown() {
+        tracing::debug!(error = %e, "OTLP exporter shutdown");
+    }
+}
+
+struct BatchCtx<'a> {
+    cfg: &'a OtlpConfig,
+    scope: &'a InstrumentationScope,
+    host: Option<&'a str>,
+}
+
+/// Exports one batch, one request per process, each retried with exponential backoff. With a
+/// `deadline` (shutdown), nothing is attempted past it and what is left counts as failed.
+async fn export_batch<E: SpanExporter>(
+    exporter: &mut E,
+    intake: &mut Intake<'_>,
+    health: &mut Health,
+    ctx: &BatchCtx<'_>,
+    batch: Vec<SpanRecord>,
+    deadline: Option<Instant>,
+) {
+    let stats = intake.stats;
+    for (process, records) in group_by_resource(batch) {
+        let n = records.len();
+        let data: Vec<SpanData> = records.iter().map(|r| to_span_data(r, ctx.scope)).collect();
+        drop(records);
+        exporter.set_resource(&to_resource(&process, ctx.host));
+        let mut backoff = ctx.cfg.initial_backoff;
+        let mut tries: u32 = 0;
+        loop {
+            tries += 1;
+            let result = match deadline {
+                None => intake.while_pending(exporter.export(data.clone())).await,
+                Some(d) if Instant::now() >= d => Err(OTelSdkError::Timeout(Duration::ZERO)),
+                Some(d) => intake
+                    .while_pending(tokio::time::timeout_at(d, exporter.export(data.clone())))
+                    .await
+                    .unwrap_or_else(|_| Err(OTelSdkError::Timeout(ctx.cfg.shutdown_timeout))),
+            };
+            let error = match result {
+                Ok(()) => {
+                    ExportStats::add(&stats.exported, n);
+                    if std::mem::take(&mut health.failing) {
+                        tracing::info!("OTLP export recovered");
+                    }
+                    break;
+                }
+                Err(e) => e,
+            };
+            let out_of_time = deadline.is_some_and(|d| Instant::now() + backoff >= d);
+            if tries > ctx.cfg.max_retries || out_of_time {
+                ExportStats::add(&stats.failed, n);
+                if !std::mem::replace(&mut health.failing, true) {
+                    tracing::warn!(
+                        endpoint = %ctx.cfg.endpoint,
+                        error = %error,
+                        spans = n,
+                        tries,
+                        "OTLP export failed; spans dropped (further failures logged at debug)"
+                    );
+                } else {
+                    tracing::debug!(error = %error, spans = n, tries, "OTLP export failed");
+                }
+                break;
+            }
+            tracing::debug!(error = %error, spans = n, tries, "OTLP export failed; retrying");
+            intake.while_pending(tokio::time::sleep(backoff)).await;
+            ExportStats::add(&stats.retried, n);
+            backoff = (backoff * 2).min(ctx.cfg.max_backoff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use std::sync::Mutex;
+
+    fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
+        Arc::new(ProcessResource {
+            pid,
+            service_name: service.to_string(),
+            attributes: vec![
+                ("service.name".into(), service.into()),
+                ("process.pid".into(), AttrValue::Int(pid as i64)),
+            ],
+        })
+    }
+
+    fn record(n: u8, p: &Arc<ProcessResource>) -> SpanRecord {
+        SpanRecord {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            parent_span_id: None,
+            trace_state: None,
+            sampled: true,
+            name: format!("span {n}"),
+            kind: SpanKind::Server,
+            start_unix_ns: 1_700_000_000_000_000_000,
+            end_unix_ns: 1_700_000_000_005_000_000,
+            attributes: vec![("http.request.method".into(), "GET".into())],
+            status: SpanStatus::Unset,
+            parent_source: ParentSource::None,
+            resource: Arc::clone(p),
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn from_env_none_without_endpoint() {
+        let cfg = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_PROTOCOL, "grpc")])).unwrap();
+        assert!(cfg.is_none());
+    }
+
+    #[test]
+    fn from_env_http_default_appends_path() {
+        let cfg = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318/")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.protocol, Protocol::HttpProtobuf);
+        assert_eq!(cfg.endpoint, "http://c:4318/v1/traces");
+        assert_eq!(cfg.max_batch_size, 512);
+        assert_eq!(cfg.schedule_delay, Duration::from_millis(1000));
+        assert_eq!(cfg.compression, None);
+    }
+
+    #[test]
+    fn from_env_traces_endpoint_as_is_and_overrides() {
+        let cfg = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "http://base:4318"),
+            (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "http://c:4318/custom"),
+            (OTEL_EXPORTER_OTLP_COMPRESSION, "gzip"),
+            (OTEL_EXPORTER_OTLP_TIMEOUT, "2500"),
+            (OTEL_BSP_MAX_EXPORT_BATCH_SIZE, "64"),
+            (OTEL_BSP_SCHEDULE_DELAY, "200"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.endpoint, "http://c:4318/custom");
+        assert_eq!(cfg.compression, Some(Compression::Gzip));
+        assert_eq!(cfg.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(cfg.max_batch_size, 64);
+        assert_eq!(cfg.schedule_delay, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn from_env_grpc() {
+        let cfg = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4317"),
+            (OTEL_EXPORTER_OTLP_PROTOCOL, "grpc"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (cfg.protocol, cfg.endpoint.as_str()),
+            (Protocol::Grpc, "http://c:4317")
+        );
+        let cfg = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "c:4317"),
+            (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, "grpc"),
+            (OTEL_EXPORTER_OTLP_PROTOCOL, "http/protobuf"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.endpoint, "https://c:4317");
+        let cfg = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "c:4317"),
+            (OTEL_EXPORTER_OTLP_PROTOCOL, "grpc"),
+            (OTEL_EXPORTER_OTLP_INSECURE, "true"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.endpoint, "http://c:4317");
+    }
+
+    #[test]
+    fn from_env_errors_name_the_variable() {
+        let err = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
+            (OTEL_EXPORTER_OTLP_PROTOCOL, "http/json"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol 'http/json' (allowed: grpc, http/protobuf)"
+        );
+        let err = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
+            (OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, "zstd"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: "),
+            "{err}"
+        );
+        let err = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "c:4318")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT: "), "{err}");
+        let err = OtlpConfig::from_lookup(env(&[
+            (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
+            (OTEL_EXPORTER_OTLP_TIMEOUT, "10s"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("OTEL_EXPORTER_OTLP_TIMEOUT: "), "{err}");
+    }
+
+    #[test]
+    fn span_data_conversion() {
+        let p = process(7, "shop");
+        let mut r = record(1, &p);
+        r.parent_span_id = Some([9; 8]);
+        r.parent_source = ParentSource::Header;
+        r.trace_state = Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".into());
+        r.kind = SpanKind::Client;
+        r.status = SpanStatus::Error("boom".into());
+        let d = to_span_data(&r, &scope());
+        assert_eq!(d.span_context.trace_id(), TraceId::from_bytes([1; 16]));
+        assert_eq!(d.span_context.span_id(), SpanId::from_bytes([1; 8]));
+        assert!(d.span_context.is_sampled());
+        assert_eq!(
+            d.span_context.trace_state().get("rojo"),
+            Some("00f067aa0ba902b7")
+        );
+        assert_eq!(d.parent_span_id, SpanId::from_bytes([9; 8]));
+        assert!(d.parent_span_is_remote);
+        assert_eq!(d.span_kind, OtelSpanKind::Client);
+        assert_eq!(d.status, Status::error("boom"));
+        assert_eq!(
+            d.end_time.duration_since(d.start_time).unwrap(),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            d.attributes.last(),
+            Some(&KeyValue::new(PARENT_SOURCE_ATTR, "header"))
+        );
+        assert_eq!(d.instrumentation_scope.name(), "waybill");
+        assert_eq!(
+            d.instrumentation_scope.version(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+
+        let mut r = record(2, &p);
+        r.trace_state = Some("not a valid=trace state=".into());
+        r.sampled = false;
+        let d = to_span_data(&r, &scope());
+        assert_eq!(d.parent_span_id, SpanId::INVALID);
+        assert!(!d.parent_span_is_remote);
+        assert!(!d.span_context.is_sampled());
+        assert_eq!(d.span_context.trace_state().header(), "");
+        assert_eq!(d.status, Status::Unset);
+    }
+
+    #[test]
+    fn resource_attributes() {
+        let p = process(42, "api");
+        let res = to_resource(&p, Some("box"));
+        let get = |k: &str| {
+            res.get(&opentelemetry::Key::from(k.to_string()))
+                .map(|v| v.to_string())
+        };
+        assert_eq!(get("service.name").as_deref(), Some("api"));
+        assert_eq!(get("process.pid").as_deref(), Some("42"));
+        assert_eq!(get("host.name").as_deref(), Some("box"));
+        assert_eq!(get("telemetry.sdk.name").as_deref(), Some("opentelemetry"));
+        assert_eq!(get("telemetry.sdk.language").as_deref(), Some("rust"));
+        assert!(get("telemetry.sdk.version").is_some());
+        assert_eq!(get("telemetry.distro.name").as_deref(), Some("waybill"));
+
+        let mut p = (*p).clone();
+        p.attributes = vec![("host.name".into(), "container".into())];
+        let res = to_resource(&p, Some("box"));
+        let get = |k: &str| {
+            res.get(&opentelemetry::Key::from(k.to_string()))
+                .map(|v| v.to_string())
+        };
+        assert_eq!(get("host.name").as_deref(), Some("container"));
+        assert_eq!(get("service.name").as_deref(), Some("api"));
+    }
+
+    /// Records every export; fails the first `fail_first` calls; each call takes `delay`.
+    #[derive(Debug, Default)]
+    struct Mock {
+        calls: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+        resource_service: String,
+        fail_first: Arc<Mutex<usize>>,
+        delay: Duration,
+    }
+
+    impl SpanExporter for Mock {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            tokio::time::sleep(self.delay).await;
+            {
+                let mut f = self.fail_first.lock().unwrap();
+                if *f > 0 {
+                    *f -= 1;
+                    return Err(OTelSdkError::InternalFailure("unavailable".into()));
+                }
+            }
+            self.calls.lock().unwrap().push((
+                self.resource_service.clone(),
+                batch.iter().map(|s| s.name.to_string()).collect(),
+            ));
+            Ok(())
+        }
+        fn set_resource(&mut self, resource: &Resource) {
+            self.resource_service = resource
+                .get(&opentelemetry::Key::from_static_str("service.name"))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+        }
+    }
+
+    fn test_cfg() -> OtlpConfig {
+        let mut cfg = OtlpConfig::new(Protocol::Grpc, "http://unused:4317");
+        cfg.schedule_delay = Duration::from_millis(100);
+        cfg.max_batch_size = 3;
+        cfg
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_grouped_by_resource() {
+        let (tx, rx) = mpsc::channel(100);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock::default();
+        let calls = Arc::clone(&mock.calls);
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let (a, b) = (process(1, "a"), process(2, "b"));
+        for (n, p) in [(1, &a), (2, &b), (3, &a), (4, &a)] {
+            tx.try_send(record(n, p)).unwrap();
+        }
+        // First batch is full at 3 spans; the 4th waits for the schedule delay.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![
+                (
+                    "a".to_string(),
+                    vec!["span 1".to_string(), "span 3".to_string()]
+                ),
+                ("b".to_string(), vec!["span 2".to_string()]),
+            ]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(calls.lock().unwrap().len(), 3);
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(stats.exported.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_then_succeeds_and_flushes_on_close() {
+        let (tx, rx) = mpsc::channel(100);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            fail_first: Arc::new(Mutex::new(2)),
+            ..Default::default()
+        };
+        let calls = Arc::clone(&mock.calls);
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let a = process(1, "a");
+        tx.try_send(record(1, &a)).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(calls.lock().unwrap().len(), 1);
+        assert_eq!(stats.exported.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.retried.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.failed.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_retries_and_bounds_backlog() {
+        let (tx, rx) = mpsc::channel(4);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            fail_first: Arc::new(Mutex::new(usize::MAX)),
+            delay: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let mut cfg = test_cfg();
+        cfg.max_backlog = 5;
+        cfg.max_batch_size = 1;
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let a = process(1, "a");
+        // The channel (capacity 4) never fills although exports are failing: the task keeps
+        // draining it into the bounded backlog while it retries.
+        for n in 0..20u8 {
+            tx.try_send(record(n, &a))
+                .expect("channel drained during retries");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        task.await.unwrap();
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(s(&stats.exported), 0);
+        assert!(s(&stats.dropped) > 0, "{stats:?}");
+        assert_eq!(s(&stats.failed) + s(&stats.dropped), 20, "{stats:?}");
+        // Every span that was tried got its retries (3 per span while running).
+        assert!(s(&stats.retried) >= 3, "{stats:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_flush_is_bounded() {
+        let (tx, rx) = mpsc::channel(100);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            delay: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let mut cfg = test_cfg();
+        cfg.shutdown_timeout = Duration::from_secs(2);
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let a = process(1, "a");
+        tx.try_send(record(1, &a)).unwrap();
+        drop(tx);
+        let started = Instant::now();
+        task.await.unwrap();
+        assert!(started.elapsed() <= Duration::from_secs(3));
+        assert_eq!(stats.failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn spawn_otlp_builds_both_protocols() {
+        for cfg in [
+            OtlpConfig::new(Protocol::Grpc, "http://127.0.0.1:1"),
+            OtlpConfig::new(Protocol::Grpc, "https://127.0.0.1:1"),
+            OtlpConfig::new(Protocol::HttpProtobuf, "http://127.0.0.1:1"),
+            OtlpConfig::new(Protocol::HttpProtobuf, "https://127.0.0.1:1"),
+        ] {
+            let (tx, rx) = mpsc::channel(1);
+            let task = spawn_otlp(cfg.clone(), rx, Arc::default()).expect("builds");
+            drop(tx);
+            task.await.unwrap();
+        }
+        let (_tx, rx) = mpsc::channel(1);
+        let err = spawn_otlp(
+            OtlpConfig::new(Protocol::Grpc, "127.0.0.1:1"),
+            rx,
+            Arc::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ExportError::Config { .. }), "{err}");
+    }
+}

@@ -1,0 +1,256 @@
+//! Loads the embedded eBPF object with this kernel's offsets and attaches the programs.
+//!
+//! Hook choice: the syscall tracepoints carry the data path on every kernel (they exist since
+//! 4.x, work under lockdown and need no kprobes). Where kprobes or fentry are available they
+//! could serve as cheaper accelerators; `features.rs` probes them and the choice is logged.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use thiserror::Error;
+use waybill_common::{KernelOffsets, LOST_COUNTERS, ProbeConfig, TracepointOffsets};
+
+use super::{btf, tracefs};
+
+/// The eBPF object built by `cargo xtask build` (empty when the agent was built without it).
+static PROBES_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waybill-probes.o"));
+
+/// The embedded eBPF object.
+pub fn embedded_object() -> &'static [u8] {
+    PROBES_OBJ
+}
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error(
+        "this waybill binary was built without its eBPF object: build it with `cargo xtask build --release` \
+         (plain `cargo build` cannot build the kernel programs)"
+    )]
+    NoObject,
+    #[error("{0}")]
+    Mount(String),
+    #[error("{0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("{0}")]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error(
+        "loading the eBPF programs failed: {0}. Waybill needs root (or CAP_BPF + CAP_PERFMON + CAP_SYS_RESOURCE) \
+         and a kernel ≥ 5.8 with BTF; run `waybill check` to see what this kernel allows"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error(
+        "eBPF program {program} was rejected: {source}. Run `waybill check` and report this kernel version"
+    )]
+    Program {
+        program: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "eBPF map {0} is missing from the object (build mismatch: rebuild with `cargo xtask build`)"
+    )]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Which tracepoint each program is attached to.
+const ATTACH: &[(&str, &str, &str)] = &[
+    ("tp_sys_enter_read", "syscalls", "sys_enter_read"),
+    ("tp_sys_enter_write", "syscalls", "sys_enter_write"),
+    ("tp_sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("tp_sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("tp_sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("tp_sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("tp_sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("tp_sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    (
+        "tp_sys_enter_sendfile64",
+        "syscalls",
+        "sys_enter_sendfile64",
+    ),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_read"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_write"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_readv"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_writev"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_recvfrom"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_sendto"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_recvmsg"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_sendmsg"),
+    ("tp_sys_exit_data", "syscalls", "sys_exit_sendfile64"),
+    ("tp_sys_exit_accept", "syscalls", "sys_exit_accept4"),
+    ("tp_sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("tp_sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("tp_sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("tp_sys_enter_close", "syscalls", "sys_enter_close"),
+    ("tp_sys_enter_listen", "syscalls", "sys_enter_listen"),
+    ("tp_sched_process_exec", "sched", "sched_process_exec"),
+    ("tp_task_newtask", "task", "task_newtask"),
+    ("tp_sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// Hooks that are not essential: the agent runs without them (and says so).
+const OPTIONAL: &[&str] = &[
+    "sys_exit_accept",
+    "sys_enter_listen",
+    "sched_process_exec",
+    "task_newtask",
+];
+
+/// Options for loading.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub config: ProbeConfig,
+    pub ring_buffer_bytes: u32,
+    /// Use this object file instead of the embedded one (development).
+    pub object: Option<PathBuf>,
+}
+
+/// The loaded programs and the maps user space talks to.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub targets: BpfHashMap<MapData, u32, u32>,
+    pub watch_ports: BpfHashMap<MapData, u16, u32>,
+    pub lost: PerCpuArray<MapData, u64>,
+    /// Hooks attached, as `category/name`.
+    pub attached: Vec<String>,
+    /// Optional hooks that failed, with the reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Computes offsets, loads the object and attaches every program.
+pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError> {
+    let owned;
+    let bytes: &[u8] = match &opts.object {
+        Some(p) => {
+            owned = std::fs::read(p).map_err(|_| LoadError::NoObject)?;
+            &owned
+        }
+        None => PROBES_OBJ,
+    };
+    if bytes.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    super::mounts::ensure_tracefs().map_err(LoadError::Mount)?;
+    let btf = btf::Btf::from_sys_fs()?;
+    let offs: KernelOffsets = btf::kernel_offsets(&btf)?;
+    let tp: TracepointOffsets = tracefs::tracepoint_offsets().unwrap_or_default();
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFS", &offs, true)
+        .override_global("TP_OFFS", &tp, true)
+        .override_global("CONFIG", &opts.config, true)
+        .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+        .load(bytes)
+        .map_err(LoadError::Load)?;
+
+    let mut attached = Vec::new();
+    let mut skipped = Vec::new();
+    for (prog, category, name) in ATTACH {
+        let p: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or(LoadError::MissingMap("program"))?
+            .try_into()
+            .map_err(|e| LoadError::Program {
+                program: prog.to_string(),
+                source: e,
+            })?;
+        if p.fd().is_err() {
+            p.load().map_err(|e| LoadError::Program {
+                program: prog.to_string(),
+                source: e,
+            })?;
+        }
+        match p.attach(category, name) {
+            Ok(_) => attached.push(format!("{category}/{name}")),
+            Err(e) if OPTIONAL.contains(name) => {
+                tracing::warn!(hook = %format!("{category}/{name}"), error = %e, "optional hook not attached");
+                skipped.push((format!("{category}/{name}"), e.to_string()));
+            }
+            Err(e) => {
+                return Err(LoadError::Program {
+                    program: format!("{prog} ({category}/{name})"),
+                    source: e,
+                });
+            }
+        }
+    }
+    let events = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or(LoadError::MissingMap("EVENTS"))?,
+    )
+    .map_err(|e| LoadError::Map {
+        name: "EVENTS",
+        source: e,
+    })?;
+    let targets = BpfHashMap::try_from(
+        ebpf.take_map("TARGETS")
+            .ok_or(LoadError::MissingMap("TARGETS"))?,
+    )
+    .map_err(|e| LoadError::Map {
+        name: "TARGETS",
+        source: e,
+    })?;
+    let watch_ports = BpfHashMap::try_from(
+        ebpf.take_map("WATCH_PORTS")
+            .ok_or(LoadError::MissingMap("WATCH_PORTS"))?,
+    )
+    .map_err(|e| LoadError::Map {
+        name: "WATCH_PORTS",
+        source: e,
+    })?;
+    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
+        .map_err(|e| LoadError::Map {
+        name: "LOST",
+        source: e,
+    })?;
+    Ok((
+        Probes {
+            ebpf,
+            targets,
+            watch_ports,
+            lost,
+            attached,
+            skipped,
+        },
+        events,
+    ))
+}
+
+impl Probes {
+    /// Starts tracing `pid` (kernel-side filter). Returns false when the map is full.
+    pub fn add_target(&mut self, pid: u32) -> bool {
+        self.targets.insert(pid, 1, 0).is_ok()
+    }
+
+    pub fn remove_target(&mut self, pid: u32) {
+        let _ = self.targets.remove(&pid);
+    }
+
+    pub fn is_target(&self, pid: u32) -> bool {
+        self.targets.get(&pid, 0).is_ok()
+    }
+
+    pub fn watch_port(&mut self, port: u16) -> bool {
+        self.watch_ports.insert(port, 1, 0).is_ok()
+    }
+
+    /// Kernel-side loss counters summed over CPUs, indexed by `LOST_*`.
+    pub fn lost_counters(&self) -> [u64; LOST_COUNTERS as usize] {
+        let mut out = [0u64; LOST_COUNTERS as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.lost.get(&(i as u32), 0) {
+                *o = v.iter().sum();
+            }
+        }
+        out
+    }
+}

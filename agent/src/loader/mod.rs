@@ -1,0 +1,7 @@
+//! Feature probing, BTF-driven offsets, loading and attaching the eBPF programs.
+
+pub mod attach;
+pub mod btf;
+pub mod features;
+pub mod mounts;
+pub mod tracefs;

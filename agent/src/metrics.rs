@@ -1,0 +1,326 @@
+//! Waybill's own counters (`waybill_*`), in one place, and the Prometheus `/metrics` endpoint.
+//!
+//! Every loss has a counter. Kernel-side losses are read from the `LOST` per-CPU map and
+//! published here as `waybill_ringbuf_records_lost_total{reason=…}`.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use crate::export::otlp::ExportStats;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+/// A counter or gauge.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// All self-metrics. Shared as `Arc<Metrics>`.
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub records_received: Counter,
+    pub records_malformed: Counter,
+    /// Kernel-side losses by reason (sums over CPUs, refreshed periodically).
+    pub lost_ringbuf_full: Counter,
+    pub lost_payload_truncated: Counter,
+    pub lost_stash_full: Counter,
+    pub lost_read_user: Counter,
+    pub bytes_captured: Counter,
+    pub connections_tracked: Counter,
+    pub connections_opened: Counter,
+    pub connections_evicted: Counter,
+    pub connections_unknown_protocol: Counter,
+    pub parse_errors: Counter,
+    pub requests_unpaired: Counter,
+    pub spans_created: Counter,
+    pub spans_unsampled: Counter,
+    pub spans_dropped_queue_full: Counter,
+    pub traceparent_malformed: Counter,
+    pub processes_attached: Counter,
+    pub process_attach_failures: Counter,
+    pub probe_attach_failures: Counter,
+    pub parent_source_none: Counter,
+    pub parent_source_header: Counter,
+    /// Filled by the exporter.
+    pub export: Arc<ExportStats>,
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(4096);
+        let mut c = |name: &str, help: &str, kind: &str, series: &[(&str, u64)]| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in series {
+                if labels.is_empty() {
+                    let _ = writeln!(s, "{name} {v}");
+                } else {
+                    let _ = writeln!(s, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        c(
+            "waybill_ringbuf_records_received_total",
+            "Records read from the kernel ring buffer.",
+            "counter",
+            &[("", self.records_received.get())],
+        );
+        c(
+            "waybill_ringbuf_records_lost_total",
+            "Records or payload the kernel side could not deliver, by reason.",
+            "counter",
+            &[
+                ("reason=\"buffer_full\"", self.lost_ringbuf_full.get()),
+                ("reason=\"stash_full\"", self.lost_stash_full.get()),
+                ("reason=\"read_user_failed\"", self.lost_read_user.get()),
+                ("reason=\"malformed\"", self.records_malformed.get()),
+            ],
+        );
+        c(
+            "waybill_payload_truncated_total",
+            "Syscalls whose payload was longer than the capture window (only a prefix was copied).",
+            "counter",
+            &[("", self.lost_payload_truncated.get())],
+        );
+        c(
+            "waybill_captured_bytes_total",
+            "Payload bytes copied from traced processes.",
+            "counter",
+            &[("", self.bytes_captured.get())],
+        );
+        c(
+            "waybill_connections_tracked",
+            "Connections in the connection table.",
+            "gauge",
+            &[("", self.connections_tracked.get())],
+        );
+        c(
+            "waybill_connections_opened_total",
+            "Connections seen.",
+            "counter",
+            &[("", self.connections_opened.get())],
+        );
+        c(
+            "waybill_connections_evicted_total",
+            "Connections removed from the table because it was full or they were idle.",
+            "counter",
+            &[("", self.connections_evicted.get())],
+        );
+        c(
+            "waybill_connections_unknown_protocol_total",
+            "Connections whose protocol was not recognised (not parsed).",
+            "counter",
+            &[("", self.connections_unknown_protocol.get())],
+        );
+        c(
+            "waybill_parse_errors_total",
+            "Protocol parse errors and resynchronisations.",
+            "counter",
+            &[("", self.parse_errors.get())],
+        );
+        c(
+            "waybill_requests_unpaired_total",
+            "Requests that ended without a response (connection closed or evicted).",
+            "counter",
+            &[("", self.requests_unpaired.get())],
+        );
+        c(
+            "waybill_spans_created_total",
+            "Spans built.",
+            "counter",
+            &[("", self.spans_created.get())],
+        );
+        c(
+            "waybill_spans_unsampled_total",
+            "Spans not exported because the incoming traceparent was not sampled.",
+            "counter",
+            &[("", self.spans_unsampled.get())],
+        );
+        c(
+            "waybill_spans_dropped_total",
+            "Spans dropped before export, by reason.",
+            "counter",
+            &[
+                ("reason=\"queue_full\"", self.spans_dropped_queue_full.get()),
+                (
+                    "reason=\"export_backlog\"",
+                    self.export.dropped.load(Relaxed),
+                ),
+            ],
+        );
+        c(
+            "waybill_spans_exported_total",
+            "Spans accepted by the OTLP endpoint.",
+            "counter",
+            &[("", self.export.exported.load(Relaxed))],
+        );
+        c(
+            "waybill_export_errors_total",
+            "Failed OTLP export calls.",
+            "counter",
+            &[("", self.export.failed.load(Relaxed))],
+        );
+        c(
+            "waybill_export_retries_total",
+            "OTLP export retries.",
+            "counter",
+            &[("", self.export.retried.load(Relaxed))],
+        );
+        c(
+            "waybill_traceparent_malformed_total",
+            "Incoming traceparent headers ignored because they were malformed.",
+            "counter",
+            &[("", self.traceparent_malformed.get())],
+        );
+        c(
+            "waybill_processes_attached",
+            "Processes currently traced.",
+            "gauge",
+            &[("", self.processes_attached.get())],
+        );
+        c(
+            "waybill_process_attach_failures_total",
+            "Processes that could not be traced.",
+            "counter",
+            &[("", self.process_attach_failures.get())],
+        );
+        c(
+            "waybill_probe_attach_failures_total",
+            "eBPF programs that failed to attach.",
+            "counter",
+            &[("", self.probe_attach_failures.get())],
+        );
+        c(
+            "waybill_parent_links_total",
+            "Spans by how their parent was found.",
+            "counter",
+            &[
+                ("source=\"none\"", self.parent_source_none.get()),
+                ("source=\"header\"", self.parent_source_header.get()),
+            ],
+        );
+        s
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `addr` until the task is dropped.
+pub async fn serve(
+    addr: String,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(&addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("");
+                let (status, ctype, body) = match path {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                    "/healthz" if metrics.ready.load(Relaxed) => {
+                        ("200 OK", "text/plain", "ok\n".to_string())
+                    }
+                    "/healthz" => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "starting\n".to_string(),
+                    ),
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /healthz\n".to_string(),
+                    ),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_every_family_once() {
+        let m = Metrics::default();
+        m.records_received.add(3);
+        m.lost_ringbuf_full.add(2);
+        let text = m.render();
+        assert!(text.contains("waybill_ringbuf_records_received_total 3\n"));
+        assert!(text.contains("waybill_ringbuf_records_lost_total{reason=\"buffer_full\"} 2\n"));
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let names: std::collections::HashSet<_> = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE "))
+            .map(|l| l.split(' ').nth(2).unwrap())
+            .collect();
+        assert_eq!(types, names.len());
+        assert!(names.iter().all(|n| n.starts_with("waybill_")));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health() {
+        let m = Arc::new(Metrics::default());
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap().to_string();
+        drop(probe);
+        let _h = serve(addr.clone(), m.clone()).await.unwrap();
+        let get = |path: &'static str| {
+            let addr = addr.clone();
+            async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                out
+            }
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
+        m.ready.store(true, Relaxed);
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        let body = get("/metrics").await;
+        assert!(body.contains("waybill_spans_created_total 0"));
+    }
+}

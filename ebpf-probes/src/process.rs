@@ -1,0 +1,66 @@
+//! Process lifecycle: exec (for `--exe` selection), fork of traced processes (children are traced
+//! from their first instruction), exit (clean-up).
+//!
+//! | operation | hook                        | notes                                              |
+//! |-----------|-----------------------------|----------------------------------------------------|
+//! | exec      | `sched/sched_process_exec`  | sent only when user space selects by executable    |
+//! | fork      | `task/task_newtask`         | threads (CLONE_THREAD) are ignored; field offsets  |
+//! |           |                             | come from tracefs at load time                     |
+//! | exit      | `sched/sched_process_exit`  | the main thread's exit ends the process's tracing  |
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use waybill_common::{KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK};
+
+use crate::{
+    events::emit_proc,
+    helpers::{config, current, is_target, tp_offsets},
+    maps::TARGETS,
+};
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[tracepoint]
+pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if config().watch_exec == 0 {
+        return 0;
+    }
+    let (tgid, tid, _) = current();
+    emit_proc(KIND_PROC_EXEC, tgid, tid, 0);
+    0
+}
+
+#[tracepoint]
+pub fn tp_task_newtask(ctx: TracePointContext) -> u32 {
+    let (tgid, tid, _) = current();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let o = tp_offsets();
+    if o.newtask_pid == 0 {
+        return 0;
+    }
+    let flags: u64 = if o.newtask_clone_flags_size == 8 {
+        unsafe { ctx.read_at::<u64>(o.newtask_clone_flags as usize) }.unwrap_or(0)
+    } else {
+        unsafe { ctx.read_at::<u32>(o.newtask_clone_flags as usize) }.unwrap_or(0) as u64
+    };
+    if flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(o.newtask_pid as usize) }) else { return 0 };
+    let _ = TARGETS.insert(&child, &1, 0);
+    emit_proc(KIND_PROC_FORK, child, child, tgid);
+    let _ = tid;
+    0
+}
+
+#[tracepoint]
+pub fn tp_sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let (tgid, tid, _) = current();
+    if tgid != tid || !is_target(tgid) {
+        return 0;
+    }
+    let _ = TARGETS.remove(&tgid);
+    emit_proc(KIND_PROC_EXIT, tgid, tid, 0);
+    0
+}

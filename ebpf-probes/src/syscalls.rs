@@ -1,0 +1,293 @@
+//! Socket I/O of traced processes, from the portable syscall tracepoints (every kernel ≥ 4.x).
+//!
+//! | operation            | hooks                                                            |
+//! |----------------------|------------------------------------------------------------------|
+//! | bytes in / out       | `sys_enter_*` stash (fd, buffer) → `sys_exit_*` copies the prefix |
+//! |                      | read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg,   |
+//! |                      | sendfile64 (length only: the payload comes from a file)           |
+//! | connection role      | `sys_exit_accept4`/`accept` (server), `sys_enter/exit_connect`    |
+//! | connection end       | `sys_enter_close`                                                |
+//! | `--port` selection   | `sys_enter_listen`, `sys_exit_accept*` of untraced processes      |
+//!
+//! fd → TCP 4-tuple comes from walking kernel structs with offsets read from BTF at load time
+//! (helpers.rs), cached per (tgid, fd). kprobe/fentry variants (tcp_sendmsg/tcp_recvmsg) would be
+//! cheaper where the kernel allows them; the loader reports their availability, and this
+//! tracepoint path is the one that works everywhere, including under lockdown.
+//!
+//! Syscall tracepoint layout (stable): args at 16 + 8·i on entry, return value at 16 on exit.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use waybill_common::*;
+
+use crate::{
+    events::emit_close,
+    helpers::{config, count_lost, current, is_target, sock_info, sock_key, walk_fd},
+    maps::{EVENTS, SCRATCH, SOCKS, STASH, SYS_CONNECT_STASH, SyscallArgs, TARGETS, WATCH_PORTS},
+};
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, i: usize) -> u64 {
+    // SAFETY: reading a fixed offset of the tracepoint record; failures read as 0.
+    unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: as above.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+/// Entry of a data syscall: keep (fd, buffer, length) if the fd is a TCP socket of a target.
+#[inline(always)]
+fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
+    let (tgid, tid, pid_tgid) = current();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let fd = arg(ctx, 0) as u32;
+    let Some(info) = sock_info(tgid, tid, fd, ROLE_UNKNOWN) else { return 0 };
+    if info.is_tcp == 0 {
+        return 0;
+    }
+    let (ptr, len) = match syscall {
+        SYS_SENDFILE => (0, arg(ctx, 3)),
+        _ => (arg(ctx, 1), arg(ctx, 2)),
+    };
+    let args = SyscallArgs { ptr, len, sk: info.sk, fd, syscall };
+    if STASH.insert(&pid_tgid, &args, 0).is_err() {
+        count_lost(LOST_STASH_FULL);
+    }
+    0
+}
+
+macro_rules! enter_prog {
+    ($name:ident, $sys:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            enter_data(&ctx, $sys)
+        }
+    };
+}
+
+enter_prog!(tp_sys_enter_read, SYS_READ);
+enter_prog!(tp_sys_enter_write, SYS_WRITE);
+enter_prog!(tp_sys_enter_readv, SYS_READV);
+enter_prog!(tp_sys_enter_writev, SYS_WRITEV);
+enter_prog!(tp_sys_enter_recvfrom, SYS_RECVFROM);
+enter_prog!(tp_sys_enter_sendto, SYS_SENDTO);
+enter_prog!(tp_sys_enter_recvmsg, SYS_RECVMSG);
+enter_prog!(tp_sys_enter_sendmsg, SYS_SENDMSG);
+enter_prog!(tp_sys_enter_sendfile64, SYS_SENDFILE);
+
+/// Copy `n` bytes of user memory at `src` to `dst_off` in the scratch record. Bounded for the
+/// verifier: the offset is below MAX_CAPTURE and the length at most MAX_CAPTURE, and the
+/// scratch data array is 2·MAX_CAPTURE long.
+#[inline(always)]
+fn copy_user(ev: *mut DataEvent, dst_off: u64, src: u64, n: u64) -> bool {
+    let off = dst_off & (MAX_CAPTURE as u64 - 1);
+    let mut len = n;
+    if len > MAX_CAPTURE as u64 {
+        len = MAX_CAPTURE as u64;
+    }
+    // SAFETY: `ev` points at the per-CPU scratch value; off + len ≤ 2·MAX_CAPTURE.
+    let dst = unsafe { (*ev).data.as_mut_ptr().add(off as usize) };
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len as u32, src as *const _)
+    };
+    r == 0
+}
+
+/// Exit of every data syscall (one program attached to each sys_exit_*).
+#[tracepoint]
+pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
+    let (tgid, tid, pid_tgid) = current();
+    // SAFETY: copied out before the entry is removed.
+    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else { return 0 };
+    let _ = STASH.remove(&pid_tgid);
+    let r = ret(&ctx);
+    if r <= 0 || args.syscall == SYS_CONNECT_STASH {
+        return 0;
+    }
+    let total = r as u64;
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    let cfg = config();
+    let mut window = cfg.capture_bytes as u64;
+    if window > MAX_CAPTURE as u64 {
+        window = MAX_CAPTURE as u64;
+    }
+    let want = if total < window { total } else { window };
+    let dir = match args.syscall {
+        SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG => DIR_READ,
+        _ => DIR_WRITE,
+    };
+    let mut captured: u64 = 0;
+    match args.syscall {
+        SYS_SENDFILE => {}
+        SYS_READ | SYS_WRITE | SYS_RECVFROM | SYS_SENDTO => {
+            if copy_user(ev, 0, args.ptr, want) {
+                captured = want;
+            } else {
+                count_lost(LOST_READ_USER);
+            }
+        }
+        _ => {
+            // iovec based: readv/writev pass (iov, iovcnt); recvmsg/sendmsg pass a user msghdr
+            // whose msg_iov / msg_iovlen sit at 16 / 24 (UAPI layout, not a kernel-internal one).
+            let (iov, cnt) = if args.syscall == SYS_RECVMSG || args.syscall == SYS_SENDMSG {
+                let iov: u64 = unsafe { bpf_probe_read_user((args.ptr + 16) as *const u64) }.unwrap_or(0);
+                let cnt: u64 = unsafe { bpf_probe_read_user((args.ptr + 24) as *const u64) }.unwrap_or(0);
+                (iov, cnt)
+            } else {
+                (args.ptr, args.len)
+            };
+            let mut i: u64 = 0;
+            while i < MAX_IOVECS as u64 && i < cnt && captured < want {
+                let base: u64 = unsafe { bpf_probe_read_user((iov + i * 16) as *const u64) }.unwrap_or(0);
+                let len: u64 = unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
+                let mut n = want - captured;
+                if len < n {
+                    n = len;
+                }
+                if n > 0 {
+                    if !copy_user(ev, captured, base, n) {
+                        count_lost(LOST_READ_USER);
+                        break;
+                    }
+                    captured += n;
+                }
+                i += 1;
+            }
+        }
+    }
+    if captured < total && args.syscall != SYS_SENDFILE {
+        count_lost(LOST_PAYLOAD_TRUNCATED);
+    }
+    // SAFETY: `ev` is the per-CPU scratch record.
+    unsafe {
+        (*ev).head = DataHeader {
+            hdr: EventHeader { kind: KIND_DATA, tgid, tid, _pad: 0, ts_ns: bpf_ktime_get_ns() },
+            fd: args.fd,
+            dir,
+            total,
+            captured: captured as u32,
+            syscall: args.syscall,
+            sk: args.sk,
+        };
+    }
+    let mut size = core::mem::size_of::<DataHeader>() as u64 + captured;
+    if size > core::mem::size_of::<DataEvent>() as u64 {
+        size = core::mem::size_of::<DataEvent>() as u64;
+    }
+    // SAFETY: `size` is bounded by the scratch record's size.
+    let bytes = unsafe { core::slice::from_raw_parts(ev as *const u8, size as usize) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count_lost(LOST_RINGBUF_FULL);
+    }
+    let _ = ctx.as_ptr();
+    0
+}
+
+/// accept()/accept4() returned a new connection: the process is its server.
+#[tracepoint]
+pub fn tp_sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let (tgid, tid, _) = current();
+    let r = ret(&ctx);
+    if r < 0 {
+        return 0;
+    }
+    let fd = r as u32;
+    if !is_target(tgid) {
+        if config().watch_ports == 0 {
+            return 0;
+        }
+        // An untraced process accepted a connection: trace it if the local port is watched.
+        let mut t = Tuple::default();
+        if walk_fd(fd, &mut t).is_none() {
+            return 0;
+        }
+        // SAFETY: presence test only.
+        if unsafe { WATCH_PORTS.get(&t.lport) }.is_none() {
+            return 0;
+        }
+        let _ = TARGETS.insert(&tgid, &1, 0);
+        crate::events::emit_proc(KIND_PORT_MATCH, tgid, tid, t.lport as u32);
+    }
+    let _ = sock_info(tgid, tid, fd, ROLE_SERVER);
+    0
+}
+
+#[tracepoint]
+pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let (tgid, _, pid_tgid) = current();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let fd = arg(&ctx, 0) as u32;
+    let args = SyscallArgs { ptr: 0, len: 0, sk: 0, fd, syscall: SYS_CONNECT_STASH };
+    if STASH.insert(&pid_tgid, &args, 0).is_err() {
+        count_lost(LOST_STASH_FULL);
+    }
+    0
+}
+
+const EINPROGRESS: i64 = 115;
+
+#[tracepoint]
+pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let (tgid, tid, pid_tgid) = current();
+    // SAFETY: copied out before removal.
+    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else { return 0 };
+    let _ = STASH.remove(&pid_tgid);
+    let r = ret(&ctx);
+    if args.syscall != SYS_CONNECT_STASH || (r != 0 && r != -EINPROGRESS) {
+        return 0;
+    }
+    let _ = sock_info(tgid, tid, args.fd, ROLE_CLIENT);
+    0
+}
+
+#[tracepoint]
+pub fn tp_sys_enter_close(ctx: TracePointContext) -> u32 {
+    let (tgid, tid, _) = current();
+    if !is_target(tgid) {
+        return 0;
+    }
+    let fd = arg(&ctx, 0) as u32;
+    let key = sock_key(tgid, fd);
+    // SAFETY: copied out before removal.
+    let Some(info) = (unsafe { SOCKS.get(&key) }).copied() else { return 0 };
+    let _ = SOCKS.remove(&key);
+    if info.is_tcp != 0 {
+        emit_close(tgid, tid, fd, info.sk);
+    }
+    0
+}
+
+/// listen() on a watched port makes an untraced process a target.
+#[tracepoint]
+pub fn tp_sys_enter_listen(ctx: TracePointContext) -> u32 {
+    if config().watch_ports == 0 {
+        return 0;
+    }
+    let (tgid, tid, _) = current();
+    if is_target(tgid) {
+        return 0;
+    }
+    let fd = arg(&ctx, 0) as u32;
+    let mut t = Tuple::default();
+    if walk_fd(fd, &mut t).is_none() {
+        return 0;
+    }
+    // SAFETY: presence test only.
+    if unsafe { WATCH_PORTS.get(&t.lport) }.is_none() {
+        return 0;
+    }
+    let _ = TARGETS.insert(&tgid, &1, 0);
+    crate::events::emit_proc(KIND_PORT_MATCH, tgid, tid, t.lport as u32);
+    0
+}
