@@ -6,9 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use waybill::export::otlp::{Compression, ExportStats, OtlpConfig, Protocol, spawn_otlp};
-use waybill::stitch::span::{
-    AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus, hex,
-};
+use waybill::stitch::span::{AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus, hex};
 use waybill_tests::otlp_receiver::{Proto, ReceivedSpan, Receiver};
 
 const T0: u64 = 1_700_000_000_000_000_000;
@@ -21,10 +19,7 @@ fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
         attributes: vec![
             ("service.name".into(), service.into()),
             ("process.pid".into(), AttrValue::Int(pid.into())),
-            (
-                "process.executable.name".into(),
-                format!("{service}-bin").into(),
-            ),
+            ("process.executable.name".into(), format!("{service}-bin").into()),
         ],
     })
 }
@@ -95,11 +90,7 @@ fn records(trace_byte: u8) -> Vec<SpanRecord> {
 
 /// Sends `spans`, runs `before_close` (blocking) with the channel still open, then closes the
 /// channel and waits for the export task to flush and end.
-fn export(
-    cfg: OtlpConfig,
-    spans: Vec<SpanRecord>,
-    before_close: impl FnOnce() + Send + 'static,
-) -> Arc<ExportStats> {
+fn export(cfg: OtlpConfig, spans: Vec<SpanRecord>, before_close: impl FnOnce() + Send + 'static) -> Arc<ExportStats> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -122,7 +113,7 @@ fn export(
     })
 }
 
-fn by_id<'a>(spans: &'a [ReceivedSpan], id: [u8; 8]) -> &'a ReceivedSpan {
+fn by_id(spans: &[ReceivedSpan], id: [u8; 8]) -> &ReceivedSpan {
     let id = hex(&id);
     spans
         .iter()
@@ -161,10 +152,7 @@ fn check(received: &[ReceivedSpan], trace_byte: u8) {
     assert_eq!(root.resource["process.executable.name"], "shop-bin");
 
     let call = by_id(received, [0x22; 8]);
-    assert_eq!(
-        call.parent_span_id.as_deref(),
-        Some(hex(&[0x11; 8]).as_str())
-    );
+    assert_eq!(call.parent_span_id.as_deref(), Some(hex(&[0x11; 8]).as_str()));
     assert_eq!(call.name, "GET");
     assert_eq!(call.kind, "Client");
     assert_eq!(call.status_code, "Unset");
@@ -177,10 +165,7 @@ fn check(received: &[ReceivedSpan], trace_byte: u8) {
     assert_eq!(call.resource["process.pid"], "4121");
 
     let served = by_id(received, [0x33; 8]);
-    assert_eq!(
-        served.parent_span_id.as_deref(),
-        Some(hex(&[0x22; 8]).as_str())
-    );
+    assert_eq!(served.parent_span_id.as_deref(), Some(hex(&[0x22; 8]).as_str()));
     assert_eq!(served.kind, "Server");
     assert_eq!(served.attributes["waybill.parent.source"], "header");
     assert_eq!(served.resource["service.name"], "api");
@@ -202,12 +187,7 @@ fn exports_over_grpc() {
     let r = Arc::clone(&receiver);
     let stats = export(cfg, records(0xa1), move || {
         let spans = r.wait_for_spans(3, Duration::from_secs(5));
-        assert_eq!(
-            spans.len(),
-            3,
-            "not exported within 5 s: {}",
-            r.raw_output()
-        );
+        assert_eq!(spans.len(), 3, "not exported within 5 s: {}", r.raw_output());
     });
     assert_eq!(stats.exported.load(Ordering::Relaxed), 3, "{stats:?}");
     assert_eq!(stats.failed.load(Ordering::Relaxed), 0, "{stats:?}");
@@ -217,10 +197,7 @@ fn exports_over_grpc() {
 #[test]
 fn exports_over_http_protobuf_gzip() {
     let receiver = Receiver::start(Proto::HttpProtobuf);
-    let mut cfg = quick(OtlpConfig::new(
-        Protocol::HttpProtobuf,
-        &receiver.endpoint(),
-    ));
+    let mut cfg = quick(OtlpConfig::new(Protocol::HttpProtobuf, &receiver.endpoint()));
     assert!(cfg.endpoint.ends_with("/v1/traces"), "{}", cfg.endpoint);
     cfg.compression = Some(Compression::Gzip);
     let stats = export(cfg, records(0xb2), || {});
@@ -238,10 +215,7 @@ fn unreachable_collector_counts_retries_and_failures() {
         .unwrap()
         .port();
     for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
-        let mut cfg = quick(OtlpConfig::new(
-            protocol,
-            &format!("http://127.0.0.1:{port}"),
-        ));
+        let mut cfg = quick(OtlpConfig::new(protocol, &format!("http://127.0.0.1:{port}")));
         cfg.max_retries = 2;
         cfg.initial_backoff = Duration::from_millis(10);
         let stats = export(cfg, records(0xc3), || {});
@@ -251,4 +225,15 @@ fn unreachable_collector_counts_retries_and_failures() {
         // Two groups (shop: 2 spans, api: 1), each retried twice.
         assert_eq!(get(&stats.retried), 6, "{protocol:?} {stats:?}");
     }
+}
+
+#[test]
+fn exports_over_grpc_gzip() {
+    let receiver = Receiver::start(Proto::Grpc);
+    let mut cfg = quick(OtlpConfig::new(Protocol::Grpc, &receiver.endpoint()));
+    cfg.compression = Some(Compression::Gzip);
+    let stats = export(cfg, records(0xd4), || {});
+    assert_eq!(stats.exported.load(Ordering::Relaxed), 3, "{stats:?}");
+    let spans = receiver.wait_for_spans(3, Duration::from_secs(10));
+    check(&spans, 0xd4);
 }

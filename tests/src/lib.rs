@@ -1,2 +1,4 @@
-//! Test harness for Waybill root integration tests.
+//! Test harness for Waybill root integration tests: guards for the agent, real servers and a real
+//! OTLP receiver.
+pub mod harness;
 pub mod otlp_receiver;

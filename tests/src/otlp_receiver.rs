@@ -77,10 +77,7 @@ pub fn rotel_binary() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let out = Command::new("python3")
-        .args([
-            "-c",
-            "import rotel, os; print(os.path.dirname(rotel.__file__))",
-        ])
+        .args(["-c", "import rotel, os; print(os.path.dirname(rotel.__file__))"])
         .output()
         .context("running python3 to find the rotel package")?;
     if !out.status.success() {
@@ -111,10 +108,7 @@ fn pump(stream: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
             line.clear();
             match r.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => sink
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&line)),
+                Ok(_) => sink.lock().unwrap().push_str(&String::from_utf8_lossy(&line)),
             }
         }
     });
@@ -456,9 +450,7 @@ pub fn parse_debug_output(text: &str) -> Vec<ReceivedSpan> {
             };
             match section {
                 Section::Resource => open = Some((Target::Resource(k.to_string()), v.to_string())),
-                Section::SpanAttributes => {
-                    open = Some((Target::Attribute(k.to_string()), v.to_string()))
-                }
+                Section::SpanAttributes => open = Some((Target::Attribute(k.to_string()), v.to_string())),
                 _ => {}
             }
         } else if let Some((key, value)) = field_line(line) {
@@ -468,9 +460,7 @@ pub fn parse_debug_output(text: &str) -> Vec<ReceivedSpan> {
             let Some(s) = current.as_mut() else { continue };
             match key {
                 "Trace ID" => s.trace_id = value.trim().to_string(),
-                "Parent ID" => {
-                    s.parent_span_id = Some(value.trim().to_string()).filter(|v| !v.is_empty())
-                }
+                "Parent ID" => s.parent_span_id = Some(value.trim().to_string()).filter(|v| !v.is_empty()),
                 "ID" => s.span_id = value.trim().to_string(),
                 "Name" => open = Some((Target::Name, value.to_string())),
                 "Kind" => s.kind = kind_name(value),
@@ -569,10 +559,7 @@ End time: 1700000000024000000
         assert_eq!(s.trace_state, "rojo=00f067aa0ba902b7");
         assert_eq!(s.start_unix_ns, 1_700_000_000_000_000_000);
         assert_eq!(s.end_unix_ns, 1_700_000_000_847_000_000);
-        assert_eq!(
-            (s.status_code.as_str(), s.status_message.as_str()),
-            ("Error", "boom")
-        );
+        assert_eq!((s.status_code.as_str(), s.status_message.as_str()), ("Error", "boom"));
         assert_eq!(s.attributes["http.request.method"], "POST");
         assert_eq!(s.attributes["http.response.status_code"], "500");
         assert_eq!(s.attribute_types["http.response.status_code"], "Int");
@@ -581,10 +568,7 @@ End time: 1700000000024000000
         assert_eq!(s.resource["service.name"], "shop");
         assert_eq!(s.resource["process.pid"], "4121");
         assert_eq!(s.resource_types["process.pid"], "Int");
-        assert_eq!(
-            (s.scope_name.as_str(), s.scope_version.as_str()),
-            ("waybill", "0.1.0")
-        );
+        assert_eq!((s.scope_name.as_str(), s.scope_version.as_str()), ("waybill", "0.1.0"));
 
         let s = &spans[1];
         assert_eq!(s.parent_span_id.as_deref(), Some("00f067aa0ba902b7"));

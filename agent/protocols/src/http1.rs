@@ -41,10 +41,18 @@
 //! - Memory is proportional to captured bytes only (never to `total`); stored strings are capped at
 //!   [`MAX_FIELD_BYTES`].
 //!
+//! # Timestamps
+//! Every boundary is the `ts_ns` of the chunk holding the byte: a request starts at the chunk of its
+//! first byte and ends at the chunk of its last (body included); a response likewise, 1xx excluded.
+//! A close-delimited response ends at its last data chunk, not at the close. An exchange is emitted
+//! once both its request and its final response are complete (an early response waits for the
+//! request body), in request order.
+//!
 //! # Integration notes
-//! Chunks of both directions must be fed in the order the bytes travelled (by timestamp): the
-//! response side needs the request's method to frame a response (`HEAD`, `CONNECT`). A response
-//! that comes before any unanswered request is an orphan (counted, framed as if for `GET`,
+//! Chunks of both directions must be fed in the order the bytes travelled (by timestamp): a final
+//! response is paired, when its head ends, with the oldest unanswered request that began before it,
+//! and needs that request's method to be framed (`HEAD` responses have no body, `CONNECT` 2xx
+//! starts a tunnel). A response with no such request is an orphan (counted, framed as if for `GET`,
 //! discarded). Bytes moved without being captured (`sendfile`, `splice`) keep framing exact when
 //! reported as a chunk with empty `data` and the right `total`.
 
@@ -62,6 +70,8 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_FIELD_BYTES: usize = 4096;
 /// Longest method token accepted.
 const MAX_METHOD_LEN: usize = 24;
+/// Bytes of an unfinished start line checked as a prefix.
+const PREFIX_CHECK: usize = 64;
 /// Longest chunk extension / trailer section skipped inside a chunked body.
 const MAX_CHUNK_META: usize = 16 * 1024;
 
@@ -300,7 +310,11 @@ impl Http1Conn {
                     Phase::Start
                 } else {
                     let msg = Msg { last_ts: ts, ..msg };
-                    Phase::Lost { msg, chunked, approx: true }
+                    Phase::Lost {
+                        msg,
+                        chunked,
+                        approx: true,
+                    }
                 }
             }
             Phase::Body { msg, body }
@@ -359,7 +373,11 @@ impl Http1Conn {
                         Phase::Head(hb)
                     }
                 }
-                Phase::HeadTail { msg, mut at_line_start, framing } => {
+                Phase::HeadTail {
+                    msg,
+                    mut at_line_start,
+                    framing,
+                } => {
                     let msg = Msg { last_ts: ts, ..msg };
                     match scan_head_end(&data[pos..], &mut at_line_start) {
                         Some(n) => {
@@ -368,7 +386,11 @@ impl Http1Conn {
                         }
                         None => {
                             pos = data.len();
-                            Phase::HeadTail { msg, at_line_start, framing }
+                            Phase::HeadTail {
+                                msg,
+                                at_line_start,
+                                framing,
+                            }
                         }
                     }
                 }
@@ -382,7 +404,10 @@ impl Http1Conn {
                                 self.finish_msg(dir, msg, ts, false);
                                 Phase::Start
                             } else {
-                                Phase::Body { msg, body: Body::Length(rem - n) }
+                                Phase::Body {
+                                    msg,
+                                    body: Body::Length(rem - n),
+                                }
                             }
                         }
                         Body::Chunked(mut dec) => match dec.feed(&data[pos..]) {
@@ -393,17 +418,27 @@ impl Http1Conn {
                             }
                             Ok(None) => {
                                 pos = data.len();
-                                Phase::Body { msg, body: Body::Chunked(dec) }
+                                Phase::Body {
+                                    msg,
+                                    body: Body::Chunked(dec),
+                                }
                             }
                             Err(()) => {
                                 self.stats.parse_errors += 1;
                                 pos = data.len();
-                                Phase::Lost { msg, chunked: true, approx: true }
+                                Phase::Lost {
+                                    msg,
+                                    chunked: true,
+                                    approx: true,
+                                }
                             }
                         },
                         Body::UntilClose => {
                             pos = data.len();
-                            Phase::Body { msg, body: Body::UntilClose }
+                            Phase::Body {
+                                msg,
+                                body: Body::UntilClose,
+                            }
                         }
                     }
                 }
@@ -446,7 +481,10 @@ impl Http1Conn {
             Phase::Body { msg, body } => {
                 let msg = Msg { last_ts: ts, ..msg };
                 match body {
-                    Body::Length(rem) if n < rem => Phase::Body { msg, body: Body::Length(rem - n) },
+                    Body::Length(rem) if n < rem => Phase::Body {
+                        msg,
+                        body: Body::Length(rem - n),
+                    },
                     Body::Length(rem) => {
                         self.finish_msg(dir, msg, ts, false);
                         // Bytes past the body belong to a message whose head we did not see.
@@ -454,17 +492,29 @@ impl Http1Conn {
                     }
                     Body::Chunked(mut dec) => {
                         if dec.skip_uncaptured(n) {
-                            Phase::Body { msg, body: Body::Chunked(dec) }
+                            Phase::Body {
+                                msg,
+                                body: Body::Chunked(dec),
+                            }
                         } else {
-                            Phase::Lost { msg, chunked: true, approx: true }
+                            Phase::Lost {
+                                msg,
+                                chunked: true,
+                                approx: true,
+                            }
                         }
                     }
-                    Body::UntilClose => Phase::Body { msg, body: Body::UntilClose },
+                    Body::UntilClose => Phase::Body {
+                        msg,
+                        body: Body::UntilClose,
+                    },
                 }
             }
-            Phase::Lost { msg, chunked, approx } => {
-                Phase::Lost { msg: Msg { last_ts: ts, ..msg }, chunked, approx }
-            }
+            Phase::Lost { msg, chunked, approx } => Phase::Lost {
+                msg: Msg { last_ts: ts, ..msg },
+                chunked,
+                approx,
+            },
             p @ (Phase::Desync | Phase::Tunnel) => p,
         }
     }
@@ -503,13 +553,29 @@ impl Http1Conn {
                     let msg = Msg { seq: None, last_ts: ts };
                     return match end {
                         HeadEnd::Complete => Phase::Start,
-                        HeadEnd::Overflow => Phase::HeadTail { msg, at_line_start: hb.at_line_start, framing: Framing::None },
-                        HeadEnd::Truncated => Phase::Lost { msg, chunked: false, approx: false },
+                        HeadEnd::Overflow => Phase::HeadTail {
+                            msg,
+                            at_line_start: hb.at_line_start,
+                            framing: Framing::None,
+                        },
+                        HeadEnd::Truncated => Phase::Lost {
+                            msg,
+                            chunked: false,
+                            approx: false,
+                        },
                     };
                 }
-                let seq = if self.next_resp_seq < self.next_req_seq {
+                // A response answers the oldest unanswered request, which must have begun before it.
+                let next = self.next_resp_seq;
+                let answerable = next < self.next_req_seq
+                    && self
+                        .pending
+                        .iter()
+                        .find(|p| p.seq == next)
+                        .is_none_or(|p| p.req_start <= hb.start_ts);
+                let seq = if answerable {
                     self.next_resp_seq += 1;
-                    Some(self.next_resp_seq - 1)
+                    Some(next)
                 } else {
                     self.stats.orphan_responses += 1;
                     None
@@ -521,11 +587,12 @@ impl Http1Conn {
                 let framing = head.response_framing(is_head, is_connect);
                 let resp = head.into_response(truncated);
                 let seq = seq.filter(|&s| {
-                    self.pending_mut(s).map(|p| {
-                        p.response = Some(resp);
-                        p.resp_start = hb.start_ts;
-                    })
-                    .is_some()
+                    self.pending_mut(s)
+                        .map(|p| {
+                            p.response = Some(resp);
+                            p.resp_start = hb.start_ts;
+                        })
+                        .is_some()
                 });
                 (seq, framing)
             }
@@ -533,8 +600,16 @@ impl Http1Conn {
         let msg = Msg { seq, last_ts: ts };
         match end {
             HeadEnd::Complete => self.enter_body(dir, msg, framing, ts),
-            HeadEnd::Overflow => Phase::HeadTail { msg, at_line_start: hb.at_line_start, framing },
-            HeadEnd::Truncated => Phase::Lost { msg, chunked: framing == Framing::Chunked, approx: false },
+            HeadEnd::Overflow => Phase::HeadTail {
+                msg,
+                at_line_start: hb.at_line_start,
+                framing,
+            },
+            HeadEnd::Truncated => Phase::Lost {
+                msg,
+                chunked: framing == Framing::Chunked,
+                approx: false,
+            },
         }
     }
 
@@ -544,10 +619,23 @@ impl Http1Conn {
                 self.finish_msg(dir, msg, ts, false);
                 Phase::Start
             }
-            Framing::Length(n) => Phase::Body { msg, body: Body::Length(n) },
-            Framing::Chunked => Phase::Body { msg, body: Body::Chunked(ChunkedDecoder::default()) },
-            Framing::UntilClose => Phase::Body { msg, body: Body::UntilClose },
-            Framing::Unknown => Phase::Lost { msg, chunked: false, approx: true },
+            Framing::Length(n) => Phase::Body {
+                msg,
+                body: Body::Length(n),
+            },
+            Framing::Chunked => Phase::Body {
+                msg,
+                body: Body::Chunked(ChunkedDecoder::default()),
+            },
+            Framing::UntilClose => Phase::Body {
+                msg,
+                body: Body::UntilClose,
+            },
+            Framing::Unknown => Phase::Lost {
+                msg,
+                chunked: false,
+                approx: true,
+            },
             Framing::Tunnel => {
                 self.finish_msg(dir, msg, ts, false);
                 self.req.phase = Phase::Tunnel;
@@ -599,7 +687,12 @@ impl Http1Conn {
                     p.approximate |= approx;
                 }
                 // A request whose end could not be framed is over once it is answered.
-                if let Phase::Lost { msg: rmsg, approx: rapprox, .. } = self.req.phase {
+                if let Phase::Lost {
+                    msg: rmsg,
+                    approx: rapprox,
+                    ..
+                } = self.req.phase
+                {
                     if rmsg.seq == Some(seq) {
                         self.req.phase = Phase::Desync;
                         if let Some(p) = self.pending_mut(seq) {
@@ -623,7 +716,10 @@ struct Side {
 
 impl Side {
     fn new() -> Self {
-        Side { phase: Phase::Start, started: false }
+        Side {
+            phase: Phase::Start,
+            started: false,
+        }
     }
 }
 
@@ -642,10 +738,21 @@ enum Phase {
     /// Accumulating a head.
     Head(HeadBuf),
     /// The head overflowed [`MAX_HEAD_BYTES`]: the message exists; scanning for the end of its head.
-    HeadTail { msg: Msg, at_line_start: bool, framing: Framing },
-    Body { msg: Msg, body: Body },
+    HeadTail {
+        msg: Msg,
+        at_line_start: bool,
+        framing: Framing,
+    },
+    Body {
+        msg: Msg,
+        body: Body,
+    },
     /// Framing lost: the message ends before the next chunk that begins with a start line.
-    Lost { msg: Msg, chunked: bool, approx: bool },
+    Lost {
+        msg: Msg,
+        chunked: bool,
+        approx: bool,
+    },
     /// Skipping until a chunk that begins with a start line.
     Desync,
     /// No longer HTTP (after 101 / CONNECT).
@@ -703,7 +810,11 @@ impl Pending {
             request: self.request,
             response: self.response,
             request_start_ns: self.req_start,
-            request_end_ns: if self.req_done { self.req_end } else { fallback_ts.max(self.req_end) },
+            request_end_ns: if self.req_done {
+                self.req_end
+            } else {
+                fallback_ts.max(self.req_end)
+            },
             response_start_ns: if has_resp { self.resp_start } else { 0 },
             response_end_ns: match (has_resp, self.resp_done) {
                 (false, _) => 0,
@@ -726,6 +837,8 @@ struct HeadBuf {
     /// Index of the first '\n', once seen.
     first_line_end: Option<usize>,
     line_ok: bool,
+    /// The first [`PREFIX_CHECK`] bytes of the start line passed the check.
+    prefix_ok: bool,
     /// Started on the first chunk of a stream: may be mid-message, be strict and quiet.
     tentative: bool,
 }
@@ -739,6 +852,7 @@ impl HeadBuf {
             at_line_start: false,
             first_line_end: None,
             line_ok: false,
+            prefix_ok: false,
             tentative,
         }
     }
@@ -771,19 +885,23 @@ impl HeadBuf {
         (n, end.is_some())
     }
 
-    /// Check the start line as far as it is buffered (cheap: full check once, when it ends).
+    /// Check the start line as far as it is buffered. Cheap: the first [`PREFIX_CHECK`] bytes are
+    /// checked until that many are buffered, and the whole line once, when it ends.
     fn check_start(&mut self, dir: FlowDir) -> LineCheck {
         if self.line_ok {
             return LineCheck::Valid;
         }
-        let r = match self.first_line_end {
-            Some(e) => check_line(dir, &self.buf[..e], true, self.tentative),
-            None if self.buf.len() <= 64 => check_line(dir, &self.buf, false, self.tentative),
-            None => LineCheck::Partial,
-        };
-        if r == LineCheck::Valid && self.first_line_end.is_some() {
-            self.line_ok = true;
+        if let Some(e) = self.first_line_end {
+            let r = check_line(dir, &self.buf[..e], true, self.tentative);
+            self.line_ok = r == LineCheck::Valid;
+            return r;
         }
+        if self.prefix_ok {
+            return LineCheck::Partial;
+        }
+        let n = self.buf.len().min(PREFIX_CHECK);
+        let r = check_line(dir, &self.buf[..n], false, self.tentative);
+        self.prefix_ok = r != LineCheck::Invalid && n == PREFIX_CHECK;
         r
     }
 }
@@ -813,17 +931,30 @@ fn ends_with_last_chunk(data: &[u8]) -> bool {
 #[derive(Debug, Clone)]
 enum ChunkedDecoder {
     /// Reading a chunk-size line; `meta` counts extension bytes.
-    Size { value: u64, digits: u8, ext: bool, meta: usize },
+    Size {
+        value: u64,
+        digits: u8,
+        ext: bool,
+        meta: usize,
+    },
     Data(u64),
     /// Expecting the CRLF after chunk data.
     DataEnd,
     /// Reading trailer lines after the last chunk.
-    Trailer { line_empty: bool, meta: usize },
+    Trailer {
+        line_empty: bool,
+        meta: usize,
+    },
 }
 
 impl Default for ChunkedDecoder {
     fn default() -> Self {
-        ChunkedDecoder::Size { value: 0, digits: 0, ext: false, meta: 0 }
+        ChunkedDecoder::Size {
+            value: 0,
+            digits: 0,
+            ext: false,
+            meta: 0,
+        }
     }
 }
 
@@ -834,14 +965,22 @@ impl ChunkedDecoder {
         while i < data.len() {
             let b = data[i];
             match self {
-                ChunkedDecoder::Size { value, digits, ext, meta } => {
+                ChunkedDecoder::Size {
+                    value,
+                    digits,
+                    ext,
+                    meta,
+                } => {
                     match b {
                         b'\n' => {
                             if *digits == 0 {
                                 return Err(());
                             }
                             *self = if *value == 0 {
-                                ChunkedDecoder::Trailer { line_empty: true, meta: 0 }
+                                ChunkedDecoder::Trailer {
+                                    line_empty: true,
+                                    meta: 0,
+                                }
                             } else {
                                 ChunkedDecoder::Data(*value)
                             };
@@ -963,13 +1102,18 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Method tokens are case-sensitive and, in practice, upper-case words (`M-SEARCH`, `VERSION-CONTROL`).
+fn is_method_char(b: u8) -> bool {
+    b.is_ascii_uppercase() || b == b'-' || b == b'_'
+}
+
 /// `line`: the first line without its '\n' (`complete`) or all of it seen so far.
 fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineCheck {
     use LineCheck::*;
     let line = if complete { strip_cr(line) } else { line };
     let sp = line.iter().position(|&b| b == b' ');
     let method = &line[..sp.unwrap_or(line.len())];
-    if method.len() > MAX_METHOD_LEN || !method.iter().all(|&b| is_tchar(b)) {
+    if method.len() > MAX_METHOD_LEN || !method.iter().all(|&b| is_method_char(b)) {
         return Invalid;
     }
     let Some(sp) = sp else {
@@ -986,12 +1130,25 @@ fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineChec
     let Some(&first) = rest.first() else {
         return if complete { Invalid } else { Partial };
     };
-    if !(first == b'/' || first == b'*' || first.is_ascii_alphanumeric()) {
-        return Invalid;
-    }
     let tsp = rest.iter().position(|&b| b == b' ');
     let target = &rest[..tsp.unwrap_or(rest.len())];
     if !target.iter().all(|&b| b > b' ' && b != 0x7f) {
+        return Invalid;
+    }
+    // origin-form, `*`, or absolute-/authority-form (`scheme:` / `host:port`, maybe not captured yet).
+    let target_ok = match first {
+        b'/' => true,
+        b'*' => target.len() == 1,
+        c if c.is_ascii_alphanumeric() => {
+            let head_len = target
+                .iter()
+                .take_while(|&&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                .count();
+            target.get(head_len) == Some(&b':') || (head_len == target.len() && tsp.is_none() && !complete)
+        }
+        _ => false,
+    };
+    if !target_ok {
         return Invalid;
     }
     let Some(tsp) = tsp else {
@@ -1002,7 +1159,11 @@ fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineChec
     if complete {
         return if parse_version(ver).is_some() { Valid } else { Invalid };
     }
-    let ver = if ver.len() == 9 { ver.strip_suffix(b"\r").unwrap_or(ver) } else { ver };
+    let ver = if ver.len() == 9 {
+        ver.strip_suffix(b"\r").unwrap_or(ver)
+    } else {
+        ver
+    };
     if version_prefix_ok(ver) { Valid } else { Invalid }
 }
 
@@ -1087,7 +1248,11 @@ struct Head {
 impl Head {
     fn request_framing(&self) -> Framing {
         if self.te_present {
-            if self.te_chunked { Framing::Chunked } else { Framing::Unknown }
+            if self.te_chunked {
+                Framing::Chunked
+            } else {
+                Framing::Unknown
+            }
         } else if self.bad_framing {
             Framing::Unknown
         } else {
@@ -1105,7 +1270,11 @@ impl Head {
         } else if is_head || s < 200 || s == 204 || s == 304 {
             Framing::None
         } else if self.te_present {
-            if self.te_chunked { Framing::Chunked } else { Framing::UntilClose }
+            if self.te_chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            }
         } else if self.bad_framing {
             Framing::Unknown
         } else {
@@ -1172,7 +1341,8 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head> {
     let first = if first_complete { strip_cr(first) } else { first };
     match dir {
         FlowDir::ToServer => {
-            if check_request_line(first, first_complete, false) != LineCheck::Valid {
+            // A cut start line is only believed with a known method.
+            if check_request_line(first, first_complete, !first_complete) != LineCheck::Valid {
                 return None;
             }
             let mut parts = first.splitn(3, |&b| b == b' ');
@@ -1278,7 +1448,11 @@ fn split_target(method: &str, target: &str) -> (String, Option<String>, Option<S
         Some((p, q)) => (p, Some(q)),
         None => (rest, None),
     };
-    let path = if path.is_empty() && authority.is_some() { "/" } else { path };
+    let path = if path.is_empty() && authority.is_some() {
+        "/"
+    } else {
+        path
+    };
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
     (path.to_string(), query, authority)
 }
@@ -1376,7 +1550,12 @@ mod tests {
             (b"\x16\x03\x01\x02\x00", false, true, Invalid),
         ];
         for (line, complete, known, want) in cases {
-            assert_eq!(check_request_line(line, *complete, *known), *want, "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                check_request_line(line, *complete, *known),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
@@ -1397,7 +1576,12 @@ mod tests {
             (b"X", false, Invalid),
         ];
         for (line, complete, want) in cases {
-            assert_eq!(check_status_line(line, *complete), *want, "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                check_status_line(line, *complete),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 

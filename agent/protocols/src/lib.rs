@@ -8,6 +8,10 @@
 
 pub mod http1;
 pub mod redact;
+pub mod db;
+pub mod postgres;
+pub mod redis;
+pub mod sql;
 
 /// Which way bytes travelled on a connection, independent of which end Waybill watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

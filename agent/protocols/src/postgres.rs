@@ -64,7 +64,6 @@ const MAX_PORTALS: usize = 64;
 const MAX_MSG: usize = 1 << 30;
 /// Untyped startup-phase packets (PostgreSQL caps them at 10000 bytes).
 const MAX_STARTUP: usize = 10_000;
-const PROTO_V3: u32 = 196_608;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
@@ -478,10 +477,10 @@ fn keep_rule(dir: FlowDir, ty: u8) -> Keep {
 struct Msg {
     /// 0 for an untyped (startup-phase) packet.
     ty: u8,
+    /// The framer resynchronised earlier in the chunk that completed this message.
+    after_resync: bool,
     /// Kept prefix of the body.
     body: Vec<u8>,
-    /// Some body bytes were not captured or not kept.
-    partial: bool,
     start_ts: u64,
     end_ts: u64,
 }
@@ -516,6 +515,10 @@ struct Framer {
     state: FState,
     /// The state went Lost after the stream had been in sync (not the initial unknown).
     lost_after_sync: bool,
+    /// Set while feeding a chunk in which a resync happened.
+    resynced_now: bool,
+    parse_errors: u64,
+    resyncs: u64,
 }
 
 #[derive(Default)]
@@ -531,6 +534,9 @@ impl Framer {
             untyped: false,
             state: FState::Lost,
             lost_after_sync: false,
+            resynced_now: false,
+            parse_errors: 0,
+            resyncs: 0,
         }
     }
 
@@ -560,11 +566,11 @@ impl Framer {
         data: &[u8],
         mut gap: usize,
         ts: u64,
-        stats: &mut ParserStats,
         sink: &mut dyn FnMut(Msg) -> Next,
     ) -> FeedOutcome {
         let mut res = FeedOutcome::default();
         let mut i = 0usize;
+        self.resynced_now = false;
         loop {
             match &mut self.state {
                 FState::Lost => {
@@ -576,8 +582,9 @@ impl Framer {
                             i += o;
                             self.untyped = false;
                             self.synced();
-                            stats.resyncs += 1;
+                            self.resyncs += 1;
                             res.resynced = true;
+                            self.resynced_now = true;
                         }
                         None => break,
                     }
@@ -614,7 +621,7 @@ impl Framer {
                         valid_type(self.dir, ty) && len >= lo && len <= hi
                     };
                     if !ok {
-                        stats.parse_errors += 1;
+                        self.parse_errors += 1;
                         self.lose(&mut res);
                         // Re-scan from just after the bad header's first byte when it was all
                         // in this chunk.
@@ -706,8 +713,8 @@ impl Framer {
         let b = *b;
         let msg = Msg {
             ty: b.ty,
+            after_resync: self.resynced_now,
             body: b.body,
-            partial: b.partial,
             start_ts: b.start_ts,
             end_ts: ts,
         };
@@ -958,7 +965,10 @@ impl PgConn {
     }
 
     pub fn stats(&self) -> ParserStats {
-        self.st.stats
+        let mut s = self.st.stats;
+        s.parse_errors += self.fe.parse_errors + self.be.parse_errors;
+        s.resyncs += self.fe.resyncs + self.be.resyncs;
+        s
     }
 
     pub fn feed(&mut self, c: Chunk<'_>, out: &mut Vec<DbCall>) {
@@ -985,7 +995,7 @@ impl PgConn {
                     }
                 }
                 st.be_lost = self.be.is_lost() && self.be.lost_after_sync;
-                let r = self.fe.feed(data, gap, c.ts_ns, &mut st.stats, &mut |m| {
+                let r = self.fe.feed(data, gap, c.ts_ns, &mut |m| {
                     st.on_frontend(m, out)
                 });
                 if r.lost || r.resynced {
@@ -1013,7 +1023,7 @@ impl PgConn {
                         }
                     }
                 }
-                let r = self.be.feed(data, gap, c.ts_ns, &mut st.stats, &mut |m| {
+                let r = self.be.feed(data, gap, c.ts_ns, &mut |m| {
                     st.on_backend(m, out);
                     Next::Same
                 });
@@ -1030,3 +1040,446 @@ impl PgConn {
     }
 }
 
+
+fn tag_rows(body: &[u8]) -> Option<u64> {
+    let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
+    let tag = std::str::from_utf8(&body[..end]).ok()?;
+    let mut words = tag.split_ascii_whitespace();
+    let verb = words.next()?;
+    if !matches!(
+        verb,
+        "INSERT" | "SELECT" | "UPDATE" | "DELETE" | "MERGE" | "FETCH" | "MOVE" | "COPY"
+    ) {
+        return None;
+    }
+    words.last()?.parse().ok()
+}
+
+/// (SQLSTATE, redacted error message) from an ErrorResponse body.
+fn parse_error(body: &[u8]) -> (Option<String>, String) {
+    let (mut sev_v, mut sev_s, mut code, mut msg) = (None, None, None, None);
+    let mut p = 0;
+    while let Some(&t) = body.get(p) {
+        if t == 0 {
+            break;
+        }
+        p += 1;
+        let Some(v) = cstr(body, &mut p) else {
+            // Truncated field: only the message may be usable (it is redacted anyway).
+            if t == b'M' {
+                msg = Some(&body[p..]);
+            }
+            break;
+        };
+        match t {
+            b'V' => sev_v = Some(v),
+            b'S' => sev_s = Some(v),
+            b'C' => code = Some(v),
+            b'M' => msg = Some(v),
+            _ => {}
+        }
+    }
+    let word = |v: Option<&[u8]>| {
+        v.filter(|v| !v.is_empty() && v.len() <= 16 && v.iter().all(u8::is_ascii_alphanumeric))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let code = word(code);
+    let sev = word(sev_v)
+        .or_else(|| word(sev_s))
+        .unwrap_or_else(|| "ERROR".into());
+    let mut e = sev;
+    if let Some(c) = &code {
+        e.push(' ');
+        e.push_str(c);
+    }
+    let user_raised = code.as_deref().is_some_and(|c| c.starts_with("P0"));
+    if let (Some(m), false) = (msg, user_raised) {
+        let m = redact_message(m, 160);
+        if !m.is_empty() {
+            e.push_str(": ");
+            e.push_str(&m);
+        }
+    }
+    (code, e)
+}
+
+fn name_of(body: &[u8], p: &mut usize) -> Option<Vec<u8>> {
+    cstr(body, p).map(<[u8]>::to_vec)
+}
+
+impl State {
+    fn emit(&mut self, acc: Box<Acc>, end_ns: u64, approximate: bool, out: &mut Vec<DbCall>) {
+        let acc = *acc;
+        let mut c = DbCall::new(DbSystem::Postgresql, acc.start_ns);
+        if let Some(i) = &acc.info {
+            c.operation = i.operation.clone();
+            c.collection = i.collection.clone();
+            c.query_text = i.query_text.clone();
+            c.summary = i.summary.clone();
+            c.batch_size = i.batch_size;
+        }
+        c.namespace = self.namespace.clone();
+        c.status_code = acc.status;
+        c.error_message = acc.error;
+        c.rows = acc.rows;
+        c.end_ns = end_ns.max(acc.start_ns);
+        c.approximate = approximate || self.uncertain;
+        out.push(c);
+    }
+
+    fn push(&mut self, e: Expect) {
+        let boundary = matches!(e, Expect::Sync | Expect::Simple(_) | Expect::Func);
+        if self.dropping || self.queue.len() >= MAX_INFLIGHT {
+            if matches!(e, Expect::Simple(_) | Expect::Execute(_)) {
+                self.stats.dropped += 1;
+            }
+            self.dropping = true;
+            if boundary {
+                match self.queue.back_mut() {
+                    Some(Expect::Skip(n)) => *n = n.saturating_add(1),
+                    _ => self.queue.push_back(Expect::Skip(1)),
+                }
+                self.dropping = false;
+            }
+            return;
+        }
+        self.queue.push_back(e);
+    }
+
+    /// Emit every outstanding call as approximate, ending at `ts`, and forget the rest.
+    fn flush_all(&mut self, ts: u64, out: &mut Vec<DbCall>) {
+        while let Some(e) = self.queue.pop_front() {
+            if let Expect::Simple(a) | Expect::Execute(a) = e {
+                self.emit(a, ts, true, out);
+            }
+        }
+        self.call_start = None;
+        self.discard_until_sync = false;
+        self.dropping = false;
+        self.uncertain = false;
+    }
+
+    fn on_startup(&mut self, m: Msg) -> Next {
+        if m.body.len() < 4 {
+            return Next::Same;
+        }
+        match be32(&m.body) {
+            SSL_REQUEST | GSSENC_REQUEST => {
+                self.phase = Phase::AwaitEncAnswer;
+                Next::Untyped
+            }
+            c if c >> 16 == 3 => {
+                let (mut db, mut user) = (None, None);
+                let mut p = 4;
+                while let (Some(k), Some(v)) = (cstr(&m.body, &mut p), cstr(&m.body, &mut p)) {
+                    if k.is_empty() {
+                        break;
+                    }
+                    let ok = !v.is_empty() && v.len() <= 128 && printable(v);
+                    match k {
+                        b"database" if ok => db = Some(v),
+                        b"user" if ok => user = Some(v),
+                        _ => {}
+                    }
+                }
+                self.namespace = db
+                    .or(user)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                self.phase = Phase::Running;
+                Next::Typed
+            }
+            // CancelRequest, protocol 2, garbage: nothing to report on this connection.
+            _ => {
+                self.phase = Phase::Dead;
+                Next::Same
+            }
+        }
+    }
+
+    fn lookup_stmt(&mut self, name: &[u8]) -> Option<Arc<StmtInfo>> {
+        if name.is_empty() {
+            self.unnamed_stmt.clone()
+        } else {
+            self.statements.get(name)
+        }
+    }
+
+    fn lookup_portal(&mut self, name: &[u8]) -> Option<Arc<StmtInfo>> {
+        if name.is_empty() {
+            self.unnamed_portal.clone()
+        } else {
+            self.portals.get(name)
+        }
+    }
+
+    fn on_frontend(&mut self, m: Msg, out: &mut Vec<DbCall>) -> Next {
+        if m.ty == 0 {
+            return match self.phase {
+                Phase::Startup | Phase::AwaitEncAnswer | Phase::Initial => self.on_startup(m),
+                _ => Next::Typed,
+            };
+        }
+        if self.phase == Phase::Dead {
+            return Next::Same;
+        }
+        self.phase = Phase::Running;
+        if m.after_resync {
+            self.uncertain = true;
+        }
+        let ty = m.ty;
+        let requesty = matches!(ty, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'F' | b'S');
+        if requesty {
+            if self.group_closed && self.be_lost && !self.queue.is_empty() {
+                // The responses to what is outstanding were (partly) lost: clients wait for
+                // ReadyForQuery before a new group unless pipelining, so close them now.
+                let ts = self.last_be_ts;
+                self.flush_all(ts, out);
+                self.uncertain = true;
+            }
+            self.group_closed = matches!(ty, b'Q' | b'S' | b'F');
+        }
+        if self.discard_until_sync && ty != b'S' {
+            return Next::Same;
+        }
+        let body = &m.body[..];
+        match ty {
+            b'Q' => {
+                let info = Arc::new(stmt_info(&sql_text(body)));
+                self.call_start = None;
+                self.push(Expect::Simple(Acc::new(Some(info), m.start_ts)));
+            }
+            b'P' => {
+                let start = *self.call_start.get_or_insert(m.start_ts);
+                let mut p = 0;
+                let info = name_of(body, &mut p).map(|name| {
+                    let info = Arc::new(stmt_info(&sql_text(&body[p..])));
+                    if name.is_empty() {
+                        self.unnamed_stmt = Some(info.clone());
+                    } else {
+                        self.statements.put(&name, info.clone());
+                    }
+                    info
+                });
+                self.push(Expect::Parse(info, start));
+            }
+            b'B' => {
+                let start = *self.call_start.get_or_insert(m.start_ts);
+                let mut p = 0;
+                let portal = name_of(body, &mut p);
+                let stmt = name_of(body, &mut p);
+                let info = stmt.and_then(|s| self.lookup_stmt(&s));
+                match portal {
+                    Some(n) if n.is_empty() => self.unnamed_portal = info.clone(),
+                    Some(n) => match &info {
+                        Some(i) => self.portals.put(&n, i.clone()),
+                        None => self.portals.remove(&n),
+                    },
+                    None => {}
+                }
+                self.push(Expect::Bind(info, start));
+            }
+            b'D' => {
+                let start = *self.call_start.get_or_insert(m.start_ts);
+                let mut p = 1;
+                let info = match (body.first(), name_of(body, &mut p)) {
+                    (Some(b'S'), Some(n)) => self.lookup_stmt(&n),
+                    (Some(b'P'), Some(n)) => self.lookup_portal(&n),
+                    _ => None,
+                };
+                self.push(Expect::Describe(info, start));
+            }
+            b'E' => {
+                let start = self.call_start.take().unwrap_or(m.start_ts);
+                let mut p = 0;
+                let info = name_of(body, &mut p).and_then(|n| self.lookup_portal(&n));
+                self.push(Expect::Execute(Acc::new(info, start)));
+            }
+            b'C' => {
+                self.call_start.get_or_insert(m.start_ts);
+                let mut p = 1;
+                match (body.first(), name_of(body, &mut p)) {
+                    (Some(b'S'), Some(n)) if n.is_empty() => self.unnamed_stmt = None,
+                    (Some(b'S'), Some(n)) => self.statements.remove(&n),
+                    (Some(b'P'), Some(n)) if n.is_empty() => self.unnamed_portal = None,
+                    (Some(b'P'), Some(n)) => self.portals.remove(&n),
+                    _ => {}
+                }
+                self.push(Expect::Close);
+            }
+            b'S' => {
+                self.call_start = None;
+                self.discard_until_sync = false;
+                self.push(Expect::Sync);
+            }
+            b'F' => {
+                self.call_start = None;
+                self.push(Expect::Func);
+            }
+            // Flush, CopyData/CopyDone/CopyFail, Terminate, password/SASL/GSS (never read).
+            _ => {}
+        }
+        Next::Same
+    }
+
+    fn pop_if(&mut self, f: impl Fn(&Expect) -> bool) {
+        match self.queue.front() {
+            Some(e) if f(e) => {
+                self.queue.pop_front();
+            }
+            Some(Expect::Skip(_)) => {}
+            None if self.uncertain => {}
+            _ => {
+                self.stats.unmatched += 1;
+                self.uncertain = true;
+            }
+        }
+    }
+
+    fn on_backend(&mut self, m: Msg, out: &mut Vec<DbCall>) {
+        if self.phase == Phase::Dead {
+            return;
+        }
+        if m.after_resync {
+            self.uncertain = true;
+        }
+        let end = m.end_ts;
+        match m.ty {
+            b'T' => {
+                if let Some(Expect::Describe(..)) = self.queue.front() {
+                    self.queue.pop_front();
+                }
+            }
+            b'n' => self.pop_if(|e| matches!(e, Expect::Describe(..))),
+            b'1' => self.pop_if(|e| matches!(e, Expect::Parse(..))),
+            b'2' => self.pop_if(|e| matches!(e, Expect::Bind(..))),
+            b'3' => self.pop_if(|e| matches!(e, Expect::Close)),
+            b'D' => {
+                if let Some(Expect::Simple(a) | Expect::Execute(a)) = self.queue.front_mut() {
+                    a.data_rows += 1;
+                }
+            }
+            b'C' | b'I' | b's' => {
+                let rows = if m.ty == b'C' { tag_rows(&m.body) } else { None };
+                match self.queue.front_mut() {
+                    Some(Expect::Simple(a)) => {
+                        if let Some(r) = rows {
+                            a.rows = Some(a.rows.unwrap_or(0).saturating_add(r));
+                        }
+                    }
+                    Some(Expect::Execute(_)) => {
+                        let Some(Expect::Execute(mut a)) = self.queue.pop_front() else {
+                            return;
+                        };
+                        a.rows = match m.ty {
+                            b'C' => rows,
+                            b's' => Some(a.data_rows),
+                            _ => None,
+                        };
+                        self.emit(a, end, false, out);
+                    }
+                    Some(Expect::Skip(_)) => {}
+                    _ => self.stats.unmatched += 1,
+                }
+            }
+            b'E' => self.on_error(&m.body, end, out),
+            b'Z' => self.on_ready(end, out),
+            // Async and informational messages, COPY traffic, auth, key data.
+            _ => {}
+        }
+    }
+
+    fn on_error(&mut self, body: &[u8], end: u64, out: &mut Vec<DbCall>) {
+        let (status, error) = parse_error(body);
+        match self.queue.front_mut() {
+            Some(Expect::Simple(a)) => {
+                if a.error.is_none() {
+                    a.status = status;
+                    a.error = Some(error);
+                }
+            }
+            Some(Expect::Execute(_)) => {
+                if let Some(Expect::Execute(mut a)) = self.queue.pop_front() {
+                    a.status = status;
+                    a.error = Some(error);
+                    self.emit(a, end, false, out);
+                }
+                self.discard_to_sync();
+            }
+            Some(Expect::Parse(info, start) | Expect::Bind(info, start) | Expect::Describe(info, start)) => {
+                let fallback = Acc::new(info.clone(), *start);
+                let group_end = self
+                    .queue
+                    .iter()
+                    .position(|e| matches!(e, Expect::Sync | Expect::Skip(_)))
+                    .unwrap_or(self.queue.len());
+                let exec = self
+                    .queue
+                    .iter()
+                    .take(group_end)
+                    .position(|e| matches!(e, Expect::Execute(_)));
+                let mut a = match exec.and_then(|k| self.queue.remove(k)) {
+                    Some(Expect::Execute(a)) => a,
+                    _ => fallback,
+                };
+                a.status = status;
+                a.error = Some(error);
+                self.emit(a, end, false, out);
+                self.discard_to_sync();
+            }
+            Some(Expect::Close) => self.discard_to_sync(),
+            // Commit-time errors at Sync, function-call errors, untracked or unsolicited
+            // (e.g. FATAL on shutdown, authentication failure).
+            _ => {}
+        }
+    }
+
+    /// After an extended-protocol error the server skips everything up to the next Sync.
+    fn discard_to_sync(&mut self) {
+        while let Some(e) = self.queue.front() {
+            if matches!(e, Expect::Sync | Expect::Skip(_)) {
+                return;
+            }
+            self.queue.pop_front();
+        }
+        self.discard_until_sync = true;
+    }
+
+    fn on_ready(&mut self, end: u64, out: &mut Vec<DbCall>) {
+        match self.queue.front_mut() {
+            None => {}
+            Some(Expect::Simple(_)) => {
+                if let Some(Expect::Simple(a)) = self.queue.pop_front() {
+                    self.emit(a, end, false, out);
+                }
+            }
+            Some(Expect::Sync | Expect::Func) => {
+                self.queue.pop_front();
+            }
+            Some(Expect::Skip(n)) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.queue.pop_front();
+                }
+            }
+            Some(_) => {
+                // Out of step (lost bytes): this Z ends the first group.
+                self.stats.unmatched += 1;
+                while let Some(e) = self.queue.pop_front() {
+                    match e {
+                        Expect::Sync | Expect::Func => break,
+                        Expect::Simple(a) => {
+                            self.emit(a, end, true, out);
+                            break;
+                        }
+                        Expect::Execute(a) => self.emit(a, end, true, out),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if self.queue.is_empty() {
+            self.uncertain = false;
+            self.discard_until_sync = false;
+        }
+    }
+}

@@ -105,16 +105,14 @@ fn percent_decode_lossy(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match (hex_val(b[i + 1]), hex_val(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -147,7 +145,10 @@ mod tests {
             ("apiKey=zzz&q=rust", "apiKey=REDACTED&q=rust"),
             ("password=hunter2&user=bob", "password=REDACTED&user=bob"),
             ("passwd=x", "passwd=REDACTED"),
-            ("X-Amz-Signature=deadbeef&X-Amz-Date=20240101", "X-Amz-Signature=REDACTED&X-Amz-Date=20240101"),
+            (
+                "X-Amz-Signature=deadbeef&X-Amz-Date=20240101",
+                "X-Amz-Signature=REDACTED&X-Amz-Date=20240101",
+            ),
             ("sig=1&sigma=2", "sig=REDACTED&sigma=REDACTED"),
             ("code=4/0AX&state=xyz", "code=REDACTED&state=xyz"),
             ("session_id=1", "session_id=REDACTED"),

@@ -308,15 +308,12 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0usize;
     let mut meaningful = false;
-    let mut push = |from: usize, to: usize, meaningful: bool, out: &mut Vec<&str>| {
-        if meaningful {
-            out.push(sql[from..to].trim());
-        }
-    };
     for t in &toks {
         match t.kind {
             Kind::Punct if &sql[t.span.clone()] == ";" => {
-                push(start, t.span.start, meaningful, &mut out);
+                if meaningful {
+                    out.push(sql[start..t.span.start].trim());
+                }
                 start = t.span.end;
                 meaningful = false;
             }
@@ -324,7 +321,9 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
             _ => meaningful = true,
         }
     }
-    push(start, sql.len(), meaningful, &mut out);
+    if meaningful {
+        out.push(sql[start..].trim());
+    }
     out
 }
 
@@ -405,7 +404,7 @@ impl<'a> Sig<'a> {
 
     /// A (possibly qualified) table name starting at `i`, skipping `ONLY`/`LATERAL`/`IF [NOT]
     /// EXISTS`. `None` if what follows is not a name (a subquery, a function call, a literal).
-    fn name_at(&self, mut i: usize) -> Option<String> {
+    fn name_at(&self, mut i: usize, allow_paren: bool) -> Option<String> {
         loop {
             if self.is_any(i, &["ONLY", "LATERAL"]) {
                 i += 1;
@@ -436,7 +435,7 @@ impl<'a> Sig<'a> {
             name.push_str(self.text(j + 1));
             j += 2;
         }
-        if self.is_punct(j, "(") {
+        if !allow_paren && self.is_punct(j, "(") {
             return None; // function call (unnest(...), generate_series(...))
         }
         if name.len() > 128 {
@@ -446,13 +445,15 @@ impl<'a> Sig<'a> {
     }
 
     /// First table following one of `kws` at or after `from`, shallowest nesting first.
-    fn table_after(&self, from: usize, kws: &[&str]) -> Option<String> {
+    fn table_after(&self, from: usize, kws: &[&str], allow_paren: bool) -> Option<String> {
         let mut cands: Vec<(u32, usize)> = (from..self.toks.len())
             .filter(|&i| self.is_any(i, kws))
             .map(|i| (self.depth(i), i))
             .collect();
         cands.sort();
-        cands.into_iter().find_map(|(_, i)| self.name_at(i + 1))
+        cands
+            .into_iter()
+            .find_map(|(_, i)| self.name_at(i + 1, allow_paren))
     }
 }
 
@@ -495,20 +496,20 @@ pub fn describe(sql: &str) -> (Option<String>, Option<String>, String) {
         }
     }
     let collection = match op.as_str() {
-        "SELECT" => s.table_after(i + 1, &["FROM", "JOIN"]),
-        "INSERT" | "MERGE" | "REPLACE" | "UPSERT" => s.table_after(i + 1, &["INTO"]),
-        "DELETE" => s.table_after(i + 1, &["FROM"]),
-        "UPDATE" | "TABLE" => s.name_at(i + 1),
+        "SELECT" => s.table_after(i + 1, &["FROM", "JOIN"], false),
+        "INSERT" | "MERGE" | "REPLACE" | "UPSERT" => s.table_after(i + 1, &["INTO"], true),
+        "DELETE" => s.table_after(i + 1, &["FROM"], false),
+        "UPDATE" | "TABLE" => s.name_at(i + 1, false),
         "COPY" => {
             if s.is_punct(i + 1, "(") {
-                s.table_after(i + 2, &["FROM", "JOIN"])
+                s.table_after(i + 2, &["FROM", "JOIN"], false)
             } else {
-                s.name_at(i + 1)
+                s.name_at(i + 1, true)
             }
         }
         "TRUNCATE" | "LOCK" => {
             let j = if s.is_kw(i + 1, "TABLE") { i + 2 } else { i + 1 };
-            s.name_at(j)
+            s.name_at(j, false)
         }
         "CREATE" | "ALTER" | "DROP" => {
             let mut j = i + 1;
@@ -522,9 +523,9 @@ pub fn describe(sql: &str) -> (Option<String>, Option<String>, String) {
                     obj = format!("{obj} {}", s.upper(j));
                 }
                 let coll = if DDL_TABLE_LIKE.iter().any(|t| obj.ends_with(t)) {
-                    s.name_at(j + 1)
+                    s.name_at(j + 1, true)
                 } else if obj == "INDEX" {
-                    s.table_after(j + 1, &["ON"])
+                    s.table_after(j + 1, &["ON"], true)
                 } else {
                     None
                 };

@@ -23,9 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind as OtelSpanKind, Status, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind as OtelSpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{InstrumentationScope, KeyValue, Value};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
@@ -36,9 +34,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::stitch::span::{
-    AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus,
-};
+use crate::stitch::span::{AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus};
 
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -83,9 +79,7 @@ impl FromStr for Protocol {
         match s.trim() {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" => Ok(Protocol::HttpProtobuf),
-            other => Err(format!(
-                "unsupported protocol '{other}' (allowed: grpc, http/protobuf)"
-            )),
+            other => Err(format!("unsupported protocol '{other}' (allowed: grpc, http/protobuf)")),
         }
     }
 }
@@ -178,18 +172,11 @@ impl OtlpConfig {
     }
 
     /// [`from_env`](Self::from_env) over any variable source (for tests).
-    pub fn from_lookup(
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<Option<OtlpConfig>, ExportError> {
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<OtlpConfig>, ExportError> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-        let first = |a: &'static str, b: &'static str| {
-            get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)))
-        };
+        let first = |a: &'static str, b: &'static str| get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)));
 
-        let protocol = match first(
-            OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-            OTEL_EXPORTER_OTLP_PROTOCOL,
-        ) {
+        let protocol = match first(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL) {
             Some((var, v)) => v
                 .parse::<Protocol>()
                 .map_err(|message| ExportError::Config { var, message })?,
@@ -209,33 +196,24 @@ impl OtlpConfig {
             return Ok(None);
         };
         let (endpoint_var, endpoint) = endpoint;
-        if protocol == Protocol::HttpProtobuf
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        if protocol == Protocol::HttpProtobuf && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
             return Err(ExportError::Config {
                 var: endpoint_var,
-                message: format!(
-                    "endpoint '{endpoint}' must start with http:// or https:// for http/protobuf"
-                ),
+                message: format!("endpoint '{endpoint}' must start with http:// or https:// for http/protobuf"),
             });
         }
         let endpoint = match protocol {
             Protocol::Grpc if !has_scheme(&endpoint) => {
-                let insecure = first(
-                    OTEL_EXPORTER_OTLP_TRACES_INSECURE,
-                    OTEL_EXPORTER_OTLP_INSECURE,
-                )
-                .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
+                let insecure = first(OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE)
+                    .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
                 let scheme = if insecure { "http" } else { "https" };
                 format!("{scheme}://{endpoint}")
             }
             _ => endpoint,
         };
 
-        let compression = match first(
-            OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
-            OTEL_EXPORTER_OTLP_COMPRESSION,
-        ) {
+        let compression = match first(OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION) {
             None => None,
             Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
                 "gzip" => Some(Compression::Gzip),
@@ -258,10 +236,7 @@ impl OtlpConfig {
                     message: format!("'{v}' is not a whole number of milliseconds"),
                 })
         };
-        let timeout = match first(
-            OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
-            OTEL_EXPORTER_OTLP_TIMEOUT,
-        ) {
+        let timeout = match first(OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT) {
             Some((var, v)) => Some(millis(var, v)?),
             None => None,
         };
@@ -345,10 +320,7 @@ fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, 
             if !has_scheme(&cfg.endpoint) {
                 return Err(ExportError::Config {
                     var: "endpoint",
-                    message: format!(
-                        "gRPC endpoint '{}' needs a scheme (http:// or https://)",
-                        cfg.endpoint
-                    ),
+                    message: format!("gRPC endpoint '{}' needs a scheme (http:// or https://)", cfg.endpoint),
                 });
             }
             let mut b = opentelemetry_otlp::SpanExporter::builder()
@@ -363,8 +335,7 @@ fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, 
             }
             if cfg.endpoint.starts_with("https://") {
                 b = b.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                        .with_native_roots(),
+                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_native_roots(),
                 );
             }
             b.build().map_err(build_err)
@@ -433,8 +404,7 @@ pub fn to_span_data(r: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
     SpanData {
         span_context,
         parent_span_id: r.parent_span_id.map_or(SpanId::INVALID, SpanId::from_bytes),
-        parent_span_is_remote: r.parent_span_id.is_some()
-            && r.parent_source == ParentSource::Header,
+        parent_span_is_remote: r.parent_span_id.is_some() && r.parent_source == ParentSource::Header,
         span_kind: match r.kind {
             SpanKind::Server => OtelSpanKind::Server,
             SpanKind::Client => OtelSpanKind::Client,
@@ -605,15 +575,7 @@ async fn run<E: SpanExporter>(
     while !intake.backlog.is_empty() {
         let n = intake.backlog.len().min(max_batch);
         let batch: Vec<SpanRecord> = intake.backlog.drain(..n).collect();
-        export_batch(
-            &mut exporter,
-            &mut intake,
-            &mut health,
-            &ctx,
-            batch,
-            Some(deadline),
-        )
-        .await;
+        export_batch(&mut exporter, &mut intake, &mut health, &ctx, batch, Some(deadline)).await;
     }
     if let Err(e) = exporter.shutdown() {
         tracing::debug!(error = %e, "OTLP exporter shutdown");
@@ -652,7 +614,7 @@ async fn export_batch<E: SpanExporter>(
                 Some(d) => intake
                     .while_pending(tokio::time::timeout_at(d, exporter.export(data.clone())))
                     .await
-                    .unwrap_or_else(|_| Err(OTelSdkError::Timeout(ctx.cfg.shutdown_timeout))),
+                    .unwrap_or(Err(OTelSdkError::Timeout(ctx.cfg.shutdown_timeout))),
             };
             let error = match result {
                 Ok(()) => {
@@ -724,10 +686,7 @@ mod tests {
     }
 
     fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -776,10 +735,7 @@ mod tests {
         ]))
         .unwrap()
         .unwrap();
-        assert_eq!(
-            (cfg.protocol, cfg.endpoint.as_str()),
-            (Protocol::Grpc, "http://c:4317")
-        );
+        assert_eq!((cfg.protocol, cfg.endpoint.as_str()), (Protocol::Grpc, "http://c:4317"));
         let cfg = OtlpConfig::from_lookup(env(&[
             (OTEL_EXPORTER_OTLP_ENDPOINT, "c:4317"),
             (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, "grpc"),
@@ -816,10 +772,7 @@ mod tests {
         ]))
         .unwrap_err()
         .to_string();
-        assert!(
-            err.starts_with("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: "),
-            "{err}"
-        );
+        assert!(err.starts_with("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: "), "{err}");
         let err = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "c:4318")]))
             .unwrap_err()
             .to_string();
@@ -846,10 +799,7 @@ mod tests {
         assert_eq!(d.span_context.trace_id(), TraceId::from_bytes([1; 16]));
         assert_eq!(d.span_context.span_id(), SpanId::from_bytes([1; 8]));
         assert!(d.span_context.is_sampled());
-        assert_eq!(
-            d.span_context.trace_state().get("rojo"),
-            Some("00f067aa0ba902b7")
-        );
+        assert_eq!(d.span_context.trace_state().get("rojo"), Some("00f067aa0ba902b7"));
         assert_eq!(d.parent_span_id, SpanId::from_bytes([9; 8]));
         assert!(d.parent_span_is_remote);
         assert_eq!(d.span_kind, OtelSpanKind::Client);
@@ -858,15 +808,9 @@ mod tests {
             d.end_time.duration_since(d.start_time).unwrap(),
             Duration::from_millis(5)
         );
-        assert_eq!(
-            d.attributes.last(),
-            Some(&KeyValue::new(PARENT_SOURCE_ATTR, "header"))
-        );
+        assert_eq!(d.attributes.last(), Some(&KeyValue::new(PARENT_SOURCE_ATTR, "header")));
         assert_eq!(d.instrumentation_scope.name(), "waybill");
-        assert_eq!(
-            d.instrumentation_scope.version(),
-            Some(env!("CARGO_PKG_VERSION"))
-        );
+        assert_eq!(d.instrumentation_scope.version(), Some(env!("CARGO_PKG_VERSION")));
 
         let mut r = record(2, &p);
         r.trace_state = Some("not a valid=trace state=".into());
@@ -883,10 +827,7 @@ mod tests {
     fn resource_attributes() {
         let p = process(42, "api");
         let res = to_resource(&p, Some("box"));
-        let get = |k: &str| {
-            res.get(&opentelemetry::Key::from(k.to_string()))
-                .map(|v| v.to_string())
-        };
+        let get = |k: &str| res.get(&opentelemetry::Key::from(k.to_string())).map(|v| v.to_string());
         assert_eq!(get("service.name").as_deref(), Some("api"));
         assert_eq!(get("process.pid").as_deref(), Some("42"));
         assert_eq!(get("host.name").as_deref(), Some("box"));
@@ -898,18 +839,18 @@ mod tests {
         let mut p = (*p).clone();
         p.attributes = vec![("host.name".into(), "container".into())];
         let res = to_resource(&p, Some("box"));
-        let get = |k: &str| {
-            res.get(&opentelemetry::Key::from(k.to_string()))
-                .map(|v| v.to_string())
-        };
+        let get = |k: &str| res.get(&opentelemetry::Key::from(k.to_string())).map(|v| v.to_string());
         assert_eq!(get("host.name").as_deref(), Some("container"));
         assert_eq!(get("service.name").as_deref(), Some("api"));
     }
 
+    /// (service.name of the resource, span names) per successful export.
+    type Calls = Arc<Mutex<Vec<(String, Vec<String>)>>>;
+
     /// Records every export; fails the first `fail_first` calls; each call takes `delay`.
     #[derive(Debug, Default)]
     struct Mock {
-        calls: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+        calls: Calls,
         resource_service: String,
         fail_first: Arc<Mutex<usize>>,
         delay: Duration,
@@ -962,10 +903,7 @@ mod tests {
         assert_eq!(
             *calls.lock().unwrap(),
             vec![
-                (
-                    "a".to_string(),
-                    vec!["span 1".to_string(), "span 3".to_string()]
-                ),
+                ("a".to_string(), vec!["span 1".to_string(), "span 3".to_string()]),
                 ("b".to_string(), vec!["span 2".to_string()]),
             ]
         );
@@ -1014,8 +952,7 @@ mod tests {
         // The channel (capacity 4) never fills although exports are failing: the task keeps
         // draining it into the bounded backlog while it retries.
         for n in 0..20u8 {
-            tx.try_send(record(n, &a))
-                .expect("channel drained during retries");
+            tx.try_send(record(n, &a)).expect("channel drained during retries");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(tx);
@@ -1062,12 +999,7 @@ mod tests {
             task.await.unwrap();
         }
         let (_tx, rx) = mpsc::channel(1);
-        let err = spawn_otlp(
-            OtlpConfig::new(Protocol::Grpc, "127.0.0.1:1"),
-            rx,
-            Arc::default(),
-        )
-        .unwrap_err();
+        let err = spawn_otlp(OtlpConfig::new(Protocol::Grpc, "127.0.0.1:1"), rx, Arc::default()).unwrap_err();
         assert!(matches!(err, ExportError::Config { .. }), "{err}");
     }
 }

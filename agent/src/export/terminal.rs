@@ -37,12 +37,7 @@ pub fn format_duration(ns: u64) -> String {
 /// An offset range in the unit of its end: `5–25 ms`, `120–850 µs`.
 fn format_range(start_ns: i128, end_ns: i128) -> String {
     let unit = Unit::for_ns(end_ns.unsigned_abs().min(u64::MAX as u128) as u64);
-    format!(
-        "{}–{} {}",
-        unit.number(start_ns),
-        unit.number(end_ns),
-        unit.suffix()
-    )
+    format!("{}–{} {}", unit.number(start_ns), unit.number(end_ns), unit.suffix())
 }
 
 #[derive(Clone, Copy)]
@@ -91,12 +86,7 @@ impl Unit {
 
 /// The short protocol column of a span.
 fn protocol(s: &SpanRecord) -> String {
-    for key in [
-        "db.system.name",
-        "db.system",
-        "rpc.system",
-        "messaging.system",
-    ] {
+    for key in ["db.system.name", "db.system", "rpc.system", "messaging.system"] {
         if let Some(v) = s.attr(key) {
             return v.to_string();
         }
@@ -151,17 +141,10 @@ struct Row {
 /// whose parent is missing hang at the top level. Without a root the header says `(incomplete)`
 /// and offsets count from the earliest span.
 pub fn render_trace(spans: &[SpanRecord]) -> String {
-    let Some(first) = spans
-        .iter()
-        .min_by_key(|s| (s.start_unix_ns, s.end_unix_ns))
-    else {
+    let Some(first) = spans.iter().min_by_key(|s| (s.start_unix_ns, s.end_unix_ns)) else {
         return String::new();
     };
-    let ids: HashMap<[u8; 8], usize> = spans
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.span_id, i))
-        .collect();
+    let ids: HashMap<[u8; 8], usize> = spans.iter().enumerate().map(|(i, s)| (s.span_id, i)).collect();
     let parent_of = |s: &SpanRecord| {
         s.parent_span_id
             .and_then(|p| ids.get(&p).copied())
@@ -185,13 +168,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         children.entry(parent).or_default().push(i);
     }
     for list in children.values_mut() {
-        list.sort_by_key(|&i| {
-            (
-                spans[i].start_unix_ns,
-                spans[i].end_unix_ns,
-                spans[i].span_id,
-            )
-        });
+        list.sort_by_key(|&i| (spans[i].start_unix_ns, spans[i].end_unix_ns, spans[i].span_id));
     }
 
     let mut out = String::new();
@@ -240,11 +217,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
     let push_children = |stack: &mut Vec<(usize, String, String)>, list: &[usize], prefix: &str| {
         for (n, &c) in list.iter().enumerate().rev() {
             let last = n + 1 == list.len();
-            let (branch, cont) = if last {
-                ("└─ ", "   ")
-            } else {
-                ("├─ ", "│  ")
-            };
+            let (branch, cont) = if last { ("└─ ", "   ") } else { ("├─ ", "│  ") };
             stack.push((c, format!("{prefix}{branch}"), format!("{prefix}{cont}")));
         }
     };
@@ -254,17 +227,12 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
             continue;
         }
         let s = &spans[i];
-        let parent_pid = parent_of(s).map_or(
-            root.map_or(first.resource.pid, |r| spans[r].resource.pid),
-            |p| spans[p].resource.pid,
-        );
+        let parent_pid = parent_of(s).map_or(root.map_or(first.resource.pid, |r| spans[r].resource.pid), |p| {
+            spans[p].resource.pid
+        });
         let mut right = protocol(s);
         if s.resource.pid != parent_pid {
-            let _ = write!(
-                right,
-                "  {} (pid {})",
-                s.resource.service_name, s.resource.pid
-            );
+            let _ = write!(right, "  {} (pid {})", s.resource.service_name, s.resource.pid);
         }
         if let Some(code) = status_code(s).filter(|_| s.kind == SpanKind::Server) {
             let _ = write!(right, "  {code}");
@@ -272,9 +240,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         if is_error(s) {
             right.push_str("  [ERROR]");
         }
-        let name_room = MAX_NAME_COLUMN
-            .saturating_sub(line_prefix.chars().count())
-            .max(8);
+        let name_room = MAX_NAME_COLUMN.saturating_sub(line_prefix.chars().count()).max(8);
         rows.push(Row {
             left: format!("{line_prefix}{}", cut(&s.name, name_room)),
             range: format_range(
@@ -283,11 +249,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
             ),
             right,
         });
-        push_children(
-            &mut stack,
-            children.get(&Some(i)).map_or(&[], |v| v),
-            &child_prefix,
-        );
+        push_children(&mut stack, children.get(&Some(i)).map_or(&[], |v| v), &child_prefix);
     }
     // Spans on a parent cycle (never reachable from the top): list them flat.
     for (i, s) in spans.iter().enumerate() {
@@ -303,16 +265,8 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         }
     }
 
-    let left_w = rows
-        .iter()
-        .map(|r| r.left.chars().count())
-        .max()
-        .unwrap_or(0);
-    let range_w = rows
-        .iter()
-        .map(|r| r.range.chars().count())
-        .max()
-        .unwrap_or(0);
+    let left_w = rows.iter().map(|r| r.left.chars().count()).max().unwrap_or(0);
+    let range_w = rows.iter().map(|r| r.range.chars().count()).max().unwrap_or(0);
     for r in rows {
         let pad_l = left_w - r.left.chars().count();
         let pad_r = range_w - r.range.chars().count();
@@ -405,10 +359,7 @@ impl TraceGrouper {
                 },
             );
         }
-        let p = self
-            .pending
-            .get_mut(&span.trace_id)
-            .expect("inserted above");
+        let p = self.pending.get_mut(&span.trace_id).expect("inserted above");
         p.last_seen = now;
         p.has_root |= is_root(&span);
         p.spans.push(span);
@@ -460,18 +411,11 @@ impl TraceGrouper {
 }
 
 /// Prints settled traces to `out` until `rx` closes, then prints what is left and returns.
-pub fn spawn_terminal(
-    rx: mpsc::Receiver<SpanRecord>,
-    out: Box<dyn Write + Send>,
-) -> JoinHandle<()> {
+pub fn spawn_terminal(rx: mpsc::Receiver<SpanRecord>, out: Box<dyn Write + Send>) -> JoinHandle<()> {
     tokio::spawn(run_terminal(rx, out, GroupingConfig::default()))
 }
 
-async fn run_terminal(
-    mut rx: mpsc::Receiver<SpanRecord>,
-    mut out: Box<dyn Write + Send>,
-    cfg: GroupingConfig,
-) {
+async fn run_terminal(mut rx: mpsc::Receiver<SpanRecord>, mut out: Box<dyn Write + Send>, cfg: GroupingConfig) {
     let mut grouper = TraceGrouper::new(cfg);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -485,11 +429,7 @@ async fn run_terminal(
             text.push_str(&render_trace(&t));
             text.push('\n');
         }
-        if out
-            .write_all(text.as_bytes())
-            .and_then(|_| out.flush())
-            .is_err()
-        {
+        if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
             // A closed terminal or pipe: keep draining the channel, stop writing.
             broken = true;
         }
@@ -556,10 +496,7 @@ mod tests {
             kind,
             start_unix_ns: T0 + (start_ms * MS as f64) as u64,
             end_unix_ns: T0 + (end_ms * MS as f64) as u64,
-            attributes: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             status: SpanStatus::Unset,
             parent_source: src,
             resource: Arc::clone(p),
@@ -846,10 +783,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         // A late child resets the quiet period.
         g.push(c(3, 1), at(base, 1200));
         assert!(g.poll(at(base, 1499)).is_empty());
-        assert_eq!(
-            names(&g.poll(at(base, 1500))),
-            vec![vec!["child", "root", "child"]]
-        );
+        assert_eq!(names(&g.poll(at(base, 1500))), vec![vec!["child", "root", "child"]]);
         assert_eq!(g.pending(), 0);
     }
 
@@ -911,10 +845,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         // Same trace: no eviction.
         assert!(g.push(c(2, "b2"), at(base, 2)).is_empty());
         assert_eq!(names(&g.push(c(3, "c"), at(base, 3))), vec![vec!["a"]]);
-        assert_eq!(
-            names(&g.push(c(4, "d"), at(base, 4))),
-            vec![vec!["b", "b2"]]
-        );
+        assert_eq!(names(&g.push(c(4, "d"), at(base, 4))), vec![vec!["b", "b2"]]);
         assert_eq!(g.pending(), 2);
         assert_eq!(names(&g.drain()), vec![vec!["c"], vec!["d"]]);
     }
@@ -963,9 +894,6 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         drop(tx);
         task.await.unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        assert!(
-            text.contains("(incomplete)  1 span  late (pid 9)\n└─ orphan"),
-            "{text}"
-        );
+        assert!(text.contains("(incomplete)  1 span  late (pid 9)\n└─ orphan"), "{text}");
     }
 }

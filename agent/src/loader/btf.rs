@@ -82,8 +82,7 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 /// Appended to errors that mean "this kernel's layout is not what Waybill expects".
-const REPORT: &str =
-    "this kernel is not supported yet; please report it with the output of `uname -r`";
+const REPORT: &str = "this kernel is not supported yet; please report it with the output of `uname -r`";
 
 /// Errors from reading BTF or looking members up in it.
 #[derive(Debug, thiserror::Error)]
@@ -111,17 +110,13 @@ pub enum BtfError {
          read the BTF of the kernel Waybill runs on ({SYS_FS_VMLINUX})"
     )]
     ByteSwapped,
-    #[error(
-        "not BTF data (magic {found:#06x}, expected 0xeb9f); give Waybill {SYS_FS_VMLINUX} or a raw .BTF blob"
-    )]
+    #[error("not BTF data (magic {found:#06x}, expected 0xeb9f); give Waybill {SYS_FS_VMLINUX} or a raw .BTF blob")]
     BadMagic { found: u16 },
     #[error(
         "unsupported BTF version {0} (Waybill reads version 1); this kernel's BTF is newer than Waybill: upgrade Waybill"
     )]
     UnsupportedVersion(u8),
-    #[error(
-        "BTF type [{id}] has unknown kind {kind}; this kernel's BTF is newer than Waybill: upgrade Waybill"
-    )]
+    #[error("BTF type [{id}] has unknown kind {kind}; this kernel's BTF is newer than Waybill: upgrade Waybill")]
     UnknownKind { id: u32, kind: u32 },
     #[error(
         "malformed BTF: {0}; the data is truncated or corrupt (re-read {SYS_FS_VMLINUX}; report a bug if it persists)"
@@ -151,17 +146,13 @@ pub enum BtfError {
         path: String,
         bit_offset: u32,
     },
-    #[error(
-        "kernel BTF: struct {struct_name}: member {path} has a type of unknown size ({kind}); {REPORT}"
-    )]
+    #[error("kernel BTF: struct {struct_name}: member {path} has a type of unknown size ({kind}); {REPORT}")]
     UnknownSize {
         struct_name: String,
         path: String,
         kind: &'static str,
     },
-    #[error(
-        "kernel BTF: struct {struct_name}: member {path} is {size} bytes, expected {expected}; {REPORT}"
-    )]
+    #[error("kernel BTF: struct {struct_name}: member {path} is {size} bytes, expected {expected}; {REPORT}")]
     SizeMismatch {
         struct_name: String,
         path: String,
@@ -265,12 +256,10 @@ impl Btf {
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
         match std::fs::read(path) {
             Ok(data) => Self::from_vec(data),
-            Err(source) if source.kind() == io::ErrorKind::NotFound => {
-                Err(BtfError::NotAvailable {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
+            Err(source) if source.kind() == io::ErrorKind::NotFound => Err(BtfError::NotAvailable {
+                path: path.to_owned(),
+                source,
+            }),
             Err(source) => Err(BtfError::Io {
                 path: path.to_owned(),
                 source,
@@ -285,10 +274,7 @@ impl Btf {
 
     fn from_vec(data: Vec<u8>) -> Result<Btf, BtfError> {
         if data.len() < 2 {
-            return Err(malformed(format!(
-                "{} bytes is too short for a BTF header",
-                data.len()
-            )));
+            return Err(malformed(format!("{} bytes is too short for a BTF header", data.len())));
         }
         let magic = u16::from_ne_bytes([data[0], data[1]]);
         if magic == BTF_MAGIC.swap_bytes() {
@@ -298,10 +284,7 @@ impl Btf {
             return Err(BtfError::BadMagic { found: magic });
         }
         if data.len() < HEADER_LEN {
-            return Err(malformed(format!(
-                "{} bytes is too short for a BTF header",
-                data.len()
-            )));
+            return Err(malformed(format!("{} bytes is too short for a BTF header", data.len())));
         }
         if data[2] != BTF_VERSION {
             return Err(BtfError::UnsupportedVersion(data[2]));
@@ -309,9 +292,7 @@ impl Btf {
         if u32::try_from(data.len()).is_err() {
             return Err(malformed("larger than 4 GiB"));
         }
-        let word = |pos: usize| {
-            u32::from_ne_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize
-        };
+        let word = |pos: usize| u32::from_ne_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         let hdr_len = word(4);
         let (type_off, type_len, str_off, str_len) = (word(8), word(12), word(16), word(20));
         if hdr_len < HEADER_LEN || hdr_len > data.len() {
@@ -330,9 +311,7 @@ impl Btf {
         let (type_start, type_end) = section("type", type_off, type_len)?;
         let (str_start, str_end) = section("string", str_off, str_len)?;
         if str_len == 0 || data[str_start] != 0 || data[str_end - 1] != 0 {
-            return Err(malformed(
-                "the string section must start and end with a NUL byte",
-            ));
+            return Err(malformed("the string section must start and end with a NUL byte"));
         }
 
         let mut btf = Btf {
@@ -353,8 +332,8 @@ impl Btf {
             let ty = btf.decode(pos);
             let vlen = ty.vlen as usize;
             let extra = match ty.kind {
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC
+                | KIND_FLOAT | KIND_TYPE_TAG => 0,
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
                 KIND_ARRAY => 12,
                 KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
@@ -363,9 +342,7 @@ impl Btf {
             };
             let next = pos + TYPE_LEN + extra;
             if next > type_end {
-                return Err(malformed(format!(
-                    "type [{id}] runs past the end of the type section"
-                )));
+                return Err(malformed(format!("type [{id}] runs past the end of the type section")));
             }
             btf.check_name(ty.name_off, id)?;
             if matches!(ty.kind, KIND_STRUCT | KIND_UNION) {
@@ -428,12 +405,12 @@ impl Btf {
         let err_path = |upto: usize| path[..=upto].join(".");
         let mut bits: u32 = 0;
         for (i, name) in path.iter().enumerate() {
-            let f = self.find_member(&ty, name.as_bytes(), 0)?.ok_or_else(|| {
-                BtfError::MemberNotFound {
+            let f = self
+                .find_member(&ty, name.as_bytes(), 0)?
+                .ok_or_else(|| BtfError::MemberNotFound {
                     struct_name: struct_name.to_owned(),
                     path: err_path(i),
-                }
-            })?;
+                })?;
             bits = bits
                 .checked_add(f.bit_offset)
                 .ok_or_else(|| malformed("member offset overflows"))?;
@@ -462,17 +439,12 @@ impl Btf {
                     bit_offset: bits,
                 });
             }
-            let size = self
-                .size_of(f.type_id, 0)?
-                .ok_or_else(|| BtfError::UnknownSize {
-                    struct_name: struct_name.to_owned(),
-                    path: err_path(i),
-                    kind: kind_name(mty.kind),
-                })?;
-            return Ok(Member {
-                offset: bits / 8,
-                size,
-            });
+            let size = self.size_of(f.type_id, 0)?.ok_or_else(|| BtfError::UnknownSize {
+                struct_name: struct_name.to_owned(),
+                path: err_path(i),
+                kind: kind_name(mty.kind),
+            })?;
+            return Ok(Member { offset: bits / 8, size });
         }
         unreachable!("the loop returns on the last path element")
     }
@@ -519,8 +491,9 @@ impl Btf {
         }
         let ty = self.strip(id)?;
         Ok(match ty.kind {
-            KIND_INT | KIND_ENUM | KIND_ENUM64 | KIND_STRUCT | KIND_UNION | KIND_FLOAT
-            | KIND_DATASEC => Some(ty.size_or_type),
+            KIND_INT | KIND_ENUM | KIND_ENUM64 | KIND_STRUCT | KIND_UNION | KIND_FLOAT | KIND_DATASEC => {
+                Some(ty.size_or_type)
+            }
             KIND_PTR => Some(PTR_SIZE),
             KIND_ARRAY => {
                 let elem = self.word(ty.pos + TYPE_LEN);
@@ -553,9 +526,7 @@ impl Btf {
         for _ in 0..MAX_DEPTH {
             let ty = self.ty(id)?;
             match ty.kind {
-                KIND_TYPEDEF | KIND_CONST | KIND_VOLATILE | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    id = ty.size_or_type
-                }
+                KIND_TYPEDEF | KIND_CONST | KIND_VOLATILE | KIND_RESTRICT | KIND_TYPE_TAG => id = ty.size_or_type,
                 _ => return Ok(ty),
             }
         }
@@ -578,8 +549,7 @@ impl Btf {
             named.into_iter().map(|(_, id)| id).collect()
         });
         let name = name.as_bytes();
-        let type_name =
-            |id: u32| self.str_at(self.decode(self.type_pos[id as usize] as usize).name_off);
+        let type_name = |id: u32| self.str_at(self.decode(self.type_pos[id as usize] as usize).name_off);
         let start = index.partition_point(|&id| type_name(id) < name);
         index[start..]
             .iter()
@@ -730,15 +700,7 @@ mod tests {
             off
         }
 
-        fn raw(
-            &mut self,
-            name: &str,
-            kind: u32,
-            vlen: u32,
-            kind_flag: bool,
-            size_or_type: u32,
-            extra: &[u32],
-        ) -> u32 {
+        fn raw(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, size_or_type: u32, extra: &[u32]) -> u32 {
             let name_off = self.name(name);
             let info = (u32::from(kind_flag) << 31) | (kind << 24) | vlen;
             for w in [name_off, info, size_or_type].iter().chain(extra) {
@@ -884,10 +846,7 @@ mod tests {
     #[test]
     fn member_offsets() {
         let btf = Btf::parse(&fixture()).unwrap();
-        let get = |s: &str, p: &[&str]| {
-            btf.member(s, p)
-                .unwrap_or_else(|e| panic!("{s} {p:?}: {e}"))
-        };
+        let get = |s: &str, p: &[&str]| btf.member(s, p).unwrap_or_else(|e| panic!("{s} {p:?}: {e}"));
         assert_eq!(get("outer", &["flags"]), m(0, 4));
         // anonymous union, and an anonymous struct inside it
         assert_eq!(get("outer", &["x"]), m(4, 4));
@@ -929,19 +888,13 @@ mod tests {
         );
         assert!(e.to_string().contains("struct missing"), "{e}");
         // "opaque" exists only as a forward declaration
-        assert!(matches!(
-            err("opaque", &["x"]),
-            BtfError::StructNotFound { .. }
-        ));
+        assert!(matches!(err("opaque", &["x"]), BtfError::StructNotFound { .. }));
 
         let e = err("outer", &["nope"]);
         assert!(
             matches!(&e, BtfError::MemberNotFound { struct_name, path } if struct_name == "outer" && path == "nope")
         );
-        assert!(
-            e.to_string().contains("struct outer has no member nope"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("struct outer has no member nope"), "{e}");
         assert!(e.to_string().contains("uname -r"), "{e}");
         let e = err("outer", &["inner", "nope"]);
         assert!(
@@ -951,14 +904,9 @@ mod tests {
         assert!(e.to_string().contains("inner.nope"), "{e}");
 
         let e = err("outer", &["bits"]);
-        assert!(
-            matches!(&e, BtfError::Bitfield { struct_name, path } if struct_name == "outer" && path == "bits")
-        );
+        assert!(matches!(&e, BtfError::Bitfield { struct_name, path } if struct_name == "outer" && path == "bits"));
         let e = err("old", &["b"]);
-        assert!(
-            matches!(&e, BtfError::Bitfield { path, .. } if path == "b"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::Bitfield { path, .. } if path == "b"), "{e:?}");
 
         let e = err("outer", &["odd"]);
         assert!(
@@ -998,27 +946,17 @@ mod tests {
             f(&mut v);
             Btf::parse(&v).unwrap_err()
         };
-        let set_word =
-            |v: &mut Vec<u8>, pos: usize, w: u32| v[pos..pos + 4].copy_from_slice(&w.to_ne_bytes());
+        let set_word = |v: &mut Vec<u8>, pos: usize, w: u32| v[pos..pos + 4].copy_from_slice(&w.to_ne_bytes());
 
         let e = with(&|v| v.swap(0, 1));
         assert!(matches!(e, BtfError::ByteSwapped), "{e:?}");
         assert!(e.to_string().contains("byte order"), "{e}");
         assert!(matches!(with(&|v| v[0] = 0), BtfError::BadMagic { .. }));
-        assert!(matches!(
-            Btf::parse(b"ELF\x7f"),
-            Err(BtfError::BadMagic { .. })
-        ));
+        assert!(matches!(Btf::parse(b"ELF\x7f"), Err(BtfError::BadMagic { .. })));
         assert!(matches!(Btf::parse(&[]), Err(BtfError::Malformed(_))));
         assert!(matches!(with(&|v| v.truncate(10)), BtfError::Malformed(_)));
-        assert!(matches!(
-            with(&|v| v[2] = 2),
-            BtfError::UnsupportedVersion(2)
-        ));
-        assert!(matches!(
-            with(&|v| set_word(v, 4, 8)),
-            BtfError::Malformed(_)
-        ));
+        assert!(matches!(with(&|v| v[2] = 2), BtfError::UnsupportedVersion(2)));
+        assert!(matches!(with(&|v| set_word(v, 4, 8)), BtfError::Malformed(_)));
         // string section longer than the data
         let e = with(&|v| set_word(v, 20, 1 << 20));
         assert!(
@@ -1026,10 +964,7 @@ mod tests {
             "{e:?}"
         );
         // data cut short
-        assert!(matches!(
-            with(&|v| v.truncate(v.len() - 1)),
-            BtfError::Malformed(_)
-        ));
+        assert!(matches!(with(&|v| v.truncate(v.len() - 1)), BtfError::Malformed(_)));
         // the type section ends inside a type (a gap before the string section is allowed)
         let e = with(&|v| {
             let tl = u32::from_ne_bytes(v[12..16].try_into().unwrap());
@@ -1041,10 +976,7 @@ mod tests {
         );
         // an unknown kind in the first type
         let e = with(&|v| set_word(v, HEADER_LEN + 4, 25 << 24));
-        assert!(
-            matches!(e, BtfError::UnknownKind { id: 1, kind: 25 }),
-            "{e:?}"
-        );
+        assert!(matches!(e, BtfError::UnknownKind { id: 1, kind: 25 }), "{e:?}");
         assert!(e.to_string().contains("upgrade Waybill"), "{e}");
         // a name offset outside the string section
         let e = with(&|v| set_word(v, HEADER_LEN, 1 << 20));
@@ -1057,17 +989,13 @@ mod tests {
         let mut b = Builder::new();
         b.strukt("s", 4, &[("a", 99, 0, 0)]);
         let btf = Btf::parse(&b.build()).unwrap();
-        assert!(
-            matches!(btf.member("s", &["a"]), Err(BtfError::Malformed(msg)) if msg.contains("[99]"))
-        );
+        assert!(matches!(btf.member("s", &["a"]), Err(BtfError::Malformed(msg)) if msg.contains("[99]")));
         // a typedef cycle
         let mut b = Builder::new();
         b.typedef("loop", 1);
         b.strukt("s", 4, &[("a", 1, 0, 0)]);
         let btf = Btf::parse(&b.build()).unwrap();
-        assert!(
-            matches!(btf.member("s", &["a"]), Err(BtfError::Malformed(msg)) if msg.contains("cycle"))
-        );
+        assert!(matches!(btf.member("s", &["a"]), Err(BtfError::Malformed(msg)) if msg.contains("cycle")));
     }
 
     #[test]
@@ -1100,40 +1028,20 @@ mod tests {
         let fdtable_fwd = b.fwd("fdtable");
         let tag = b.type_tag("rcu", fdtable_fwd);
         let p_fdt = b.ptr(tag);
-        b.strukt(
-            "files_struct",
-            64,
-            &[("count", u32_, 0, 0), ("fdt", p_fdt, 256, 0)],
-        );
+        b.strukt("files_struct", 64, &[("count", u32_, 0, 0), ("fdt", p_fdt, 256, 0)]);
         let pp = b.ptr(void_ptr);
         b.strukt("fdtable", 56, &[("max_fds", u32_, 0, 0), ("fd", pp, 64, 0)]);
         let anon = b.union("", 8, &[("f_inode", void_ptr, 0, 0), ("x", u32_, 0, 0)]);
-        b.strukt(
-            "file",
-            256,
-            &[("", anon, 256, 0), ("private_data", void_ptr, 192, 0)],
-        );
+        b.strukt("file", 256, &[("", anon, 256, 0), ("private_data", void_ptr, 192, 0)]);
         b.strukt("inode", 512, &[("i_mode", imode_ty, 0, 0)]);
         b.strukt(
             "socket",
             128,
-            &[
-                ("state", u32_, 0, 0),
-                ("type", short, 32, 0),
-                ("sk", void_ptr, 192, 0),
-            ],
+            &[("state", u32_, 0, 0), ("type", short, 32, 0), ("sk", void_ptr, 192, 0)],
         );
-        let addrs = b.strukt(
-            "",
-            8,
-            &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)],
-        );
+        let addrs = b.strukt("", 8, &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)]);
         let addrpair = b.union("", 8, &[("skc_addrpair", u32_, 0, 0), ("", addrs, 0, 0)]);
-        let ports = b.strukt(
-            "",
-            4,
-            &[("skc_dport", be16, 0, 0), ("skc_num", u16_, 16, 0)],
-        );
+        let ports = b.strukt("", 4, &[("skc_dport", be16, 0, 0), ("skc_num", u16_, 16, 0)]);
         let portpair = b.union("", 4, &[("skc_portpair", u32_, 0, 0), ("", ports, 0, 0)]);
         let in6 = b.strukt("in6_addr", 16, &[]);
         let mut members = vec![
@@ -1143,10 +1051,7 @@ mod tests {
             ("skc_reuse", u8_, 152, 4),
         ];
         if ipv6 {
-            members.extend([
-                ("skc_v6_daddr", in6, 448, 0),
-                ("skc_v6_rcv_saddr", in6, 576, 0),
-            ]);
+            members.extend([("skc_v6_daddr", in6, 448, 0), ("skc_v6_rcv_saddr", in6, 576, 0)]);
         }
         let common = b.strukt("sock_common", 136, &members);
         b.strukt("sock", 1024, &[("__sk_common", common, 0, 0)]);
@@ -1193,8 +1098,7 @@ mod tests {
             "{e:?}"
         );
         assert!(
-            e.to_string()
-                .contains("inode: member i_mode is 4 bytes, expected 2"),
+            e.to_string().contains("inode: member i_mode is 4 bytes, expected 2"),
             "{e}"
         );
     }
@@ -1279,11 +1183,7 @@ mod tests {
                 let ty = field(rest, "type_id=").unwrap();
                 let bits = field(rest, "bits_offset=").unwrap();
                 let bf = field(rest, "bitfield_size=").unwrap_or(0);
-                composites
-                    .get_mut(&id)
-                    .unwrap()
-                    .members
-                    .push((name, ty, bits, bf));
+                composites.get_mut(&id).unwrap().members.push((name, ty, bits, bf));
             }
         }
         Some((composites, aliases))
@@ -1302,12 +1202,7 @@ mod tests {
             }
             t
         };
-        fn find(
-            c: &HashMap<u32, RawComposite>,
-            strip: &dyn Fn(u32) -> u32,
-            id: u32,
-            name: &str,
-        ) -> Option<(u32, u32)> {
+        fn find(c: &HashMap<u32, RawComposite>, strip: &dyn Fn(u32) -> u32, id: u32, name: &str) -> Option<(u32, u32)> {
             for (mname, ty, bits, _) in &c.get(&id)?.members {
                 if mname == name {
                     return Some((*bits, strip(*ty)));

@@ -126,11 +126,8 @@ fn field_name(decl: &str) -> Option<&str> {
         })?;
         decl = decl[..open].trim_end();
     }
-    let name = decl
-        .rsplit(|c: char| c.is_whitespace() || c == '*')
-        .next()?;
-    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .then_some(name)
+    let name = decl.rsplit(|c: char| c.is_whitespace() || c == '*').next()?;
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
 }
 
 fn default_roots() -> Vec<PathBuf> {
@@ -157,11 +154,7 @@ fn tracepoint_offsets_in(roots: &[PathBuf]) -> Result<TracepointOffsets, Tracefs
 }
 
 /// Reads `events/<category>/<name>/format` from the first root that has an `events` directory.
-fn fields_in(
-    roots: &[PathBuf],
-    category: &str,
-    name: &str,
-) -> Result<Vec<(String, TpField)>, TracefsError> {
+fn fields_in(roots: &[PathBuf], category: &str, name: &str) -> Result<Vec<(String, TpField)>, TracefsError> {
     let Some(root) = roots.iter().find(|r| r.join("events").is_dir()) else {
         let roots = roots
             .iter()
@@ -182,12 +175,7 @@ fn fields_in(
     }
 }
 
-fn find(
-    fields: &[(String, TpField)],
-    category: &str,
-    name: &str,
-    field: &str,
-) -> Result<TpField, TracefsError> {
+fn find(fields: &[(String, TpField)], category: &str, name: &str, field: &str) -> Result<TpField, TracefsError> {
     fields
         .iter()
         .find(|(n, _)| n == field)
@@ -247,11 +235,7 @@ print fmt: \"pid=%d comm=%s clone_flags=%llx oom_score_adj=%hd\", REC->pid, REC-
 ";
 
     fn f(offset: u32, size: u32, signed: bool) -> TpField {
-        TpField {
-            offset,
-            size,
-            signed,
-        }
+        TpField { offset, size, signed }
     }
 
     #[test]
@@ -322,9 +306,7 @@ print fmt: \"field:int fake;\toffset:1;\"";
             "unsigned long clone_flags;\toffset:32;\tsize:4",
         );
         assert_eq!(
-            newtask_offsets(&parse_format(&four))
-                .unwrap()
-                .newtask_clone_flags_size,
+            newtask_offsets(&parse_format(&four)).unwrap().newtask_clone_flags_size,
             4
         );
 
@@ -342,11 +324,7 @@ print fmt: \"field:int fake;\toffset:1;\"";
             matches!(&e, TracefsError::FieldNotFound { field, .. } if field == "pid"),
             "{e:?}"
         );
-        assert!(
-            e.to_string()
-                .contains("task/task_newtask has no field `pid`"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("task/task_newtask has no field `pid`"), "{e}");
     }
 
     /// A fake tracefs tree under the temp dir, removed on drop.
@@ -354,8 +332,7 @@ print fmt: \"field:int fake;\toffset:1;\"";
 
     impl FakeRoots {
         fn new(tag: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("waybill-tracefs-{}-{tag}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("waybill-tracefs-{}-{tag}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             FakeRoots(dir)
@@ -393,27 +370,13 @@ print fmt: \"field:int fake;\toffset:1;\"";
         );
 
         fake.add(1, "task", "task_newtask", NEWTASK);
-        assert_eq!(
-            tracepoint_offsets_in(&roots).unwrap().newtask_clone_flags,
-            32
-        );
+        assert_eq!(tracepoint_offsets_in(&roots).unwrap().newtask_clone_flags, 32);
         let fields = fields_in(&roots, "task", "task_newtask").unwrap();
-        assert_eq!(
-            find(&fields, "task", "task_newtask", "comm").unwrap(),
-            f(12, 16, false)
-        );
+        assert_eq!(find(&fields, "task", "task_newtask", "comm").unwrap(), f(12, 16, false));
 
         // the first root wins once it is mounted
-        fake.add(
-            0,
-            "task",
-            "task_newtask",
-            &NEWTASK.replace("offset:32", "offset:48"),
-        );
-        assert_eq!(
-            tracepoint_offsets_in(&roots).unwrap().newtask_clone_flags,
-            48
-        );
+        fake.add(0, "task", "task_newtask", &NEWTASK.replace("offset:32", "offset:48"));
+        assert_eq!(tracepoint_offsets_in(&roots).unwrap().newtask_clone_flags, 48);
     }
 
     #[test]
@@ -430,9 +393,7 @@ print fmt: \"field:int fake;\toffset:1;\"";
             Err(e) => e,
         };
         match e {
-            TracefsError::NotMounted { .. }
-            | TracefsError::EventNotFound { .. }
-            | TracefsError::Io { .. } => {
+            TracefsError::NotMounted { .. } | TracefsError::EventNotFound { .. } | TracefsError::Io { .. } => {
                 eprintln!("note: skipping the real tracefs test: {e}");
             }
             e => panic!("{e}"),

@@ -1,0 +1,366 @@
+//! RAII guards for the root integration tests: the agent, real servers (Python http.server,
+//! nginx), free ports. Every guard stops its process on drop, so a failing test leaves nothing
+//! running.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The waybill binary under test (`WAYBILL_BIN`, else target/release/waybill).
+pub fn waybill_bin() -> PathBuf {
+    std::env::var_os("WAYBILL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/waybill"))
+}
+
+/// True when the tests can load eBPF programs. Outside CI a non-root run skips them loudly;
+/// in CI (CI=true) a non-root run fails.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "root integration tests must run as root in CI"
+    );
+    eprintln!("SKIPPED: this test loads eBPF programs and needs root (run `sudo cargo xtask test`)");
+    false
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub fn wait_port(port: u16, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so that servers with workers (nginx) stop them too.
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { kill(self.child.id() as i32, 15) };
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python `http.server` service in tests/apps/http_server.py on a free port.
+pub struct PythonHttp {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl PythonHttp {
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_on(free_port(), env)
+    }
+
+    pub fn start_on(port: u16, env: &[(&str, &str)]) -> Self {
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/apps/http_server.py"))
+            .arg(port.to_string())
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 must be installed (cargo xtask setup)");
+        let me = Self {
+            proc: Proc {
+                child,
+                name: "python http.server".into(),
+            },
+            port,
+        };
+        wait_port(port, Duration::from_secs(10));
+        me
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// nginx (Debian's) with one worker, serving a temp directory on a free port.
+pub struct Nginx {
+    pub proc: Proc,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    pub fn start() -> Self {
+        let dir = TempDir::new("nginx");
+        let port = free_port();
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(root.join("api")).unwrap();
+        std::fs::write(root.join("index.html"), "<h1>hello from nginx</h1>\n").unwrap();
+        std::fs::write(root.join("api/items.json"), "[1,2,3]\n").unwrap();
+        std::fs::write(root.join("big.bin"), vec![b'x'; 200_000]).unwrap();
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    keepalive_requests 1000;\n\
+                 location = /teapot {{ return 418 'short and stout'; }}\n  }}\n}}\n",
+                d = dir.path().display(),
+                root = root.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .args(["-c", conf.to_str().unwrap(), "-p", dir.path().to_str().unwrap()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx must be installed (cargo xtask setup installs nginx-light)");
+        let me = Self {
+            proc: Proc {
+                child,
+                name: "nginx".into(),
+            },
+            port,
+            _dir: dir,
+        };
+        wait_port(port, Duration::from_secs(10));
+        me
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("waybill-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the agent printed.
+#[derive(Debug)]
+pub struct AgentOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running `waybill run …`, stopped with SIGINT on `stop()` or drop.
+pub struct Agent {
+    child: Option<Child>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn pump(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+impl Agent {
+    /// Starts `waybill run ARGS` with `env` and waits until it says it is ready.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(waybill_bin());
+        cmd.arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("WAYBILL_LOG", "info");
+        for k in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            cmd.env_remove(k);
+        }
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", waybill_bin().display()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        pump(child.stdout.take().unwrap(), stdout.clone());
+        pump(child.stderr.take().unwrap(), stderr.clone());
+        let mut agent = Agent {
+            child: Some(child),
+            stdout,
+            stderr,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if agent.stderr.lock().unwrap().contains(" ready") {
+                return agent;
+            }
+            if let Ok(Some(st)) = agent.child.as_mut().unwrap().try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "waybill exited before it was ready ({st}):\n{}",
+                    agent.stderr.lock().unwrap()
+                );
+            }
+            if Instant::now() > end {
+                panic!("waybill not ready after 30 s:\n{}", agent.stderr.lock().unwrap());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// What it printed to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGINT, wait for exit (it flushes), return everything it printed.
+    pub fn stop(mut self) -> AgentOutput {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { kill(child.id() as i32, 2) };
+        let end = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                break child.wait().unwrap();
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        thread::sleep(Duration::from_millis(200));
+        AgentOutput {
+            status,
+            stdout: self.stdout.lock().unwrap().clone(),
+            stderr: self.stderr.lock().unwrap().clone(),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `waybill ARGS` to completion (for `check` and error cases).
+pub fn waybill(args: &[&str], env: &[(&str, &str)]) -> AgentOutput {
+    let out = Command::new(waybill_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run waybill");
+    AgentOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs a command and returns its stdout, panicking with its stderr on failure.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tiny HTTP GET (for /metrics and /healthz) returning (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
