@@ -904,6 +904,8 @@ struct State {
     /// The frontend's last message was a `Sync` (or nothing yet): the next one opens a group.
     group_closed: bool,
     last_be_ts: u64,
+    /// First frontend bytes, held until there are 8 to recognise a startup packet.
+    initial: Vec<u8>,
     /// The backend direction lost sync after having been in sync (and has not resynced).
     be_lost: bool,
     stats: ParserStats,
@@ -953,6 +955,7 @@ impl PgConn {
                 uncertain: false,
                 group_closed: true,
                 last_be_ts: 0,
+                initial: Vec::new(),
                 be_lost: false,
                 stats: ParserStats::default(),
             },
@@ -980,12 +983,21 @@ impl PgConn {
         }
         match c.dir {
             FlowDir::ToServer => {
+                let joined;
                 if st.phase == Phase::Initial {
+                    if st.initial.len() + data.len() < 8 && gap == 0 {
+                        st.initial.extend_from_slice(data);
+                        return;
+                    }
+                    let mut buf = std::mem::take(&mut st.initial);
+                    buf.extend_from_slice(data);
+                    joined = buf;
+                    data = &joined;
                     if data.len() >= 2 && data[0] == 0x16 && data[1] == 0x03 {
                         st.phase = Phase::Dead; // direct TLS
                         return;
                     }
-                    if data.len() >= 8 && looks_like_postgres_startup(data) {
+                    if looks_like_postgres_startup(data) {
                         st.phase = Phase::Startup;
                         self.fe.untyped = true;
                         self.fe.synced();
