@@ -13,7 +13,10 @@ fn main() {
     match fs::read(&src) {
         Ok(bytes) => fs::write(&out, bytes).unwrap(),
         Err(_) => {
-            println!("cargo:warning=eBPF object not found at {}: building without it (use `cargo xtask build`)", src.display());
+            println!(
+                "cargo:warning=eBPF object not found at {}: building without it (use `cargo xtask build`)",
+                src.display()
+            );
             fs::write(&out, b"").unwrap();
         }
     }

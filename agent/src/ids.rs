@@ -59,11 +59,7 @@ pub struct TraceParent {
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != N * 2
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return None;
     }
     let mut out = [0u8; N];
@@ -117,8 +113,7 @@ mod tests {
 
     #[test]
     fn traceparent_parsing() {
-        let tp =
-            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let tp = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(tp.trace_id[0], 0x4b);
         assert_eq!(tp.parent_id[7], 0xb7);
         assert!(tp.sampled);
@@ -140,9 +135,6 @@ mod tests {
             assert!(TraceParent::parse(bad).is_none(), "{bad}");
         }
         // A future version may carry more fields.
-        assert!(
-            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
-                .is_some()
-        );
+        assert!(TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz").is_some());
     }
 }

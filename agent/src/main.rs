@@ -75,10 +75,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WAYBILL_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("WAYBILL_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
     match cli.cmd {
@@ -120,15 +117,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ports: args.ports.clone(),
     };
     if selector.is_empty() {
-        anyhow::bail!(
-            "nothing to trace: name targets with --pid PID, --exe NAME or --port PORT (each repeatable)"
-        );
+        anyhow::bail!("nothing to trace: name targets with --pid PID, --exe NAME or --port PORT (each repeatable)");
     }
     for pid in &selector.pids {
         if !process::exists(*pid) {
-            anyhow::bail!(
-                "no process with PID {pid}: check the PID with `ps -p {pid}` (or select by --exe / --port)"
-            );
+            anyhow::bail!("no process with PID {pid}: check the PID with `ps -p {pid}` (or select by --exe / --port)");
         }
     }
     if !features::privileged() {
@@ -163,9 +156,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         skipped = probes.skipped.len(),
         "eBPF programs attached (syscall tracepoints; kprobes/fentry not needed)"
     );
-    metrics
-        .probe_attach_failures
-        .set(probes.skipped.len() as u64);
+    metrics.probe_attach_failures.set(probes.skipped.len() as u64);
 
     let (tx, rx) = mpsc::channel(args.span_queue);
     let exporter = match otlp {
@@ -182,9 +173,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(addr) => Some(
             metrics::serve(addr.clone(), metrics.clone())
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot serve metrics on {addr}: {e} (is the port free?)")
-                })?,
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e} (is the port free?)"))?,
         ),
         None => None,
     };
@@ -197,14 +186,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);
     let n = pipeline.initial_targets();
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(processes = n, "ready");
 
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -164,10 +164,7 @@ impl Metrics {
             "counter",
             &[
                 ("reason=\"queue_full\"", self.spans_dropped_queue_full.get()),
-                (
-                    "reason=\"export_backlog\"",
-                    self.export.dropped.load(Relaxed),
-                ),
+                ("reason=\"export_backlog\"", self.export.dropped.load(Relaxed)),
             ],
         );
         c(
@@ -226,10 +223,7 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` and `GET /healthz` on `addr` until the task is dropped.
-pub async fn serve(
-    addr: String,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(addr: String, metrics: Arc<Metrics>) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(&addr).await?;
     Ok(tokio::spawn(async move {
         loop {
@@ -239,12 +233,7 @@ pub async fn serve(
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
@@ -252,19 +241,9 @@ pub async fn serve(
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let (status, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                    "/healthz" if metrics.ready.load(Relaxed) => {
-                        ("200 OK", "text/plain", "ok\n".to_string())
-                    }
-                    "/healthz" => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "starting\n".to_string(),
-                    ),
-                    _ => (
-                        "404 Not Found",
-                        "text/plain",
-                        "try /metrics or /healthz\n".to_string(),
-                    ),
+                    "/healthz" if metrics.ready.load(Relaxed) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    "/healthz" => ("503 Service Unavailable", "text/plain", "starting\n".to_string()),
+                    _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

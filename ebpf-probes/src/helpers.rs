@@ -3,7 +3,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel};
-use waybill_common::{AF_INET, AF_INET6, KernelOffsets, ProbeConfig, SockInfo, Tuple, TracepointOffsets};
+use waybill_common::{AF_INET, AF_INET6, KernelOffsets, ProbeConfig, SockInfo, TracepointOffsets, Tuple};
 
 use crate::maps::{LOST, SOCKS, TARGETS};
 
@@ -31,12 +31,21 @@ static OFFS: KernelOffsets = KernelOffsets {
 
 /// Tracepoint field offsets read from tracefs `format` files before load.
 #[unsafe(no_mangle)]
-static TP_OFFS: TracepointOffsets =
-    TracepointOffsets { newtask_pid: 0, newtask_clone_flags: 0, newtask_clone_flags_size: 0, _pad: 0 };
+static TP_OFFS: TracepointOffsets = TracepointOffsets {
+    newtask_pid: 0,
+    newtask_clone_flags: 0,
+    newtask_clone_flags_size: 0,
+    _pad: 0,
+};
 
 /// Run-time settings.
 #[unsafe(no_mangle)]
-static CONFIG: ProbeConfig = ProbeConfig { capture_bytes: 4096, watch_exec: 0, watch_ports: 0, _pad: 0 };
+static CONFIG: ProbeConfig = ProbeConfig {
+    capture_bytes: 4096,
+    watch_exec: 0,
+    watch_ports: 0,
+    _pad: 0,
+};
 
 #[inline(always)]
 pub fn config() -> ProbeConfig {

@@ -47,7 +47,9 @@ pub fn tp_task_newtask(ctx: TracePointContext) -> u32 {
     if flags & CLONE_THREAD != 0 {
         return 0;
     }
-    let Ok(child) = (unsafe { ctx.read_at::<u32>(o.newtask_pid as usize) }) else { return 0 };
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(o.newtask_pid as usize) }) else {
+        return 0;
+    };
     let _ = TARGETS.insert(&child, &1, 0);
     emit_proc(KIND_PROC_FORK, child, child, tgid);
     let _ = tid;

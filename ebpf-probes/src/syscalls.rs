@@ -50,7 +50,9 @@ fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
         return 0;
     }
     let fd = arg(ctx, 0) as u32;
-    let Some(info) = sock_info(tgid, tid, fd, ROLE_UNKNOWN) else { return 0 };
+    let Some(info) = sock_info(tgid, tid, fd, ROLE_UNKNOWN) else {
+        return 0;
+    };
     if info.is_tcp == 0 {
         return 0;
     }
@@ -58,7 +60,13 @@ fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
         SYS_SENDFILE => (0, arg(ctx, 3)),
         _ => (arg(ctx, 1), arg(ctx, 2)),
     };
-    let args = SyscallArgs { ptr, len, sk: info.sk, fd, syscall };
+    let args = SyscallArgs {
+        ptr,
+        len,
+        sk: info.sk,
+        fd,
+        syscall,
+    };
     if STASH.insert(&pid_tgid, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }
@@ -96,9 +104,7 @@ fn copy_user(ev: *mut DataEvent, dst_off: u64, src: u64, n: u64) -> bool {
     }
     // SAFETY: `ev` points at the per-CPU scratch value; off + len ≤ 2·MAX_CAPTURE.
     let dst = unsafe { (*ev).data.as_mut_ptr().add(off as usize) };
-    let r = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len as u32, src as *const _)
-    };
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_probe_read_user(dst.cast(), len as u32, src as *const _) };
     r == 0
 }
 
@@ -107,7 +113,9 @@ fn copy_user(ev: *mut DataEvent, dst_off: u64, src: u64, n: u64) -> bool {
 pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
     let (tgid, tid, pid_tgid) = current();
     // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else { return 0 };
+    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
     let _ = STASH.remove(&pid_tgid);
     let r = ret(&ctx);
     if r <= 0 || args.syscall == SYS_CONNECT_STASH {
@@ -170,7 +178,13 @@ pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
     // SAFETY: `ev` is the per-CPU scratch record.
     unsafe {
         (*ev).head = DataHeader {
-            hdr: EventHeader { kind: KIND_DATA, tgid, tid, _pad: 0, ts_ns: bpf_ktime_get_ns() },
+            hdr: EventHeader {
+                kind: KIND_DATA,
+                tgid,
+                tid,
+                _pad: 0,
+                ts_ns: bpf_ktime_get_ns(),
+            },
             fd: args.fd,
             dir,
             total,
@@ -228,7 +242,13 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd = arg(&ctx, 0) as u32;
-    let args = SyscallArgs { ptr: 0, len: 0, sk: 0, fd, syscall: SYS_CONNECT_STASH };
+    let args = SyscallArgs {
+        ptr: 0,
+        len: 0,
+        sk: 0,
+        fd,
+        syscall: SYS_CONNECT_STASH,
+    };
     if STASH.insert(&pid_tgid, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }
@@ -241,7 +261,9 @@ const EINPROGRESS: i64 = 115;
 pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
     let (tgid, tid, pid_tgid) = current();
     // SAFETY: copied out before removal.
-    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else { return 0 };
+    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
     let _ = STASH.remove(&pid_tgid);
     let r = ret(&ctx);
     if args.syscall != SYS_CONNECT_STASH || (r != 0 && r != -EINPROGRESS) {
@@ -260,7 +282,9 @@ pub fn tp_sys_enter_close(ctx: TracePointContext) -> u32 {
     let fd = arg(&ctx, 0) as u32;
     let key = sock_key(tgid, fd);
     // SAFETY: copied out before removal.
-    let Some(info) = (unsafe { SOCKS.get(&key) }).copied() else { return 0 };
+    let Some(info) = (unsafe { SOCKS.get(&key) }).copied() else {
+        return 0;
+    };
     let _ = SOCKS.remove(&key);
     if info.is_tcp != 0 {
         emit_close(tgid, tid, fd, info.sk);

@@ -81,11 +81,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup { build_only } => setup(build_only),
         Cmd::Build { release } => build(&root, release).map(|_| ()),
-        Cmd::Test {
-            no_setup,
-            unit,
-            args,
-        } => test(&root, no_setup, unit, &args),
+        Cmd::Test { no_setup, unit, args } => test(&root, no_setup, unit, &args),
         Cmd::Run { args } => {
             let bin = build(&root, true)?;
             run(Command::new(bin).args(args))
@@ -101,9 +97,7 @@ fn project_root() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -160,38 +154,28 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
 
 /// Where bpf-linker is installed (its own root keeps it out of the user's ~/.cargo/bin).
 fn tools_dir() -> PathBuf {
-    std::env::var_os("WAYBILL_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            if is_root() {
-                PathBuf::from("/opt/waybill-tools")
-            } else {
-                PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into()))
-                    .join(".local/waybill-tools")
-            }
-        })
+    std::env::var_os("WAYBILL_TOOLS").map(PathBuf::from).unwrap_or_else(|| {
+        if is_root() {
+            PathBuf::from("/opt/waybill-tools")
+        } else {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".local/waybill-tools")
+        }
+    })
 }
 
 fn bpf_linker_ok() -> bool {
     Command::new(tools_dir().join("bin/bpf-linker"))
         .arg("--version")
         .output()
-        .map(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false)
 }
 
 fn setup(build_only: bool) -> Result<()> {
     apt_install(BUILD_PACKAGES)?;
     if !bpf_linker_ok() {
-        eprintln!(
-            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
-        );
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
+        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         run(Command::new("cargo")
             .args([
                 "install",
@@ -217,14 +201,7 @@ fn setup(build_only: bool) -> Result<()> {
             .unwrap_or(false);
         if !present {
             eprintln!("xtask: pip install {spec}");
-            run(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                spec,
-            ]))?;
+            run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", spec]))?;
         }
     }
     eprintln!("xtask: setup complete");
@@ -245,9 +222,7 @@ fn bpf_target_arch() -> &'static str {
 /// Builds the eBPF object; returns its path.
 pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
     if !bpf_linker_ok() {
-        bail!(
-            "bpf-linker {BPF_LINKER_VERSION} is not installed: run `cargo xtask setup --build-only` first"
-        );
+        bail!("bpf-linker {BPF_LINKER_VERSION} is not installed: run `cargo xtask setup --build-only` first");
     }
     let dir = root.join("ebpf-probes");
     let path = format!(
@@ -300,13 +275,7 @@ fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> 
     eprintln!("xtask: unit tests");
     run(Command::new("cargo")
         .current_dir(root)
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "waybill-tests",
-            "--release",
-        ])
+        .args(["test", "--workspace", "--exclude", "waybill-tests", "--release"])
         .env("WAYBILL_EBPF_OBJ", &obj))?;
     if unit {
         return Ok(());
@@ -315,9 +284,7 @@ fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> 
         if std::env::var_os("CI").is_some() {
             bail!("root integration tests need root, and CI must run them: run as root");
         }
-        eprintln!(
-            "xtask: NOT running the root integration tests (not root). Run `sudo cargo xtask test`."
-        );
+        eprintln!("xtask: NOT running the root integration tests (not root). Run `sudo cargo xtask test`.");
         return Ok(());
     }
     eprintln!("xtask: root integration tests");

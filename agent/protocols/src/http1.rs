@@ -202,18 +202,41 @@ impl Http1Conn {
     /// Feed one chunk. [`FlowDir::ToServer`] chunks carry requests, [`FlowDir::ToClient`] chunks
     /// carry responses. Completed exchanges are pushed to `out` in request order.
     pub fn feed(&mut self, chunk: Chunk<'_>, out: &mut Vec<HttpExchange>) {
+        self.feed_seq(chunk, &mut |_, e| out.push(e));
+    }
+
+    /// Like [`Http1Conn::feed`], but each exchange comes with its request's sequence number on
+    /// this connection (0, 1, 2 …, the numbers [`Http1Conn::requests_from`] reports), so callers
+    /// can attach their own state to a request when its head arrives and find it again here.
+    pub fn feed_seq(&mut self, chunk: Chunk<'_>, sink: &mut impl FnMut(u64, HttpExchange)) {
         let total = chunk.total.max(chunk.data.len());
         if total == 0 {
             return;
         }
         self.feed_side(chunk.dir, chunk.data, total, chunk.ts_ns);
-        self.emit_ready(out);
+        self.emit_ready(sink);
+    }
+
+    /// Requests whose head has been parsed and whose exchange is not finished, with sequence
+    /// number ≥ `seq`: (sequence number, request, ts of its first byte).
+    pub fn requests_from(&self, seq: u64) -> impl Iterator<Item = (u64, &HttpRequest, u64)> {
+        self.pending.iter().filter(move |p| p.seq >= seq).map(|p| (p.seq, &p.request, p.req_start))
+    }
+
+    /// The sequence number the next request head will get.
+    pub fn next_request_seq(&self) -> u64 {
+        self.next_req_seq
     }
 
     /// The connection closed: finish a response delimited by close (its end is the ts of its last
     /// chunk), end messages cut short (`approximate`), and flush every request still waiting, with
     /// `response = None` when no final response head was seen. The parser is then reset (stats kept).
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<HttpExchange>) {
+        self.close_seq(ts_ns, &mut |_, e| out.push(e));
+    }
+
+    /// [`Http1Conn::close`] with request sequence numbers (see [`Http1Conn::feed_seq`]).
+    pub fn close_seq(&mut self, ts_ns: u64, sink: &mut impl FnMut(u64, HttpExchange)) {
         // Boundaries come from chunk timestamps; `ts_ns` only ends what has no last byte.
         for dir in [FlowDir::ToServer, FlowDir::ToClient] {
             let phase = std::mem::replace(&mut self.side_mut(dir).phase, Phase::Desync);
@@ -239,7 +262,8 @@ impl Http1Conn {
             }
         }
         for p in self.pending.drain(..) {
-            out.push(p.into_exchange(ts_ns));
+            let seq = p.seq;
+            sink(seq, p.into_exchange(ts_ns));
         }
         self.req = Side::new();
         self.resp = Side::new();
@@ -267,10 +291,11 @@ impl Http1Conn {
         self.pending.iter_mut().find(|p| p.seq == seq)
     }
 
-    fn emit_ready(&mut self, out: &mut Vec<HttpExchange>) {
+    fn emit_ready(&mut self, sink: &mut impl FnMut(u64, HttpExchange)) {
         while self.pending.front().is_some_and(|p| p.req_done && p.resp_done) {
             if let Some(p) = self.pending.pop_front() {
-                out.push(p.into_exchange(0));
+                let seq = p.seq;
+                sink(seq, p.into_exchange(0));
             }
         }
     }

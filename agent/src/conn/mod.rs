@@ -16,9 +16,7 @@
 
 use std::collections::HashMap;
 
-use waybill_common::{
-    CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple,
-};
+use waybill_common::{CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple};
 use waybill_protocols::{
     Chunk, FlowDir,
     http1::{self, Http1Conn, HttpExchange},
@@ -103,25 +101,14 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
-    fn finish(
-        conn: &mut Conn,
-        ts_ns: u64,
-        m: &Metrics,
-        scratch: &mut Vec<HttpExchange>,
-        out: &mut Vec<Finished>,
-    ) {
+    fn finish(conn: &mut Conn, ts_ns: u64, m: &Metrics, scratch: &mut Vec<HttpExchange>, out: &mut Vec<Finished>) {
         if let L7::Http(p) = &mut conn.l7 {
             p.close(ts_ns, scratch);
             Self::drain(conn, m, scratch, out);
         }
     }
 
-    fn drain(
-        conn: &mut Conn,
-        m: &Metrics,
-        scratch: &mut Vec<HttpExchange>,
-        out: &mut Vec<Finished>,
-    ) {
+    fn drain(conn: &mut Conn, m: &Metrics, scratch: &mut Vec<HttpExchange>, out: &mut Vec<Finished>) {
         if let L7::Http(p) = &conn.l7 {
             let s = p.stats();
             let errs = s.parse_errors + s.resyncs + s.dropped_requests;
@@ -142,12 +129,7 @@ impl ConnTable {
         if self.conns.len() < self.max_conns {
             return;
         }
-        if let Some(key) = self
-            .conns
-            .iter()
-            .min_by_key(|(_, c)| c.last_ns)
-            .map(|(k, _)| *k)
-        {
+        if let Some(key) = self.conns.iter().min_by_key(|(_, c)| c.last_ns).map(|(k, _)| *k) {
             if let Some(mut c) = self.conns.remove(&key) {
                 Self::finish(&mut c, ts_ns, m, &mut self.scratch, out);
                 m.connections_evicted.inc();
@@ -191,13 +173,7 @@ impl ConnTable {
     }
 
     /// Bytes moved on a socket.
-    pub fn on_data(
-        &mut self,
-        head: &DataHeader,
-        payload: &[u8],
-        m: &Metrics,
-        out: &mut Vec<Finished>,
-    ) {
+    pub fn on_data(&mut self, head: &DataHeader, payload: &[u8], m: &Metrics, out: &mut Vec<Finished>) {
         let key = (head.hdr.tgid, head.fd);
         if !self.conns.contains_key(&key) {
             // Its KIND_CONN record was lost (ring buffer full): track it without a tuple.
@@ -279,12 +255,7 @@ impl ConnTable {
 
     /// A process exited: finish all its connections.
     pub fn on_exit(&mut self, pid: u32, ts_ns: u64, m: &Metrics, out: &mut Vec<Finished>) {
-        let keys: Vec<_> = self
-            .conns
-            .keys()
-            .filter(|(p, _)| *p == pid)
-            .copied()
-            .collect();
+        let keys: Vec<_> = self.conns.keys().filter(|(p, _)| *p == pid).copied().collect();
         for k in keys {
             if let Some(mut c) = self.conns.remove(&k) {
                 Self::finish(&mut c, ts_ns, m, &mut self.scratch, out);

@@ -2,8 +2,8 @@
 //! of the ring-buffer item, valid until the item is released.
 
 use waybill_common::{
-    CloseEvent, ConnEvent, DataHeader, EventHeader, KIND_CLOSE, KIND_CONN, KIND_DATA,
-    KIND_PORT_MATCH, KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, ProcEvent,
+    CloseEvent, ConnEvent, DataHeader, EventHeader, KIND_CLOSE, KIND_CONN, KIND_DATA, KIND_PORT_MATCH, KIND_PROC_EXEC,
+    KIND_PROC_EXIT, KIND_PROC_FORK, ProcEvent,
 };
 
 pub mod pump;

@@ -40,12 +40,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(
-        probes: Probes,
-        cfg: PipelineConfig,
-        metrics: Arc<Metrics>,
-        spans: mpsc::Sender<SpanRecord>,
-    ) -> Self {
+    pub fn new(probes: Probes, cfg: PipelineConfig, metrics: Arc<Metrics>, spans: mpsc::Sender<SpanRecord>) -> Self {
         let conns = ConnTable::new(cfg.max_connections, cfg.idle_timeout.as_nanos() as u64);
         Self {
             probes,
@@ -70,9 +65,7 @@ impl Pipeline {
             return false;
         }
         self.traced.insert(pid);
-        self.metrics
-            .processes_attached
-            .set(self.traced.len() as u64);
+        self.metrics.processes_attached.set(self.traced.len() as u64);
         let names = process::names(pid);
         tracing::info!(
             pid,
@@ -92,14 +85,7 @@ impl Pipeline {
         }
         for pid in self.cfg.selector.pids.clone() {
             for p in process::with_descendants(pid) {
-                self.trace(
-                    p,
-                    if p == pid {
-                        "--pid"
-                    } else {
-                        "descendant of --pid"
-                    },
-                );
+                self.trace(p, if p == pid { "--pid" } else { "descendant of --pid" });
             }
         }
         self.rescan();
@@ -111,12 +97,7 @@ impl Pipeline {
             self.trace(pid, "matches --exe/--port");
         }
         // Forget processes that are gone (their exit event may have been lost).
-        let gone: Vec<u32> = self
-            .traced
-            .iter()
-            .copied()
-            .filter(|p| !process::exists(*p))
-            .collect();
+        let gone: Vec<u32> = self.traced.iter().copied().filter(|p| !process::exists(*p)).collect();
         for p in gone {
             self.untrace(p, Clock::monotonic_now());
         }
@@ -125,12 +106,9 @@ impl Pipeline {
     fn untrace(&mut self, pid: u32, ts_ns: u64) {
         self.traced.remove(&pid);
         self.probes.remove_target(pid);
-        self.conns
-            .on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
+        self.conns.on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
         self.stitcher.resources.forget(pid);
-        self.metrics
-            .processes_attached
-            .set(self.traced.len() as u64);
+        self.metrics.processes_attached.set(self.traced.len() as u64);
     }
 
     fn handle(&mut self, buf: &[u8]) {
@@ -159,9 +137,7 @@ impl Pipeline {
             Record::Fork(ev) => {
                 let pid = ev.hdr.tgid;
                 self.traced.insert(pid);
-                self.metrics
-                    .processes_attached
-                    .set(self.traced.len() as u64);
+                self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
             }
             Record::Exit(ev) => {
@@ -171,9 +147,7 @@ impl Pipeline {
             Record::PortMatch(ev) => {
                 let pid = ev.hdr.tgid;
                 self.traced.insert(pid);
-                self.metrics
-                    .processes_attached
-                    .set(self.traced.len() as u64);
+                self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
             }
         }
@@ -192,15 +166,11 @@ impl Pipeline {
 
     fn refresh_lost(&self) {
         let l = self.probes.lost_counters();
-        self.metrics
-            .lost_ringbuf_full
-            .set(l[LOST_RINGBUF_FULL as usize]);
+        self.metrics.lost_ringbuf_full.set(l[LOST_RINGBUF_FULL as usize]);
         self.metrics
             .lost_payload_truncated
             .set(l[LOST_PAYLOAD_TRUNCATED as usize]);
-        self.metrics
-            .lost_stash_full
-            .set(l[LOST_STASH_FULL as usize]);
+        self.metrics.lost_stash_full.set(l[LOST_STASH_FULL as usize]);
         self.metrics.lost_read_user.set(l[LOST_READ_USER as usize]);
     }
 
@@ -212,8 +182,7 @@ impl Pipeline {
     ) -> std::io::Result<()> {
         // SAFETY: the RingBuf owns its map fd and lives inside the AsyncFd, so the fd stays open
         // for as long as it is registered.
-        let mut ring =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_scan = std::time::Instant::now();
         tokio::pin!(shutdown);

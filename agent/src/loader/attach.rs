@@ -17,8 +17,7 @@ use waybill_common::{KernelOffsets, LOST_COUNTERS, ProbeConfig, TracepointOffset
 use super::{btf, tracefs};
 
 /// The eBPF object built by `cargo xtask build` (empty when the agent was built without it).
-static PROBES_OBJ: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waybill-probes.o"));
+static PROBES_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/waybill-probes.o"));
 
 /// The embedded eBPF object.
 pub fn embedded_object() -> &'static [u8] {
@@ -43,17 +42,13 @@ pub enum LoadError {
          and a kernel ≥ 5.8 with BTF; run `waybill check` to see what this kernel allows"
     )]
     Load(#[source] aya::EbpfError),
-    #[error(
-        "eBPF program {program} was rejected: {source}. Run `waybill check` and report this kernel version"
-    )]
+    #[error("eBPF program {program} was rejected: {source}. Run `waybill check` and report this kernel version")]
     Program {
         program: String,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error(
-        "eBPF map {0} is missing from the object (build mismatch: rebuild with `cargo xtask build`)"
-    )]
+    #[error("eBPF map {0} is missing from the object (build mismatch: rebuild with `cargo xtask build`)")]
     MissingMap(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map {
@@ -73,11 +68,7 @@ const ATTACH: &[(&str, &str, &str)] = &[
     ("tp_sys_enter_sendto", "syscalls", "sys_enter_sendto"),
     ("tp_sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
     ("tp_sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    (
-        "tp_sys_enter_sendfile64",
-        "syscalls",
-        "sys_enter_sendfile64",
-    ),
+    ("tp_sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
     ("tp_sys_exit_data", "syscalls", "sys_exit_read"),
     ("tp_sys_exit_data", "syscalls", "sys_exit_write"),
     ("tp_sys_exit_data", "syscalls", "sys_exit_readv"),
@@ -183,22 +174,19 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             }
         }
     }
-    let events = RingBuf::try_from(
-        ebpf.take_map("EVENTS")
-            .ok_or(LoadError::MissingMap("EVENTS"))?,
-    )
-    .map_err(|e| LoadError::Map {
-        name: "EVENTS",
-        source: e,
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?).map_err(|e| {
+        LoadError::Map {
+            name: "EVENTS",
+            source: e,
+        }
     })?;
-    let targets = BpfHashMap::try_from(
-        ebpf.take_map("TARGETS")
-            .ok_or(LoadError::MissingMap("TARGETS"))?,
-    )
-    .map_err(|e| LoadError::Map {
-        name: "TARGETS",
-        source: e,
-    })?;
+    let targets =
+        BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?).map_err(|e| {
+            LoadError::Map {
+                name: "TARGETS",
+                source: e,
+            }
+        })?;
     let watch_ports = BpfHashMap::try_from(
         ebpf.take_map("WATCH_PORTS")
             .ok_or(LoadError::MissingMap("WATCH_PORTS"))?,
@@ -207,10 +195,11 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         name: "WATCH_PORTS",
         source: e,
     })?;
-    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
-        .map_err(|e| LoadError::Map {
-        name: "LOST",
-        source: e,
+    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?).map_err(|e| {
+        LoadError::Map {
+            name: "LOST",
+            source: e,
+        }
     })?;
     Ok((
         Probes {

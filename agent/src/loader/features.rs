@@ -37,22 +37,24 @@ impl Features {
             "NONE: syscall tracepoints are missing, socket I/O cannot be captured".to_string()
         };
         let accel = match (self.get("fentry"), self.get("kprobes")) {
-            (true, _) => "fentry available (tcp_sendmsg/tcp_recvmsg could replace the fd walk); tracepoints in use".to_string(),
+            (true, _) => {
+                "fentry available (tcp_sendmsg/tcp_recvmsg could replace the fd walk); tracepoints in use".to_string()
+            }
             (false, true) => "kprobes available; fentry refused; tracepoints in use".to_string(),
-            (false, false) => "kprobes and fentry unavailable: fallback to syscall tracepoints + BTF fd walk".to_string(),
+            (false, false) => {
+                "kprobes and fentry unavailable: fallback to syscall tracepoints + BTF fd walk".to_string()
+            }
         };
         vec![
             ("socket data", data),
             (
                 "fd → TCP 4-tuple",
-                "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time"
-                    .to_string(),
+                "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time".to_string(),
             ),
             ("accelerators", accel),
             (
                 "process lifecycle",
-                "tracepoints sched/sched_process_exec, task/task_newtask, sched/sched_process_exit"
-                    .to_string(),
+                "tracepoints sched/sched_process_exec, task/task_newtask, sched/sched_process_exit".to_string(),
             ),
         ]
     }
@@ -104,11 +106,7 @@ fn capabilities() -> (bool, bool, u64) {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    (
-        eff & (1 << 21) != 0,
-        eff & (1 << 39) != 0 && eff & (1 << 38) != 0,
-        eff,
-    )
+    (eff & (1 << 21) != 0, eff & (1 << 39) != 0 && eff & (1 << 38) != 0, eff)
 }
 
 /// True when the process may load and attach the programs.
@@ -126,10 +124,7 @@ pub fn kernel_release() -> String {
 /// Tries to load the fentry probe program from the embedded object.
 fn probe_fentry(obj: &[u8]) -> (bool, String) {
     if obj.is_empty() {
-        return (
-            false,
-            "not probed: binary built without its eBPF object".into(),
-        );
+        return (false, "not probed: binary built without its eBPF object".into());
     }
     let Ok(btf) = aya::Btf::from_sys_fs() else {
         return (false, "no kernel BTF".into());
@@ -193,11 +188,7 @@ pub fn detect() -> Features {
         },
     });
     let tfs = tracefs_root();
-    let tp = tfs.is_some_and(|r| {
-        Path::new(r)
-            .join("events/syscalls/sys_enter_write")
-            .exists()
-    });
+    let tp = tfs.is_some_and(|r| Path::new(r).join("events/syscalls/sys_enter_write").exists());
     probes.push(Probe {
         name: "tracepoints",
         available: tp,

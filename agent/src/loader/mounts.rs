@@ -20,15 +20,7 @@ fn mount(fstype: &str, target: &str) -> Result<(), String> {
     let src = CString::new(fstype).expect("no NUL");
     let tgt = CString::new(target).expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
     if r == 0 {
         Ok(())
     } else {
@@ -50,7 +42,9 @@ pub fn ensure_tracefs() -> Result<String, String> {
             "/sys/kernel/tracing".to_string()
         })
         .map_err(|e| {
-            format!("tracefs is not mounted and mounting it failed ({e}): run `mount -t tracefs nodev /sys/kernel/tracing`")
+            format!(
+                "tracefs is not mounted and mounting it failed ({e}): run `mount -t tracefs nodev /sys/kernel/tracing`"
+            )
         })
 }
 

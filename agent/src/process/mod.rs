@@ -37,8 +37,7 @@ pub fn all_pids() -> Vec<u32> {
     let Ok(rd) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 pub fn exists(pid: u32) -> bool {
@@ -117,11 +116,7 @@ fn listening_inodes(ports: &[u16]) -> HashSet<u64> {
             if cols.len() < 10 || cols[3] != "0A" {
                 continue; // 0A = TCP_LISTEN
             }
-            let Some(port) = cols[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-            else {
+            let Some(port) = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else {
                 continue;
             };
             if ports.contains(&port) {
@@ -143,10 +138,7 @@ fn holds_any_socket(pid: u32, inodes: &HashSet<u64>) -> bool {
             .ok()
             .and_then(|l| {
                 let s = l.to_string_lossy().into_owned();
-                s.strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .parse::<u64>()
-                    .ok()
+                s.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()
             })
             .is_some_and(|i| inodes.contains(&i))
     })
@@ -166,9 +158,7 @@ pub fn scan(sel: &Selector, skip: &HashSet<u32>) -> Vec<u32> {
     all_pids()
         .into_iter()
         .filter(|p| *p != own && !skip.contains(p))
-        .filter(|&p| {
-            exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes))
-        })
+        .filter(|&p| exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes)))
         .collect()
 }
 
@@ -260,15 +250,9 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
         })
         .unwrap_or_else(|| exe_name.clone());
     let mut attributes = vec![
-        (
-            "service.name".to_string(),
-            AttrValue::Str(service_name.clone()),
-        ),
+        ("service.name".to_string(), AttrValue::Str(service_name.clone())),
         ("process.pid".to_string(), AttrValue::Int(pid as i64)),
-        (
-            "process.executable.name".to_string(),
-            AttrValue::Str(exe_name),
-        ),
+        ("process.executable.name".to_string(), AttrValue::Str(exe_name)),
     ];
     if let Some(p) = exe_path {
         attributes.push(("process.executable.path".to_string(), AttrValue::Str(p)));
@@ -326,9 +310,7 @@ mod tests {
 
     #[test]
     fn resource_attributes_parse_and_decode() {
-        let v = parse_resource_attributes(
-            "service.name=shop%20api, deployment.environment=prod,bad,=x",
-        );
+        let v = parse_resource_attributes("service.name=shop%20api, deployment.environment=prod,bad,=x");
         assert_eq!(
             v,
             vec![
@@ -357,10 +339,7 @@ mod tests {
 
     #[test]
     fn child_processes_are_descendants_and_match_by_name() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
         let pid = child.id();
         assert!(with_descendants(std::process::id()).contains(&pid));
         assert!(exe_matches(pid, &["sleep".to_string()]));

@@ -35,11 +35,7 @@ pub fn ip(t: &Tuple, local: bool) -> Option<IpAddr> {
         AF_INET => Some(IpAddr::from([a[0], a[1], a[2], a[3]])),
         AF_INET6 => {
             let v6 = std::net::Ipv6Addr::from(*a);
-            Some(
-                v6.to_ipv4_mapped()
-                    .map(IpAddr::V4)
-                    .unwrap_or(IpAddr::V6(v6)),
-            )
+            Some(v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)))
         }
         _ => None,
     }
@@ -50,10 +46,7 @@ fn split_host(h: &str) -> (String, Option<u16>) {
     let h = h.trim();
     if let Some(rest) = h.strip_prefix('[') {
         if let Some((host, tail)) = rest.split_once(']') {
-            return (
-                host.to_string(),
-                tail.strip_prefix(':').and_then(|p| p.parse().ok()),
-            );
+            return (host.to_string(), tail.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
     }
     match h.rsplit_once(':') {
@@ -179,11 +172,7 @@ impl Stitcher {
                 if let Some(n) = r.content_length {
                     a.push(attr("http.response.body.size", n as i64));
                 }
-                let is_err = if server {
-                    r.status >= 500
-                } else {
-                    r.status >= 400
-                };
+                let is_err = if server { r.status >= 500 } else { r.status >= 400 };
                 if is_err {
                     a.push(attr("error.type", r.status.to_string()));
                     SpanStatus::Error(format!("HTTP {}", r.status))
@@ -245,11 +234,7 @@ impl Stitcher {
             trace_state,
             sampled,
             name,
-            kind: if server {
-                SpanKind::Server
-            } else {
-                SpanKind::Client
-            },
+            kind: if server { SpanKind::Server } else { SpanKind::Client },
             start_unix_ns: self.clock.to_unix_ns(ex.request_start_ns),
             end_unix_ns: self.clock.to_unix_ns(end),
             attributes: a,

@@ -107,19 +107,15 @@ pub struct SpanRecord {
 impl SpanRecord {
     /// The value of attribute `key`, if present.
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
-        self.attributes
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v)
+        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 }
 
 /// Lower-case hex of an id.
 pub fn hex(id: &[u8]) -> String {
     use std::fmt::Write;
-    id.iter()
-        .fold(String::with_capacity(id.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    id.iter().fold(String::with_capacity(id.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
