@@ -12,6 +12,8 @@ use std::{
 };
 
 use crate::export::otlp::ExportStats;
+use crate::export::red::{Red, RedStats};
+use std::sync::OnceLock;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -62,8 +64,16 @@ pub struct Metrics {
     pub probe_attach_failures: Counter,
     pub parent_source_none: Counter,
     pub parent_source_header: Counter,
+    pub parent_source_thread: Counter,
+    pub parent_source_connection: Counter,
+    pub parent_uncertain: Counter,
+    pub contexts_evicted: Counter,
     /// Filled by the exporter.
     pub export: Arc<ExportStats>,
+    /// Filled by the RED tee and the metric exporter.
+    pub red_stats: Arc<RedStats>,
+    /// The RED histograms, rendered after the self-metrics when set.
+    pub red: OnceLock<Arc<Red>>,
     pub ready: AtomicBool,
 }
 
@@ -175,15 +185,48 @@ impl Metrics {
         );
         c(
             "waybill_export_errors_total",
-            "Failed OTLP export calls.",
+            "Spans given up on: the collector rejected them (permanent failure) or they could not be sent before shutdown.",
             "counter",
             &[("", self.export.failed.load(Relaxed))],
         );
         c(
             "waybill_export_retries_total",
-            "OTLP export retries.",
+            "Spans sent again after a retryable export failure.",
             "counter",
             &[("", self.export.retried.load(Relaxed))],
+        );
+        c(
+            "waybill_export_pending_spans",
+            "Spans held by the OTLP exporter (backlog and request in flight), e.g. during a collector outage.",
+            "gauge",
+            &[("", self.export.pending.load(Relaxed))],
+        );
+        c(
+            "waybill_spans_sampled_out_total",
+            "Spans not exported because of a service rule's sampling ratio (still counted in the RED metrics).",
+            "counter",
+            &[("", self.red_stats.sampled_out.load(Relaxed))],
+        );
+        c(
+            "waybill_red_measurements_total",
+            "Spans measured into the RED histograms.",
+            "counter",
+            &[("", self.red_stats.measured.load(Relaxed))],
+        );
+        c(
+            "waybill_red_overflow_total",
+            "RED measurements recorded under otel.metric.overflow=true because the process's series budget was spent.",
+            "counter",
+            &[("", self.red_stats.overflow.load(Relaxed))],
+        );
+        c(
+            "waybill_metric_exports_total",
+            "OTLP metric export requests (one per traced process and interval), by result.",
+            "counter",
+            &[
+                ("result=\"ok\"", self.red_stats.exports.load(Relaxed)),
+                ("result=\"failed\"", self.red_stats.export_failures.load(Relaxed)),
+            ],
         );
         c(
             "waybill_traceparent_malformed_total",
@@ -216,8 +259,25 @@ impl Metrics {
             &[
                 ("source=\"none\"", self.parent_source_none.get()),
                 ("source=\"header\"", self.parent_source_header.get()),
+                ("source=\"thread\"", self.parent_source_thread.get()),
+                ("source=\"connection\"", self.parent_source_connection.get()),
             ],
         );
+        c(
+            "waybill_parent_links_uncertain_total",
+            "Spans whose thread parent was ambiguous (several requests open on one thread: event loops).",
+            "counter",
+            &[("", self.parent_uncertain.get())],
+        );
+        c(
+            "waybill_trace_contexts_evicted_total",
+            "In-flight request contexts dropped because the context table was full.",
+            "counter",
+            &[("", self.contexts_evicted.get())],
+        );
+        if let Some(red) = self.red.get() {
+            red.render_prometheus(&mut s);
+        }
         s
     }
 }

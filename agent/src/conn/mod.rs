@@ -19,10 +19,12 @@ use std::collections::HashMap;
 use waybill_common::{CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple};
 use waybill_protocols::{
     Chunk, FlowDir,
-    http1::{self, Http1Conn, HttpExchange},
+    http1::{self, Http1Conn, HttpExchange, HttpRequest},
 };
 
 use crate::metrics::Metrics;
+
+mod tls;
 
 /// Which end of the connection the traced process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,18 +47,25 @@ impl Role {
 /// Facts about a connection that travel with each finished exchange.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnMeta {
+    /// Unique per connection for the agent's lifetime (fds are reused, this is not).
+    pub conn_id: u64,
     pub pid: u32,
     pub fd: u32,
     pub tuple: Tuple,
     pub role: Role,
     /// Thread that read the first byte of the current request (server side) or wrote it (client).
     pub tid: u32,
+    /// The bytes are TLS plaintext from the TLS uprobes (conn/tls.rs).
+    pub tls: bool,
 }
 
-/// A finished exchange, ready for the stitcher.
+/// What the connection table tells the stitcher, in event order.
 #[derive(Debug)]
 pub enum Finished {
-    Http(ConnMeta, HttpExchange),
+    /// A request head was seen (`meta.tid` is the thread that read or wrote it).
+    HttpStart { meta: ConnMeta, seq: u64, traceparent: Option<String>, tracestate: Option<String>, start_ns: u64 },
+    /// The exchange of request `seq` on this connection finished.
+    Http(ConnMeta, u64, HttpExchange),
 }
 
 enum L7 {
@@ -67,6 +76,8 @@ enum L7 {
 
 struct Conn {
     meta: ConnMeta,
+    /// Sequence number of the next request head not yet announced with `HttpStart`.
+    next_seq: u64,
     sk: u64,
     l7: L7,
     last_ns: u64,
@@ -76,11 +87,26 @@ struct Conn {
 
 const DETECT_CHUNKS: u8 = 3;
 
+impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(conn_id: u64, pid: u32, fd: u32, tuple: Tuple, role: Role, tid: u32, sk: u64, ts_ns: u64) -> Self {
+        Conn {
+            meta: ConnMeta { conn_id, pid, fd, tuple, role, tid, tls: false },
+            next_seq: 0,
+            sk,
+            l7: L7::Undecided { chunks: 0 },
+            last_ns: ts_ns,
+            reported_errors: 0,
+        }
+    }
+}
+
 pub struct ConnTable {
     conns: HashMap<(u32, u32), Conn>,
     max_conns: usize,
     idle_ns: u64,
-    scratch: Vec<HttpExchange>,
+    next_conn_id: u64,
+    scratch: Vec<(u64, HttpExchange)>,
 }
 
 impl ConnTable {
@@ -89,6 +115,7 @@ impl ConnTable {
             conns: HashMap::new(),
             max_conns,
             idle_ns,
+            next_conn_id: 1,
             scratch: Vec::new(),
         }
     }
@@ -101,27 +128,45 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
-    fn finish(conn: &mut Conn, ts_ns: u64, m: &Metrics, scratch: &mut Vec<HttpExchange>, out: &mut Vec<Finished>) {
+    fn finish(conn: &mut Conn, ts_ns: u64, m: &Metrics, scratch: &mut Vec<(u64, HttpExchange)>, out: &mut Vec<Finished>) {
         if let L7::Http(p) = &mut conn.l7 {
-            p.close(ts_ns, scratch);
+            p.close_seq(ts_ns, &mut |seq, ex| scratch.push((seq, ex)));
             Self::drain(conn, m, scratch, out);
         }
     }
 
-    fn drain(conn: &mut Conn, m: &Metrics, scratch: &mut Vec<HttpExchange>, out: &mut Vec<Finished>) {
+    /// Announces request heads seen since the last call, then hands out finished exchanges.
+    fn drain(conn: &mut Conn, m: &Metrics, scratch: &mut Vec<(u64, HttpExchange)>, out: &mut Vec<Finished>) {
         if let L7::Http(p) = &conn.l7 {
             let s = p.stats();
-            let errs = s.parse_errors + s.resyncs + s.dropped_requests;
+            // Resynchronisations are normal (adoption mid-stream) and not counted as errors.
+            let errs = s.parse_errors + s.dropped_requests;
             if errs > conn.reported_errors {
                 m.parse_errors.add(errs - conn.reported_errors);
                 conn.reported_errors = errs;
             }
+            let meta = conn.meta;
+            let start = |seq: u64, req: &HttpRequest, ts: u64| Finished::HttpStart {
+                meta,
+                seq,
+                traceparent: req.traceparent.clone(),
+                tracestate: req.tracestate.clone(),
+                start_ns: ts,
+            };
+            // Requests that began and finished within this batch, then those still open.
+            for (seq, ex) in scratch.iter().filter(|(seq, _)| *seq >= conn.next_seq) {
+                out.push(start(*seq, &ex.request, ex.request_start_ns));
+            }
+            for (seq, req, ts) in p.requests_from(conn.next_seq) {
+                out.push(start(seq, req, ts));
+            }
+            conn.next_seq = p.next_request_seq().max(conn.next_seq);
         }
-        for ex in scratch.drain(..) {
+        for (seq, ex) in scratch.drain(..) {
             if ex.response.is_none() {
                 m.requests_unpaired.inc();
             }
-            out.push(Finished::Http(conn.meta, ex));
+            out.push(Finished::Http(conn.meta, seq, ex));
         }
     }
 
@@ -153,47 +198,28 @@ impl ConnTable {
         }
         self.make_room(ev.hdr.ts_ns, m, out);
         m.connections_opened.inc();
+        self.next_conn_id += 1;
         self.conns.insert(
             key,
-            Conn {
-                meta: ConnMeta {
-                    pid: ev.hdr.tgid,
-                    fd: ev.fd,
-                    tuple: ev.tuple,
-                    role: Role::from_kernel(ev.role),
-                    tid: ev.hdr.tid,
-                },
-                sk: ev.sk,
-                l7: L7::Undecided { chunks: 0 },
-                last_ns: ev.hdr.ts_ns,
-                reported_errors: 0,
-            },
+            Conn::new(self.next_conn_id, ev.hdr.tgid, ev.fd, ev.tuple, Role::from_kernel(ev.role), ev.hdr.tid, ev.sk, ev.hdr.ts_ns),
         );
         m.connections_tracked.set(self.conns.len() as u64);
     }
 
     /// Bytes moved on a socket.
     pub fn on_data(&mut self, head: &DataHeader, payload: &[u8], m: &Metrics, out: &mut Vec<Finished>) {
+        if self.tls_gate(head, m, out) {
+            return;
+        }
         let key = (head.hdr.tgid, head.fd);
         if !self.conns.contains_key(&key) {
             // Its KIND_CONN record was lost (ring buffer full): track it without a tuple.
             self.make_room(head.hdr.ts_ns, m, out);
             m.connections_opened.inc();
+            self.next_conn_id += 1;
             self.conns.insert(
                 key,
-                Conn {
-                    meta: ConnMeta {
-                        pid: head.hdr.tgid,
-                        fd: head.fd,
-                        tuple: Tuple::default(),
-                        role: Role::Unknown,
-                        tid: head.hdr.tid,
-                    },
-                    sk: head.sk,
-                    l7: L7::Undecided { chunks: 0 },
-                    last_ns: head.hdr.ts_ns,
-                    reported_errors: 0,
-                },
+                Conn::new(self.next_conn_id, head.hdr.tgid, head.fd, Tuple::default(), Role::Unknown, head.hdr.tid, head.sk, head.hdr.ts_ns),
             );
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
@@ -241,7 +267,8 @@ impl ConnTable {
                 total: head.total as usize,
                 ts_ns: head.hdr.ts_ns,
             };
-            p.feed(chunk, &mut self.scratch);
+            let scratch = &mut self.scratch;
+            p.feed_seq(chunk, &mut |seq, ex| scratch.push((seq, ex)));
             Self::drain(conn, m, &mut self.scratch, out);
         }
     }
@@ -338,10 +365,12 @@ mod tests {
         t.on_conn(&conn_ev(10, 5, ROLE_UNKNOWN_FOR_TEST, 1), &m, &mut out);
         let req = b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n";
         t.on_data(&data(10, 5, DIR_READ, 100, req), req, &m, &mut out);
+        // The head is announced as soon as it is read, with the reading thread.
+        assert!(matches!(&out[..], [Finished::HttpStart { seq: 0, start_ns: 100, meta, .. }] if meta.tid == 11));
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         t.on_data(&data(10, 5, DIR_WRITE, 250, resp), resp, &m, &mut out);
-        assert_eq!(out.len(), 1);
-        let Finished::Http(meta, ex) = &out[0];
+        assert_eq!(out.len(), 2);
+        let Finished::Http(meta, _, ex) = out.last().unwrap() else { panic!("{out:?}") };
         assert_eq!(meta.role, Role::Server);
         assert_eq!(meta.tuple.lport, 8080);
         assert_eq!(ex.request.method, "GET");
@@ -404,7 +433,8 @@ mod tests {
             &m,
             &mut out,
         );
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[1], Finished::Http(_, 0, ex) if ex.response.is_none()));
         assert_eq!(m.requests_unpaired.get(), 1);
     }
 }

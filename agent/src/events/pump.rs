@@ -73,6 +73,7 @@ impl Pipeline {
             why,
             "tracing process"
         );
+        self.probes.attach_tls(pid);
         true
     }
 
@@ -96,6 +97,10 @@ impl Pipeline {
         for pid in process::scan(&self.cfg.selector, &self.traced) {
             self.trace(pid, "matches --exe/--port");
         }
+        // TLS libraries loaded since the last look (dlopen).
+        for pid in self.traced.clone() {
+            self.probes.attach_tls(pid);
+        }
         // Forget processes that are gone (their exit event may have been lost).
         let gone: Vec<u32> = self.traced.iter().copied().filter(|p| !process::exists(*p)).collect();
         for p in gone {
@@ -106,8 +111,9 @@ impl Pipeline {
     fn untrace(&mut self, pid: u32, ts_ns: u64) {
         self.traced.remove(&pid);
         self.probes.remove_target(pid);
+        self.probes.detach_tls(pid);
         self.conns.on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
-        self.stitcher.resources.forget(pid);
+        self.stitcher.forget(pid);
         self.metrics.processes_attached.set(self.traced.len() as u64);
     }
 
@@ -128,7 +134,9 @@ impl Pipeline {
             Record::Exec(ev) => {
                 let pid = ev.hdr.tgid;
                 if self.traced.contains(&pid) {
-                    // Same process, new program: describe it afresh.
+                    // Same process, new program: describe it afresh, probe its TLS afresh.
+                    self.probes.detach_tls(pid);
+                    self.probes.attach_tls(pid);
                     self.stitcher.resources.forget(pid);
                 } else if process::exe_matches(pid, &self.cfg.selector.exes) {
                     self.trace(pid, "exec matches --exe");
@@ -139,6 +147,7 @@ impl Pipeline {
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
+                self.probes.attach_tls(pid);
             }
             Record::Exit(ev) => {
                 tracing::debug!(pid = ev.hdr.tgid, "traced process exited");
@@ -149,6 +158,7 @@ impl Pipeline {
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
+                self.probes.attach_tls(pid);
             }
         }
         self.flush_finished();
@@ -198,7 +208,9 @@ impl Pipeline {
                 }
                 _ = tick.tick() => {
                     self.refresh_lost();
-                    self.conns.sweep(Clock::monotonic_now(), &self.metrics, &mut self.finished);
+                    let now = Clock::monotonic_now();
+                    self.conns.sweep(now, &self.metrics, &mut self.finished);
+                    self.stitcher.sweep(now, &self.metrics);
                     self.flush_finished();
                     if last_scan.elapsed() >= self.cfg.rescan_every {
                         last_scan = std::time::Instant::now();

@@ -1,16 +1,11 @@
 //! Turns finished exchanges into spans: names, semantic-convention attributes, status, ids and
-//! the parent link.
-//!
-//! Parent rules implemented here:
-//! - an incoming HTTP request with a valid W3C `traceparent` joins that trace as a child of the
-//!   remote span (`waybill.parent.source = header`); its sampled flag is honoured (an unsampled
-//!   request produces no span, counted in `waybill_spans_unsampled_total`); a malformed header is
-//!   ignored and counted, the span then starts a new trace;
-//! - otherwise the span starts a new trace (`none`).
+//! the parent link. Trace membership and parents come from `context.rs` (rules documented there);
+//! an unsampled incoming trace produces no spans (counted in `waybill_spans_unsampled_total`).
 
+pub mod context;
 pub mod span;
 
-use std::{net::IpAddr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::http1::{self, HttpExchange};
@@ -18,10 +13,10 @@ use waybill_protocols::http1::{self, HttpExchange};
 use crate::{
     clock::Clock,
     conn::{ConnMeta, Finished, Role},
-    ids::{self, TraceParent},
     metrics::Metrics,
     process::Resources,
 };
+use context::{Correlator, Endpoint, RequestStart, Resolved};
 use span::{Attr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
 
 /// Methods named by the HTTP semantic conventions; others become `_OTHER`.
@@ -59,27 +54,83 @@ fn attr(k: &str, v: impl Into<AttrValue>) -> Attr {
     (k.to_string(), v.into())
 }
 
+fn request_start(meta: &ConnMeta, start_ns: u64, traceparent: Option<String>, tracestate: Option<String>) -> RequestStart {
+    RequestStart {
+        pid: meta.pid,
+        tid: meta.tid,
+        server: meta.role != Role::Client,
+        local: endpoint(&meta.tuple, true),
+        remote: endpoint(&meta.tuple, false),
+        start_ns,
+        traceparent,
+        tracestate,
+    }
+}
+
 pub struct Stitcher {
     clock: Clock,
     pub resources: Resources,
+    corr: Correlator,
+    /// (connection id, request sequence number) → context id.
+    ctx_of: HashMap<(u64, u64), u64>,
+}
+
+fn endpoint(t: &Tuple, local: bool) -> Endpoint {
+    if local { (t.laddr, t.lport) } else { (t.raddr, t.rport) }
 }
 
 impl Stitcher {
     pub fn new(clock: Clock) -> Self {
-        Self {
-            clock,
-            resources: Resources::new(),
-        }
+        Self { clock, resources: Resources::new(), corr: Correlator::new(), ctx_of: HashMap::new() }
     }
 
-    /// Builds the span for a finished exchange, or None when it must not be exported.
+    /// Takes one event from the connection table; returns a span when an exchange finished and
+    /// must be exported.
     pub fn span(&mut self, f: Finished, m: &Metrics) -> Option<SpanRecord> {
         match f {
-            Finished::Http(meta, ex) => self.http_span(&meta, ex, m),
+            Finished::HttpStart { meta, seq, traceparent, tracestate, start_ns } => {
+                let id = self.corr.start(request_start(&meta, start_ns, traceparent, tracestate));
+                self.ctx_of.insert((meta.conn_id, seq), id);
+                None
+            }
+            Finished::Http(meta, seq, ex) => self.http_span(&meta, seq, ex, m),
         }
     }
 
-    fn http_span(&mut self, meta: &ConnMeta, ex: HttpExchange, m: &Metrics) -> Option<SpanRecord> {
+    /// Periodic clean-up of request contexts.
+    pub fn sweep(&mut self, now_ns: u64, m: &Metrics) {
+        self.corr.sweep(now_ns);
+        m.contexts_evicted.set(self.corr.evicted);
+        // Heads whose exchange never came (dropped by a parser bound) would otherwise pile up.
+        if self.ctx_of.len() > 2 * self.corr.len() + 1024 {
+            self.ctx_of.clear();
+        }
+    }
+
+    /// A process exited.
+    pub fn forget(&mut self, pid: u32) {
+        self.resources.forget(pid);
+        self.corr.forget_process(pid);
+    }
+
+    /// The context of an exchange: the one registered at its head, or one made now.
+    fn resolve(&mut self, meta: &ConnMeta, seq: u64, ex: &HttpExchange) -> Resolved {
+        let req = &ex.request;
+        let id = self.ctx_of.remove(&(meta.conn_id, seq)).unwrap_or_else(|| {
+            self.corr.start(request_start(meta, ex.request_start_ns, req.traceparent.clone(), req.tracestate.clone()))
+        });
+        let end = ex.response_end_ns.max(ex.request_end_ns);
+        match self.corr.finish(id, end) {
+            Some(r) => r,
+            None => {
+                // Expired while in flight (a very long request): resolve it afresh.
+                let id = self.corr.start(request_start(meta, ex.request_start_ns, req.traceparent.clone(), None));
+                self.corr.finish(id, end).expect("just created")
+            }
+        }
+    }
+
+    fn http_span(&mut self, meta: &ConnMeta, seq: u64, ex: HttpExchange, m: &Metrics) -> Option<SpanRecord> {
         let req = &ex.request;
         let server = meta.role != Role::Client;
         let method_known = KNOWN_METHODS.contains(&req.method.as_str());
@@ -107,7 +158,7 @@ impl Stitcher {
             if let Some(q) = &req.query {
                 a.push(attr("url.query", q.as_str()));
             }
-            a.push(attr("url.scheme", "http"));
+            a.push(attr("url.scheme", if meta.tls { "https" } else { "http" }));
             let server_addr = if host.is_empty() {
                 local.map(|i| i.to_string()).unwrap_or_default()
             } else {
@@ -132,12 +183,14 @@ impl Stitcher {
                 host.clone()
             };
             let port = host_port.unwrap_or(meta.tuple.rport);
-            let authority = if port == 80 || port == 0 {
+            let default_port = if meta.tls { 443 } else { 80 };
+            let authority = if port == default_port || port == 0 {
                 addr.clone()
             } else {
                 format!("{addr}:{port}")
             };
-            let mut full = format!("http://{authority}{}", req.path);
+            let scheme = if meta.tls { "https" } else { "http" };
+            let mut full = format!("{scheme}://{authority}{}", req.path);
             if let Some(q) = &req.query {
                 full.push('?');
                 full.push_str(q);
@@ -155,6 +208,10 @@ impl Stitcher {
             }
         }
         a.push(attr("network.transport", "tcp"));
+        if meta.tls {
+            // Plaintext from the TLS uprobes (semconv `tls.protocol.name`: "tls" or "ssl").
+            a.push(attr("tls.protocol.name", "tls"));
+        }
         a.push(attr("network.protocol.name", "http"));
         a.push(attr(
             "network.protocol.version",
@@ -192,33 +249,23 @@ impl Stitcher {
             a.push(attr("waybill.request.head_truncated", true));
         }
 
-        // Parent: an incoming traceparent on a server span.
-        let mut trace_id = ids::trace_id();
-        let mut parent = None;
-        let mut sampled = true;
-        let mut source = ParentSource::None;
-        let mut trace_state = None;
-        if server {
-            if let Some(tp) = req.traceparent.as_deref() {
-                match TraceParent::parse(tp) {
-                    Some(tp) => {
-                        trace_id = tp.trace_id;
-                        parent = Some(tp.parent_id);
-                        sampled = tp.sampled;
-                        source = ParentSource::Header;
-                        trace_state = req.tracestate.clone();
-                    }
-                    None => m.traceparent_malformed.inc(),
-                }
-            }
+        let ctx = self.resolve(meta, seq, &ex);
+        if ctx.malformed_header {
+            m.traceparent_malformed.inc();
         }
-        if !sampled {
+        if !ctx.sampled {
             m.spans_unsampled.inc();
             return None;
         }
-        match source {
+        match ctx.source {
             ParentSource::None => m.parent_source_none.inc(),
             ParentSource::Header => m.parent_source_header.inc(),
+            ParentSource::Thread => m.parent_source_thread.inc(),
+            ParentSource::Connection => m.parent_source_connection.inc(),
+        }
+        if ctx.uncertain {
+            m.parent_uncertain.inc();
+            a.push(attr("waybill.parent.uncertain", true));
         }
         let end = if ex.response_end_ns != 0 {
             ex.response_end_ns
@@ -228,18 +275,18 @@ impl Stitcher {
         let resource = self.resources.get(meta.pid);
         m.spans_created.inc();
         Some(SpanRecord {
-            trace_id,
-            span_id: ids::span_id(),
-            parent_span_id: parent,
-            trace_state,
-            sampled,
+            trace_id: ctx.trace_id,
+            span_id: ctx.span_id,
+            parent_span_id: ctx.parent_span_id,
+            trace_state: ctx.trace_state,
+            sampled: ctx.sampled,
             name,
             kind: if server { SpanKind::Server } else { SpanKind::Client },
             start_unix_ns: self.clock.to_unix_ns(ex.request_start_ns),
             end_unix_ns: self.clock.to_unix_ns(end),
             attributes: a,
             status,
-            parent_source: source,
+            parent_source: ctx.source,
             resource: Arc::clone(&resource),
         })
     }
@@ -284,13 +331,7 @@ mod tests {
         };
         t.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         t.raddr[..4].copy_from_slice(&[127, 0, 0, 2]);
-        ConnMeta {
-            pid: std::process::id(),
-            fd: 3,
-            tuple: t,
-            role,
-            tid: 1,
-        }
+        ConnMeta { conn_id: 1, pid: std::process::id(), fd: 3, tuple: t, role, tid: 1, tls: false }
     }
 
     #[test]
@@ -301,7 +342,7 @@ mod tests {
             b"GET /users/123?page=2 HTTP/1.1\r\nHost: shop.local:8080\r\nUser-Agent: curl/8\r\n\r\n",
             b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n",
         );
-        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        let sp = s.span(Finished::Http(meta(Role::Server), 0, ex), &m).unwrap();
         assert_eq!(sp.name, "GET /users/{id}");
         assert_eq!(sp.kind, SpanKind::Server);
         let get = |k: &str| sp.attr(k).map(|v| v.to_string());
@@ -329,7 +370,7 @@ mod tests {
             b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         );
-        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        let sp = s.span(Finished::Http(meta(Role::Server), 0, ex), &m).unwrap();
         assert_eq!(span::hex(&sp.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
             sp.parent_span_id.map(|p| span::hex(&p)).as_deref(),
@@ -341,13 +382,13 @@ mod tests {
             b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         );
-        assert!(s.span(Finished::Http(meta(Role::Server), ex), &m).is_none());
+        assert!(s.span(Finished::Http(meta(Role::Server), 0, ex), &m).is_none());
         assert_eq!(m.spans_unsampled.get(), 1);
         let ex = exchange(
             b"GET / HTTP/1.1\r\ntraceparent: garbage\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         );
-        let sp = s.span(Finished::Http(meta(Role::Server), ex), &m).unwrap();
+        let sp = s.span(Finished::Http(meta(Role::Server), 0, ex), &m).unwrap();
         assert_eq!(sp.parent_source, ParentSource::None);
         assert_eq!(m.traceparent_malformed.get(), 1);
     }
@@ -360,7 +401,7 @@ mod tests {
             b"GET /v1/x?token=abc HTTP/1.1\r\nHost: api:9000\r\n\r\n",
             b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n",
         );
-        let sp = s.span(Finished::Http(meta(Role::Client), ex), &m).unwrap();
+        let sp = s.span(Finished::Http(meta(Role::Client), 0, ex), &m).unwrap();
         assert_eq!(sp.kind, SpanKind::Client);
         assert_eq!(sp.name, "GET");
         let full = sp.attr("url.full").unwrap().to_string();

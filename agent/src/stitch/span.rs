@@ -64,6 +64,10 @@ pub enum ParentSource {
     None,
     /// An incoming W3C `traceparent` header.
     Header,
+    /// The calling thread was serving this server request when it made the call.
+    Thread,
+    /// Same host: the client side of this connection is a traced process's CLIENT span.
+    Connection,
 }
 
 impl ParentSource {
@@ -71,6 +75,8 @@ impl ParentSource {
         match self {
             ParentSource::None => "none",
             ParentSource::Header => "header",
+            ParentSource::Thread => "thread",
+            ParentSource::Connection => "connection",
         }
     }
 }

@@ -1,0 +1,370 @@
+//! Trace context: which trace each request belongs to and which span is its parent.
+//!
+//! A context is created when a request's head is seen (server side: the thread that read it;
+//! client side: the thread that wrote it), long before its exchange finishes, so calls made while
+//! serving a request can find it. Its trace id and parent are resolved lazily, on first use,
+//! by these rules in order:
+//!
+//! | source (`waybill.parent.source`) | rule |
+//! | --- | --- |
+//! | `header` | server request with a valid W3C `traceparent`: child of the remote span |
+//! | `connection` | server request whose connection's client side is a traced process on this host (tuple mirrored): child of that CLIENT span |
+//! | `thread` | client call made by a thread that is currently serving a server request: child of that SERVER span |
+//! | `none` | nothing applies: a new trace |
+//!
+//! Event-loop servers (one thread, many requests open at once) make the `thread` rule ambiguous:
+//! the most recent request read on the thread is taken and the span is marked
+//! `waybill.parent.uncertain = true`. A thread's current request is forgotten when its response
+//! has been written, so a later call on that thread never joins an old trace.
+//!
+//! Bounds: at most `MAX_CONTEXTS` contexts; finished ones are kept `KEEP_FINISHED_NS` for late
+//! lookups and then dropped; unfinished ones are dropped after `MAX_AGE_NS`.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::span::ParentSource;
+use crate::ids::{self, TraceParent};
+
+const MAX_CONTEXTS: usize = 65536;
+const KEEP_FINISHED_NS: u64 = 10_000_000_000;
+const MAX_AGE_NS: u64 = 600_000_000_000;
+/// A client context found by tuple must have started at most this long after the server's
+/// request start (clocks are the same: both are kernel timestamps).
+const TUPLE_SLACK_NS: u64 = 5_000_000;
+
+/// Connection endpoints as (local, remote) `ip:port` strings-free keys.
+pub type Endpoint = ([u8; 16], u16);
+
+/// What is known at a request's head.
+#[derive(Clone, Debug)]
+pub struct RequestStart {
+    pub pid: u32,
+    pub tid: u32,
+    pub server: bool,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    pub start_ns: u64,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+/// A resolved context: what the span is exported with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub sampled: bool,
+    pub trace_state: Option<String>,
+    pub source: ParentSource,
+    pub uncertain: bool,
+    /// The incoming traceparent was present but malformed.
+    pub malformed_header: bool,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    start: RequestStart,
+    span_id: [u8; 8],
+    /// Client contexts: the server context of the thread at the time of the call.
+    thread_parent: Option<u64>,
+    uncertain: bool,
+    resolved: Option<Resolved>,
+    finished_ns: Option<u64>,
+}
+
+#[derive(Default)]
+pub struct Correlator {
+    ctxs: HashMap<u64, Ctx>,
+    next_id: u64,
+    /// (pid, tid) → server contexts open on that thread, most recent last.
+    threads: HashMap<(u32, u32), Vec<u64>>,
+    /// (local, remote) of client contexts, for the server side on this host to find.
+    clients: HashMap<(Endpoint, Endpoint), VecDeque<u64>>,
+    /// Contexts dropped because the table was full.
+    pub evicted: u64,
+}
+
+impl Correlator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ctxs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ctxs.is_empty()
+    }
+
+    /// Registers a request whose head was just seen; returns its context id.
+    pub fn start(&mut self, s: RequestStart) -> u64 {
+        if self.ctxs.len() >= MAX_CONTEXTS {
+            self.evict_oldest();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = (s.pid, s.tid);
+        let (thread_parent, uncertain) = if s.server {
+            self.threads.entry(key).or_default().push(id);
+            (None, false)
+        } else {
+            let open = self.threads.get(&key).map(|v| v.as_slice()).unwrap_or(&[]);
+            (open.last().copied(), open.len() > 1)
+        };
+        if !s.server {
+            let q = self.clients.entry((s.local, s.remote)).or_default();
+            q.push_back(id);
+            if q.len() > 64 {
+                q.pop_front();
+            }
+        }
+        self.ctxs.insert(id, Ctx { start: s, span_id: ids::span_id(), thread_parent, uncertain, resolved: None, finished_ns: None });
+        id
+    }
+
+    /// The trace context of `id` (resolved on first call). None if it expired.
+    pub fn resolve(&mut self, id: u64) -> Option<Resolved> {
+        self.resolve_depth(id, 0)
+    }
+
+    fn resolve_depth(&mut self, id: u64, depth: u32) -> Option<Resolved> {
+        let ctx = self.ctxs.get(&id)?;
+        if let Some(r) = &ctx.resolved {
+            return Some(r.clone());
+        }
+        let span_id = ctx.span_id;
+        let uncertain = ctx.uncertain;
+        let mut out = Resolved {
+            trace_id: [0; 16],
+            span_id,
+            parent_span_id: None,
+            sampled: true,
+            trace_state: None,
+            source: ParentSource::None,
+            uncertain: false,
+            malformed_header: false,
+        };
+        let mut parent: Option<Resolved> = None;
+        let mut source = ParentSource::None;
+        if ctx.start.server {
+            if let Some(tp) = ctx.start.traceparent.as_deref() {
+                match TraceParent::parse(tp) {
+                    Some(tp) => {
+                        out.trace_id = tp.trace_id;
+                        out.parent_span_id = Some(tp.parent_id);
+                        out.sampled = tp.sampled;
+                        out.trace_state = ctx.start.tracestate.clone();
+                        out.source = ParentSource::Header;
+                    }
+                    None => out.malformed_header = true,
+                }
+            }
+            if out.source == ParentSource::None && depth < 16 {
+                // Same host: is the other end of this connection a traced client?
+                let start = ctx.start.start_ns;
+                let key = (ctx.start.remote, ctx.start.local);
+                let candidate = self.clients.get(&key).and_then(|q| {
+                    q.iter()
+                        .rev()
+                        .copied()
+                        .find(|c| self.ctxs.get(c).is_some_and(|cc| cc.start.start_ns <= start + TUPLE_SLACK_NS))
+                });
+                if let Some(c) = candidate {
+                    parent = self.resolve_depth(c, depth + 1);
+                    source = ParentSource::Connection;
+                }
+            }
+        } else if let Some(p) = ctx.thread_parent {
+            if depth < 16 {
+                parent = self.resolve_depth(p, depth + 1);
+                source = ParentSource::Thread;
+            }
+        }
+        if out.source == ParentSource::None {
+            match parent {
+                Some(p) => {
+                    out.trace_id = p.trace_id;
+                    out.parent_span_id = Some(p.span_id);
+                    out.sampled = p.sampled;
+                    out.trace_state = p.trace_state;
+                    out.source = source;
+                    out.uncertain = uncertain && source == ParentSource::Thread;
+                }
+                None => out.trace_id = ids::trace_id(),
+            }
+        }
+        if let Some(ctx) = self.ctxs.get_mut(&id) {
+            ctx.resolved = Some(out.clone());
+        }
+        Some(out)
+    }
+
+    /// The request's exchange finished: resolve it, and stop offering it as a thread's current
+    /// request. It stays findable for a while (late lookups by tuple).
+    pub fn finish(&mut self, id: u64, now_ns: u64) -> Option<Resolved> {
+        let r = self.resolve(id);
+        if let Some(ctx) = self.ctxs.get_mut(&id) {
+            ctx.finished_ns = Some(now_ns);
+            if ctx.start.server {
+                let key = (ctx.start.pid, ctx.start.tid);
+                if let Some(v) = self.threads.get_mut(&key) {
+                    v.retain(|x| *x != id);
+                    if v.is_empty() {
+                        self.threads.remove(&key);
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// The server request `tid` of `pid` is serving now (for calls whose start was not seen).
+    pub fn current_server(&self, pid: u32, tid: u32) -> Option<(u64, bool)> {
+        let v = self.threads.get(&(pid, tid))?;
+        Some((*v.last()?, v.len() > 1))
+    }
+
+    /// Forgets a process's thread state (it exited).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.threads.retain(|(p, _), _| *p != pid);
+    }
+
+    /// Drops expired contexts.
+    pub fn sweep(&mut self, now_ns: u64) {
+        let expired: Vec<u64> = self
+            .ctxs
+            .iter()
+            .filter(|(_, c)| match c.finished_ns {
+                Some(f) => now_ns.saturating_sub(f) > KEEP_FINISHED_NS,
+                None => now_ns.saturating_sub(c.start.start_ns) > MAX_AGE_NS,
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for id in expired {
+            self.remove(id);
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(id) = self.ctxs.keys().min().copied() {
+            self.remove(id);
+            self.evicted += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(c) = self.ctxs.remove(&id) {
+            if c.start.server {
+                let key = (c.start.pid, c.start.tid);
+                if let Some(v) = self.threads.get_mut(&key) {
+                    v.retain(|x| *x != id);
+                    if v.is_empty() {
+                        self.threads.remove(&key);
+                    }
+                }
+            } else {
+                let key = (c.start.local, c.start.remote);
+                if let Some(q) = self.clients.get_mut(&key) {
+                    q.retain(|x| *x != id);
+                    if q.is_empty() {
+                        self.clients.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> Endpoint {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[127, 0, 0, 1]);
+        (a, port)
+    }
+
+    fn start(pid: u32, tid: u32, server: bool, local: u16, remote: u16, ts: u64, tp: Option<&str>) -> RequestStart {
+        RequestStart {
+            pid,
+            tid,
+            server,
+            local: ep(local),
+            remote: ep(remote),
+            start_ns: ts,
+            traceparent: tp.map(str::to_string),
+            tracestate: None,
+        }
+    }
+
+    #[test]
+    fn header_then_thread_then_connection() {
+        let mut c = Correlator::new();
+        // Service A (pid 1) receives a request with a traceparent on thread 11…
+        let a = c.start(start(1, 11, true, 8080, 50000, 100, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")));
+        // …and calls service B (pid 2) from the same thread.
+        let call = c.start(start(1, 11, false, 40000, 9090, 200, None));
+        // B's server side sees the mirrored tuple, slightly later.
+        let b = c.start(start(2, 21, true, 9090, 40000, 210, None));
+        let rb = c.finish(b, 300).unwrap();
+        let rcall = c.finish(call, 310).unwrap();
+        let ra = c.finish(a, 400).unwrap();
+        assert_eq!(ra.source, ParentSource::Header);
+        assert_eq!(ra.parent_span_id, Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]));
+        assert_eq!(rcall.source, ParentSource::Thread);
+        assert_eq!(rcall.trace_id, ra.trace_id);
+        assert_eq!(rcall.parent_span_id, Some(ra.span_id));
+        assert_eq!(rb.source, ParentSource::Connection);
+        assert_eq!(rb.trace_id, ra.trace_id);
+        assert_eq!(rb.parent_span_id, Some(rcall.span_id));
+        assert!(!rcall.uncertain);
+    }
+
+    #[test]
+    fn thread_forgets_finished_request_and_flags_ambiguity() {
+        let mut c = Correlator::new();
+        let a = c.start(start(1, 11, true, 8080, 50000, 100, None));
+        c.finish(a, 150);
+        let late = c.start(start(1, 11, false, 40000, 9090, 200, None));
+        let r = c.finish(late, 210).unwrap();
+        assert_eq!(r.source, ParentSource::None, "no merging into a finished request's trace");
+        // Event loop: two requests open on one thread.
+        let x = c.start(start(1, 11, true, 8080, 50001, 300, None));
+        let y = c.start(start(1, 11, true, 8080, 50002, 301, None));
+        let call = c.start(start(1, 11, false, 40001, 9090, 302, None));
+        let r = c.finish(call, 310).unwrap();
+        assert_eq!(r.source, ParentSource::Thread);
+        assert!(r.uncertain);
+        assert_eq!(r.parent_span_id, Some(c.resolve(y).unwrap().span_id));
+        let _ = c.finish(x, 320);
+    }
+
+    #[test]
+    fn unsampled_propagates_and_malformed_is_flagged() {
+        let mut c = Correlator::new();
+        let a = c.start(start(1, 1, true, 80, 5, 1, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")));
+        let call = c.start(start(1, 1, false, 6, 90, 2, None));
+        assert!(!c.finish(call, 3).unwrap().sampled);
+        assert!(!c.finish(a, 4).unwrap().sampled);
+        let m = c.start(start(1, 2, true, 80, 7, 5, Some("nonsense")));
+        let r = c.finish(m, 6).unwrap();
+        assert!(r.malformed_header && r.source == ParentSource::None && r.sampled);
+    }
+
+    #[test]
+    fn bounded_and_expiring() {
+        let mut c = Correlator::new();
+        let a = c.start(start(1, 1, true, 80, 5, 1, None));
+        c.finish(a, 10);
+        c.sweep(10 + KEEP_FINISHED_NS + 1);
+        assert!(c.is_empty());
+        for i in 0..(MAX_CONTEXTS + 10) {
+            c.start(start(1, i as u32, true, 80, 5, 1, None));
+        }
+        assert_eq!(c.len(), MAX_CONTEXTS);
+        assert_eq!(c.evicted, 10);
+    }
+}
