@@ -66,6 +66,14 @@ struct RunArgs {
     /// Spans queued for export before new ones are dropped (and counted).
     #[arg(long, default_value_t = 65536, env = "WAYBILL_SPAN_QUEUE")]
     span_queue: usize,
+    /// Spans the OTLP exporter holds while the collector is unreachable; beyond it the oldest are
+    /// dropped (and counted).
+    #[arg(long, default_value_t = export::otlp::DEFAULT_MAX_BACKLOG, env = "WAYBILL_EXPORT_BACKLOG")]
+    export_backlog: usize,
+    /// Distinct attribute sets per traced process and RED metric; beyond it measurements are
+    /// recorded under otel.metric.overflow=true (and counted).
+    #[arg(long, default_value_t = export::red::DEFAULT_SERIES_LIMIT, env = "WAYBILL_RED_SERIES_LIMIT")]
+    red_series_limit: usize,
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
@@ -138,7 +146,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Exporter first: a bad OTEL_* setting fails before anything is attached.
     let otlp = export::otlp::OtlpConfig::from_env()?;
+    let otlp_metrics = match &otlp {
+        Some(_) => export::otlp::MetricsConfig::from_env()?,
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
+    let red = Arc::new(export::red::Red::new(args.red_series_limit, metrics.red_stats.clone()));
+    let _ = metrics.red.set(red.clone());
     let config = ProbeConfig {
         capture_bytes: args.capture_bytes,
         watch_exec: u32::from(!selector.exes.is_empty()),
@@ -159,8 +173,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.probe_attach_failures.set(probes.skipped.len() as u64);
 
     let (tx, rx) = mpsc::channel(args.span_queue);
+    // RED metrics are measured from every span on its way to the exporter (a tee task).
+    let (rx, tee) = export::red::spawn_tee(rx, red.clone(), None, 1024);
+    let (metric_stop, metric_stop_rx) = tokio::sync::oneshot::channel();
+    let metric_exporter = match otlp_metrics {
+        Some(mcfg) => {
+            let exporter = export::otlp::build_metric_exporter(&mcfg)?;
+            tracing::info!(endpoint = %mcfg.transport.endpoint, interval = ?mcfg.interval, "exporting RED metrics over OTLP");
+            Some(export::red::spawn_metric_export(
+                exporter,
+                red.clone(),
+                mcfg.interval,
+                mcfg.export_timeout.min(Duration::from_secs(5)),
+                metric_stop_rx,
+            ))
+        }
+        None => None,
+    };
     let exporter = match otlp {
-        Some(cfg) => {
+        Some(mut cfg) => {
+            cfg.max_backlog = args.export_backlog;
             tracing::info!(endpoint = %cfg.endpoint, protocol = ?cfg.protocol, "exporting OTLP");
             export::otlp::spawn_otlp(cfg, rx, metrics.export.clone())?
         }
@@ -199,7 +231,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: flushing spans");
     };
     pipeline.run(ring, shutdown).await?;
-    // The pipeline owned the only sender: the exporter now drains and returns.
-    let _ = tokio::time::timeout(Duration::from_secs(10), exporter).await;
+    // The pipeline owned the only sender: the tee and then the exporter drain and return.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = tee.await;
+        let _ = exporter.await;
+    })
+    .await;
+    // Last RED export, after every span was measured.
+    let _ = metric_stop.send(());
+    if let Some(m) = metric_exporter {
+        let _ = tokio::time::timeout(Duration::from_secs(6), m).await;
+    }
     Ok(())
 }

@@ -7,10 +7,12 @@
 #![no_main]
 
 mod events;
+mod go_tls;
 mod helpers;
 mod maps;
 mod probe;
 mod process;
+mod ssl;
 mod syscalls;
 
 #[cfg(not(test))]

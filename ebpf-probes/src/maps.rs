@@ -55,3 +55,53 @@ pub struct SyscallArgs {
 
 /// Stash tag for connect() (not a data syscall).
 pub const SYS_CONNECT_STASH: u32 = 100;
+
+// ---------------------------------------------------------------------------------------------
+// TLS uprobes (ssl.rs, go_tls.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// What an `SSL_read*`/`SSL_write*` entry hands to its uretprobe, keyed by pid_tgid. While an
+/// entry exists the thread is inside the TLS call: socket syscalls it makes tie the `SSL*` to
+/// their fd and their ciphertext is not shipped. LRU: a call that never returns cannot leak.
+#[map]
+pub static SSL_ARGS: LruHashMap<u64, SslArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, `SSL*`) → socket fd. Set from the socket syscall made inside an SSL call (socket BIO),
+/// or, for libraries with memory BIOs (Node.js), from the last socket the thread read before its
+/// first SSL call. Removed by `SSL_free`; LRU evicts the rest.
+#[map]
+pub static SSL_FD: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid → the last TCP socket fd the thread read (for memory-BIO TLS libraries).
+#[map]
+pub static LAST_READ_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Go `crypto/tls.(*Conn).Read/Write` entry → RET probes, keyed by (tgid, goroutine): a goroutine
+/// can move to another thread while it waits inside Read, so the thread id is not a key.
+#[map]
+pub static GO_TLS_ARGS: LruHashMap<SslKey, SslArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// A (process, user-space pointer) pair.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ptr: u64,
+}
+
+/// Arguments of a TLS read/write call kept until it returns.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslArgs {
+    /// `SSL*` (OpenSSL) or `*tls.Conn` (Go).
+    pub ssl: u64,
+    /// Plaintext buffer.
+    pub buf: u64,
+    /// `size_t *` of `SSL_read_ex`/`SSL_write_ex` (0 for the plain variants).
+    pub len_ptr: u64,
+    /// Socket fd (Go: read from the `tls.Conn` at entry; OpenSSL: unused).
+    pub fd: u32,
+    /// `SYS_SSL_READ`, `SYS_SSL_WRITE`, `SYS_GO_TLS_READ` or `SYS_GO_TLS_WRITE`.
+    pub syscall: u32,
+}

@@ -56,6 +56,10 @@ fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
     if info.is_tcp == 0 {
         return 0;
     }
+    // TLS: ties an SSL* to this fd; ciphertext is not shipped (the uprobes send the plaintext).
+    if crate::ssl::on_socket_syscall(pid_tgid, tgid, fd, syscall, &info) {
+        return 0;
+    }
     let (ptr, len) = match syscall {
         SYS_SENDFILE => (0, arg(ctx, 3)),
         _ => (arg(ctx, 1), arg(ctx, 2)),

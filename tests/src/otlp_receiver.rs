@@ -69,6 +69,8 @@ pub struct Receiver {
     output: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     dir: PathBuf,
+    /// Also print received metrics (`--debug-log metrics`).
+    with_metrics: bool,
 }
 
 /// Where the `rotel-agent` binary is.
@@ -124,6 +126,53 @@ impl Receiver {
     }
 
     pub fn try_start(proto: Proto) -> anyhow::Result<Receiver> {
+        Receiver::try_start_with(proto, false)
+    }
+
+    /// Like [`start`](Self::start), also printing received metrics (see [`metrics`](Self::metrics)).
+    pub fn start_with_metrics(proto: Proto) -> Receiver {
+        match Receiver::try_start_with(proto, true) {
+            Ok(r) => r,
+            Err(e) => panic!("cannot start the OTLP receiver (rotel): {e:#}"),
+        }
+    }
+
+    fn spawn(
+        bin: &std::path::Path,
+        grpc_port: u16,
+        http_port: u16,
+        dir: &std::path::Path,
+        with_metrics: bool,
+        output: &Arc<Mutex<String>>,
+        stderr: &Arc<Mutex<String>>,
+    ) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("start")
+            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
+            .args(["--exporter", "blackhole"])
+            .args(["--debug-log", "traces"]);
+        if with_metrics {
+            cmd.args(["--debug-log", "metrics"]);
+        }
+        let mut child = cmd
+            .args(["--debug-log-verbosity", "detailed"])
+            .args(["--log-format", "json"])
+            .arg("--pid-file")
+            .arg(dir.join("rotel.pid"))
+            .arg("--log-file")
+            .arg(dir.join("rotel.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        pump(child.stdout.take().unwrap(), Arc::clone(output));
+        pump(child.stderr.take().unwrap(), Arc::clone(stderr));
+        Ok(child)
+    }
+
+    pub fn try_start_with(proto: Proto, with_metrics: bool) -> anyhow::Result<Receiver> {
         static N: AtomicU32 = AtomicU32::new(0);
         let bin = rotel_binary()?;
         let dir = std::env::temp_dir().join(format!(
@@ -136,26 +185,9 @@ impl Receiver {
         // A port taken between free_ports() and rotel's bind: try again with new ones.
         for _ in 0..3 {
             let (grpc_port, http_port) = free_ports()?;
-            let mut child = Command::new(&bin)
-                .arg("start")
-                .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc_port}")])
-                .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http_port}")])
-                .args(["--exporter", "blackhole"])
-                .args(["--debug-log", "traces", "--debug-log-verbosity", "detailed"])
-                .args(["--log-format", "json"])
-                .arg("--pid-file")
-                .arg(dir.join("rotel.pid"))
-                .arg("--log-file")
-                .arg(dir.join("rotel.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("spawning {}", bin.display()))?;
             let output = Arc::new(Mutex::new(String::new()));
             let stderr = Arc::new(Mutex::new(String::new()));
-            pump(child.stdout.take().unwrap(), Arc::clone(&output));
-            pump(child.stderr.take().unwrap(), Arc::clone(&stderr));
+            let child = Receiver::spawn(&bin, grpc_port, http_port, &dir, with_metrics, &output, &stderr)?;
             let mut r = Receiver {
                 child,
                 proto,
@@ -164,6 +196,7 @@ impl Receiver {
                 output,
                 stderr,
                 dir: dir.clone(),
+                with_metrics,
             };
             match r.wait_ready(Duration::from_secs(15)) {
                 Ok(()) => return Ok(r),
@@ -171,6 +204,40 @@ impl Receiver {
             }
         }
         Err(last_err.unwrap())
+    }
+
+    /// Kills rotel (a collector outage): its ports refuse connections until [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts rotel again on the same ports; what it receives is appended to what was received
+    /// before. Panics if it cannot listen again within 15 s.
+    pub fn restart(&mut self) {
+        let bin = rotel_binary().expect("rotel");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let child = Receiver::spawn(
+                &bin,
+                self.grpc_port,
+                self.http_port,
+                &self.dir,
+                self.with_metrics,
+                &self.output,
+                &self.stderr,
+            )
+            .expect("spawn rotel");
+            self.child = child;
+            match self.wait_ready(Duration::from_secs(5)) {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => panic!("rotel did not restart: {e:#}"),
+                Err(_) => {
+                    self.stop();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {

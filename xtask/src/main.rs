@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "Waybill developer tasks")]
 struct Cli {
@@ -51,6 +53,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Measure the agent's overhead on real servers (nginx, PostgreSQL, Redis), side by side
+    /// with and without it; writes target/bench/results.md. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 /// Debian packages needed to build the eBPF object and bpf-linker.
@@ -86,6 +91,7 @@ fn main() -> Result<()> {
             let bin = build(&root, true)?;
             run(Command::new(bin).args(args))
         }
+        Cmd::Bench(args) => bench::run(&root, args),
     }
 }
 

@@ -95,6 +95,9 @@ impl DbCall {
 pub struct ParserStats {
     /// Bytes that could not be a message where one was expected (the stream then resyncs).
     pub parse_errors: u64,
+    /// Times a direction lost its place in the stream (uncaptured bytes crossing a message
+    /// boundary, or garbage).
+    pub desyncs: u64,
     /// Times the parser found its footing again after losing it (or on mid-stream adoption).
     pub resyncs: u64,
     /// Requests not tracked because the in-flight queue was full.

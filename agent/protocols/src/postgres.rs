@@ -515,10 +515,13 @@ struct Framer {
     state: FState,
     /// The state went Lost after the stream had been in sync (not the initial unknown).
     lost_after_sync: bool,
-    /// Set while feeding a chunk in which a resync happened.
-    resynced_now: bool,
+    /// Never synced: a plausible message at the first byte is the normal adoption.
+    fresh: bool,
+    /// A resync happened and no message has completed since.
+    resync_pending: bool,
     parse_errors: u64,
     resyncs: u64,
+    desyncs: u64,
 }
 
 #[derive(Default)]
@@ -534,9 +537,11 @@ impl Framer {
             untyped: false,
             state: FState::Lost,
             lost_after_sync: false,
-            resynced_now: false,
+            fresh: true,
+            resync_pending: false,
             parse_errors: 0,
             resyncs: 0,
+            desyncs: 0,
         }
     }
 
@@ -547,6 +552,7 @@ impl Framer {
             start_ts: 0,
         };
         self.lost_after_sync = false;
+        self.fresh = false;
     }
 
     fn is_lost(&self) -> bool {
@@ -556,6 +562,7 @@ impl Framer {
     fn lose(&mut self, out: &mut FeedOutcome) {
         if !self.is_lost() {
             self.lost_after_sync = true;
+            self.desyncs += 1;
             out.lost = true;
         }
         self.state = FState::Lost;
@@ -570,21 +577,25 @@ impl Framer {
     ) -> FeedOutcome {
         let mut res = FeedOutcome::default();
         let mut i = 0usize;
-        self.resynced_now = false;
         loop {
             match &mut self.state {
                 FState::Lost => {
                     if i >= data.len() {
                         break;
                     }
+                    let fresh = self.fresh && i == 0;
+                    self.fresh = false;
                     match find_resync(self.dir, &data[i..], i == 0) {
                         Some(o) => {
                             i += o;
                             self.untyped = false;
                             self.synced();
-                            self.resyncs += 1;
-                            res.resynced = true;
-                            self.resynced_now = true;
+                            if !(fresh && o == 0) {
+                                // Not just the normal mid-stream adoption at a chunk start.
+                                self.resyncs += 1;
+                                res.resynced = true;
+                                self.resync_pending = true;
+                            }
                         }
                         None => break,
                     }
@@ -713,7 +724,7 @@ impl Framer {
         let b = *b;
         let msg = Msg {
             ty: b.ty,
-            after_resync: self.resynced_now,
+            after_resync: std::mem::take(&mut self.resync_pending),
             body: b.body,
             start_ts: b.start_ts,
             end_ts: ts,
@@ -906,6 +917,7 @@ struct State {
     last_be_ts: u64,
     /// First frontend bytes, held until there are 8 to recognise a startup packet.
     initial: Vec<u8>,
+    initial_ts: u64,
     /// The backend direction lost sync after having been in sync (and has not resynced).
     be_lost: bool,
     stats: ParserStats,
@@ -956,6 +968,7 @@ impl PgConn {
                 group_closed: true,
                 last_be_ts: 0,
                 initial: Vec::new(),
+                initial_ts: 0,
                 be_lost: false,
                 stats: ParserStats::default(),
             },
@@ -971,33 +984,35 @@ impl PgConn {
         let mut s = self.st.stats;
         s.parse_errors += self.fe.parse_errors + self.be.parse_errors;
         s.resyncs += self.fe.resyncs + self.be.resyncs;
+        s.desyncs += self.fe.desyncs + self.be.desyncs;
         s
     }
 
     pub fn feed(&mut self, c: Chunk<'_>, out: &mut Vec<DbCall>) {
         let gap = c.total.saturating_sub(c.data.len());
-        let mut data = c.data;
-        let st = &mut self.st;
-        if st.phase == Phase::Dead {
+        if self.st.phase == Phase::Dead {
             return;
         }
         match c.dir {
             FlowDir::ToServer => {
-                let joined;
-                if st.phase == Phase::Initial {
-                    if st.initial.len() + data.len() < 8 && gap == 0 {
-                        st.initial.extend_from_slice(data);
+                if self.st.phase == Phase::Initial {
+                    let st = &mut self.st;
+                    if st.initial.len() + c.data.len() < 8 && gap == 0 {
+                        // Too short to tell a startup packet: wait for more (or for the server
+                        // to answer, which rules a startup packet out).
+                        if st.initial.is_empty() {
+                            st.initial_ts = c.ts_ns;
+                        }
+                        st.initial.extend_from_slice(c.data);
                         return;
                     }
                     let mut buf = std::mem::take(&mut st.initial);
-                    buf.extend_from_slice(data);
-                    joined = buf;
-                    data = &joined;
-                    if data.len() >= 2 && data[0] == 0x16 && data[1] == 0x03 {
+                    buf.extend_from_slice(c.data);
+                    if buf.len() >= 2 && buf[0] == 0x16 && buf[1] == 0x03 {
                         st.phase = Phase::Dead; // direct TLS
                         return;
                     }
-                    if looks_like_postgres_startup(data) {
+                    if looks_like_postgres_startup(&buf) {
                         st.phase = Phase::Startup;
                         self.fe.untyped = true;
                         self.fe.synced();
@@ -1005,19 +1020,21 @@ impl PgConn {
                     } else {
                         st.phase = Phase::Running;
                     }
-                }
-                st.be_lost = self.be.is_lost() && self.be.lost_after_sync;
-                let r = self.fe.feed(data, gap, c.ts_ns, &mut |m| {
-                    st.on_frontend(m, out)
-                });
-                if r.lost || r.resynced {
-                    st.uncertain = true;
-                }
-                if st.phase == Phase::Dead {
-                    st.queue.clear();
+                    self.feed_fe(&buf, gap, c.ts_ns, out);
+                } else {
+                    self.feed_fe(c.data, gap, c.ts_ns, out);
                 }
             }
             FlowDir::ToClient => {
+                if self.st.phase == Phase::Initial && !self.st.initial.is_empty() {
+                    // The server answered: the held bytes were typed messages, not a startup.
+                    let buf = std::mem::take(&mut self.st.initial);
+                    self.st.phase = Phase::Running;
+                    let ts = self.st.initial_ts;
+                    self.feed_fe(&buf, 0, ts, out);
+                }
+                let mut data = c.data;
+                let st = &mut self.st;
                 st.last_be_ts = c.ts_ns;
                 if st.phase == Phase::AwaitEncAnswer {
                     let Some(&b) = data.first() else { return };
@@ -1043,6 +1060,18 @@ impl PgConn {
                     st.uncertain = true;
                 }
             }
+        }
+    }
+
+    fn feed_fe(&mut self, data: &[u8], gap: usize, ts: u64, out: &mut Vec<DbCall>) {
+        let st = &mut self.st;
+        st.be_lost = self.be.is_lost() && self.be.lost_after_sync;
+        let r = self.fe.feed(data, gap, ts, &mut |m| st.on_frontend(m, out));
+        if r.lost || r.resynced {
+            st.uncertain = true;
+        }
+        if st.phase == Phase::Dead {
+            st.queue.clear();
         }
     }
 

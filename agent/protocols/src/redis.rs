@@ -86,21 +86,62 @@ const SUBCOMMANDS: &[&str] = &[
     "UNPAUSE", "USAGE", "USERS", "WHOAMI",
 ];
 
-/// Command names accepted for inline commands at a resync point / in [`looks_like_resp`].
+/// Known command names (Redis 7/8, sorted for binary search). Any other name is not
+/// reported: the first word a client sends could be anything, a secret included.
 const KNOWN: &[&str] = &[
-    "APPEND", "AUTH", "BGSAVE", "BITCOUNT", "BLPOP", "BRPOP", "BZPOPMIN", "CLIENT", "CLUSTER",
-    "COMMAND", "CONFIG", "DBSIZE", "DECR", "DECRBY", "DEL", "DISCARD", "DUMP", "ECHO", "EVAL",
-    "EVALSHA", "EXEC", "EXISTS", "EXPIRE", "EXPIREAT", "FLUSHALL", "FLUSHDB", "GEOADD", "GET",
-    "GETDEL", "GETEX", "GETSET", "HDEL", "HELLO", "HEXISTS", "HGET", "HGETALL", "HINCRBY",
-    "HKEYS", "HLEN", "HMGET", "HMSET", "HSET", "HSETNX", "HVALS", "INCR", "INCRBY", "INFO",
-    "KEYS", "LASTSAVE", "LINDEX", "LLEN", "LPOP", "LPUSH", "LRANGE", "LREM", "LSET", "LTRIM",
-    "MGET", "MONITOR", "MSET", "MSETNX", "MULTI", "OBJECT", "PERSIST", "PEXPIRE", "PFADD",
-    "PING", "PSETEX", "PSUBSCRIBE", "PTTL", "PUBLISH", "PUBSUB", "QUIT", "RANDOMKEY", "RENAME",
-    "RESET", "ROLE", "RPOP", "RPUSH", "SADD", "SAVE", "SCAN", "SCARD", "SCRIPT", "SELECT", "SET",
-    "SETEX", "SETNX", "SHUTDOWN", "SISMEMBER", "SLOWLOG", "SMEMBERS", "SPOP", "SREM",
-    "SUBSCRIBE", "TIME", "TTL", "TYPE", "UNLINK", "UNSUBSCRIBE", "UNWATCH", "WATCH", "XADD",
-    "XLEN", "XRANGE", "XREAD", "ZADD", "ZCARD", "ZINCRBY", "ZRANGE", "ZRANK", "ZREM", "ZSCORE",
+    "ACL", "APPEND", "ASKING", "AUTH", "BGREWRITEAOF", "BGSAVE", "BITCOUNT", "BITFIELD",
+    "BITFIELD_RO", "BITOP", "BITPOS", "BLMOVE", "BLMPOP", "BLPOP", "BRPOP", "BRPOPLPUSH", "BZMPOP",
+    "BZPOPMAX", "BZPOPMIN", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "COPY", "DBSIZE", "DEBUG",
+    "DECR", "DECRBY", "DEL", "DISCARD", "DUMP", "ECHO", "EVAL", "EVALSHA", "EVALSHA_RO", "EVAL_RO",
+    "EXEC", "EXISTS", "EXPIRE", "EXPIREAT", "EXPIRETIME", "FAILOVER", "FCALL", "FCALL_RO",
+    "FLUSHALL", "FLUSHDB", "FUNCTION", "GEOADD", "GEODIST", "GEOHASH", "GEOPOS", "GEORADIUS",
+    "GEORADIUSBYMEMBER", "GEORADIUSBYMEMBER_RO", "GEORADIUS_RO", "GEOSEARCH", "GEOSEARCHSTORE",
+    "GET", "GETBIT", "GETDEL", "GETEX", "GETRANGE", "GETSET", "HDEL", "HELLO", "HEXISTS",
+    "HEXPIRE", "HEXPIREAT", "HEXPIRETIME", "HGET", "HGETALL", "HGETDEL", "HGETEX", "HINCRBY",
+    "HINCRBYFLOAT", "HKEYS", "HLEN", "HMGET", "HMSET", "HPERSIST", "HPEXPIRE", "HPEXPIREAT",
+    "HPEXPIRETIME", "HPTTL", "HRANDFIELD", "HSCAN", "HSET", "HSETEX", "HSETNX", "HSTRLEN", "HTTL",
+    "HVALS", "INCR", "INCRBY", "INCRBYFLOAT", "INFO", "KEYS", "LASTSAVE", "LATENCY", "LCS",
+    "LINDEX", "LINSERT", "LLEN", "LMOVE", "LMPOP", "LOLWUT", "LPOP", "LPOS", "LPUSH", "LPUSHX",
+    "LRANGE", "LREM", "LSET", "LTRIM", "MEMORY", "MGET", "MIGRATE", "MODULE", "MONITOR", "MOVE",
+    "MSET", "MSETNX", "MULTI", "OBJECT", "PERSIST", "PEXPIRE", "PEXPIREAT", "PEXPIRETIME", "PFADD",
+    "PFCOUNT", "PFDEBUG", "PFMERGE", "PFSELFTEST", "PING", "PSETEX", "PSUBSCRIBE", "PSYNC", "PTTL",
+    "PUBLISH", "PUBSUB", "PUNSUBSCRIBE", "QUIT", "RANDOMKEY", "READONLY", "READWRITE", "RENAME",
+    "RENAMENX", "REPLCONF", "REPLICAOF", "RESET", "RESTORE", "RESTORE-ASKING", "ROLE", "RPOP",
+    "RPOPLPUSH", "RPUSH", "RPUSHX", "SADD", "SAVE", "SCAN", "SCARD", "SCRIPT", "SDIFF",
+    "SDIFFSTORE", "SELECT", "SET", "SETBIT", "SETEX", "SETNX", "SETRANGE", "SHUTDOWN", "SINTER",
+    "SINTERCARD", "SINTERSTORE", "SISMEMBER", "SLAVEOF", "SLOWLOG", "SMEMBERS", "SMISMEMBER",
+    "SMOVE", "SORT", "SORT_RO", "SPOP", "SPUBLISH", "SRANDMEMBER", "SREM", "SSCAN", "SSUBSCRIBE",
+    "STRLEN", "SUBSCRIBE", "SUBSTR", "SUNION", "SUNIONSTORE", "SUNSUBSCRIBE", "SWAPDB", "SYNC",
+    "TIME", "TOUCH", "TTL", "TYPE", "UNLINK", "UNSUBSCRIBE", "UNWATCH", "WAIT", "WAITAOF", "WATCH",
+    "XACK", "XADD", "XAUTOCLAIM", "XCLAIM", "XDEL", "XGROUP", "XINFO", "XLEN", "XPENDING",
+    "XRANGE", "XREAD", "XREADGROUP", "XREVRANGE", "XSETID", "XTRIM", "ZADD", "ZCARD", "ZCOUNT",
+    "ZDIFF", "ZDIFFSTORE", "ZINCRBY", "ZINTER", "ZINTERCARD", "ZINTERSTORE", "ZLEXCOUNT", "ZMPOP",
+    "ZMSCORE", "ZPOPMAX", "ZPOPMIN", "ZRANDMEMBER", "ZRANGE", "ZRANGEBYLEX", "ZRANGEBYSCORE",
+    "ZRANGESTORE", "ZRANK", "ZREM", "ZREMRANGEBYLEX", "ZREMRANGEBYRANK", "ZREMRANGEBYSCORE",
+    "ZREVRANGE", "ZREVRANGEBYLEX", "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCAN", "ZSCORE", "ZUNION",
+    "ZUNIONSTORE",
 ];
+
+/// Module command prefixes (`JSON.SET`, `FT.SEARCH`…): accepted with an alphabetic suffix.
+const MODULE_PREFIXES: &[&str] = &[
+    "AI", "BF", "CF", "CMS", "FT", "GRAPH", "JSON", "RG", "SEARCH", "TDIGEST", "TOPK", "TS",
+];
+
+/// Upper-cased command name if it is a known command.
+fn known_command(b: &[u8]) -> Option<String> {
+    if b.is_empty() || b.len() > 32 {
+        return None;
+    }
+    let up = String::from_utf8_lossy(b).to_ascii_uppercase();
+    if KNOWN.binary_search(&up.as_str()).is_ok() {
+        return Some(up);
+    }
+    let (prefix, rest) = up.split_once('.')?;
+    let ok = MODULE_PREFIXES.contains(&prefix)
+        && !rest.is_empty()
+        && rest.bytes().all(|c| c.is_ascii_alphabetic() || c == b'_');
+    ok.then_some(up)
+}
 
 fn valid_name(b: &[u8]) -> bool {
     !b.is_empty()
@@ -233,8 +274,10 @@ struct ReplyParser {
     bulk: Vec<u8>,
     /// Inside a streamed string (`$?`), between its parts.
     streamed: bool,
-    lost_after_sync: bool,
-    resynced_now: bool,
+    /// Never synced yet: the first chunk is trusted to start at a value boundary.
+    fresh: bool,
+    /// A resync happened and no value has completed since.
+    resync_pending: bool,
     /// In trial mode nothing is emitted; `complete` counts finished top-level values.
     complete: u32,
 }
@@ -253,14 +296,10 @@ impl ReplyParser {
             top: None,
             bulk: Vec::new(),
             streamed: false,
-            lost_after_sync: false,
-            resynced_now: false,
+            fresh: true,
+            resync_pending: false,
             complete: 0,
         }
-    }
-
-    fn is_lost(&self) -> bool {
-        matches!(self.mode, RMode::Lost)
     }
 
     fn reset_value(&mut self) {
@@ -272,13 +311,17 @@ impl ReplyParser {
     }
 
     fn lose(&mut self) -> bool {
-        let was = !self.is_lost();
-        if was {
-            self.lost_after_sync = true;
-        }
+        let was = !matches!(self.mode, RMode::Lost);
         self.mode = RMode::Lost;
         self.reset_value();
         was
+    }
+
+    /// Start over as if the connection were new (the next chunk starts a reply).
+    fn restart(&mut self) {
+        self.lose();
+        self.fresh = true;
+        self.resync_pending = false;
     }
 
     /// Feed one chunk; returns whether sync was lost during it.
@@ -291,7 +334,6 @@ impl ReplyParser {
         out: &mut Vec<Reply>,
     ) -> bool {
         let mut lost = false;
-        self.resynced_now = false;
         let mut i = 0;
         loop {
             match &mut self.mode {
@@ -299,12 +341,18 @@ impl ReplyParser {
                     if i >= data.len() {
                         break;
                     }
+                    if self.fresh && i == 0 && REPLY_TYPES.contains(&data[0]) {
+                        // First bytes seen: trust the boundary.
+                        self.fresh = false;
+                        self.mode = RMode::Line;
+                        continue;
+                    }
+                    self.fresh = false;
                     match find_reply_resync(&data[i..], i == 0) {
                         Some(o) => {
                             i += o;
                             self.mode = RMode::Line;
-                            self.lost_after_sync = false;
-                            self.resynced_now = true;
+                            self.resync_pending = true;
                             stats.resyncs += 1;
                         }
                         None => break,
@@ -561,7 +609,7 @@ impl ReplyParser {
                 };
                 out.push(Reply {
                     kind,
-                    after_resync: self.resynced_now,
+                    after_resync: std::mem::take(&mut self.resync_pending),
                     end_ts: ts,
                 });
             }
@@ -589,11 +637,12 @@ impl ReplyParser {
 }
 
 /// Line starts of `data` from which a trial parse of replies succeeds.
+const REPLY_TYPES: &[u8] = b"+-:$*%~>_,#(=!|";
+
 fn find_reply_resync(data: &[u8], chunk_start: bool) -> Option<usize> {
-    const TYPES: &[u8] = b"+-:$*%~>_,#(=!|";
     let mut tries = 0;
     for o in 0..data.len() {
-        if !(o == 0 || data[o - 1] == b'\n') || !TYPES.contains(&data[o]) {
+        if !(o == 0 || data[o - 1] == b'\n') || !REPLY_TYPES.contains(&data[o]) {
             continue;
         }
         tries += 1;
@@ -602,6 +651,7 @@ fn find_reply_resync(data: &[u8], chunk_start: bool) -> Option<usize> {
         }
         let mut p = ReplyParser::new();
         p.mode = RMode::Line;
+        p.fresh = false;
         let mut stats = ParserStats::default();
         let mut sink = Vec::new();
         let lost = p.feed(&data[o..], 0, 0, &mut stats, &mut sink);
@@ -663,7 +713,12 @@ struct CmdParser {
     db: Option<String>,
     start_ts: u64,
     inline: Inline,
-    resynced_now: bool,
+    /// Never synced yet: the first chunk is trusted to start at a command boundary.
+    fresh: bool,
+    /// The first sync was that trusted start (not a resync).
+    started_clean: bool,
+    /// A resync happened and no command has completed since.
+    resync_pending: bool,
     complete: u32,
 }
 
@@ -685,13 +740,11 @@ impl CmdParser {
             db: None,
             start_ts: 0,
             inline: Inline::default(),
-            resynced_now: false,
+            fresh: true,
+            started_clean: false,
+            resync_pending: false,
             complete: 0,
         }
-    }
-
-    fn is_lost(&self) -> bool {
-        matches!(self.mode, CMode::Lost)
     }
 
     fn reset_cmd(&mut self) {
@@ -706,7 +759,7 @@ impl CmdParser {
     }
 
     fn lose(&mut self) -> bool {
-        let was = !self.is_lost();
+        let was = !matches!(self.mode, CMode::Lost);
         self.mode = CMode::Lost;
         self.reset_cmd();
         was
@@ -716,7 +769,7 @@ impl CmdParser {
     fn end_arg(&mut self) {
         let a = std::mem::take(&mut self.cur);
         if self.argi == 0 {
-            self.name = valid_name(&a).then(|| String::from_utf8_lossy(&a).to_ascii_uppercase());
+            self.name = known_command(&a);
         } else if self.argi == 1 && self.keep_cur {
             match self.name.as_deref() {
                 Some("SELECT") => {
@@ -744,7 +797,7 @@ impl CmdParser {
             db: self.db.take(),
             args,
             start_ts: self.start_ts,
-            after_resync: self.resynced_now,
+            after_resync: std::mem::take(&mut self.resync_pending),
         });
         self.reset_cmd();
         self.mode = CMode::Idle;
@@ -759,27 +812,36 @@ impl CmdParser {
         out: &mut Vec<Cmd>,
     ) -> bool {
         let mut lost = false;
-        self.resynced_now = false;
         let mut i = 0;
         while i < data.len() {
             match &mut self.mode {
-                CMode::Lost => match find_cmd_resync(&data[i..], i == 0) {
-                    Some(o) => {
-                        i += o;
+                CMode::Lost => {
+                    if self.fresh && i == 0 && (data[0] == b'*' || starts_with_known_inline(data))
+                    {
+                        self.fresh = false;
+                        self.started_clean = true;
                         self.mode = CMode::Idle;
-                        self.resynced_now = true;
-                        stats.resyncs += 1;
+                        continue;
                     }
-                    None => break,
-                },
+                    self.fresh = false;
+                    match find_cmd_resync(&data[i..], i == 0) {
+                        Some(o) => {
+                            i += o;
+                            self.mode = CMode::Idle;
+                            self.resync_pending = true;
+                            stats.resyncs += 1;
+                        }
+                        None => break,
+                    }
+                }
                 CMode::Idle => {
                     self.start_ts = ts;
                     match data[i] {
                         b'*' => self.mode = CMode::ArrayHeader,
                         b'\r' | b'\n' => i += 1,
                         _ => {
-                            self.inline = Inline::default();
-                            self.cur.clear();
+                            self.reset_cmd();
+                            self.keep_cur = true;
                             self.mode = CMode::Inline;
                         }
                     }
@@ -956,8 +1018,7 @@ fn starts_with_known_inline(data: &[u8]) -> bool {
     if end == data.len() && data.len() > 16 {
         return false;
     }
-    let word = String::from_utf8_lossy(&data[..end]).to_ascii_uppercase();
-    if !KNOWN.contains(&word.as_str()) {
+    if known_command(&data[..end]).is_none() {
         return false;
     }
     // Not an HTTP request line (`GET / HTTP/1.1`).
@@ -1000,6 +1061,7 @@ fn trial_command(data: &[u8]) -> bool {
     }
     let mut p = CmdParser::new();
     p.mode = CMode::Idle;
+    p.fresh = false;
     let mut stats = ParserStats::default();
     let mut sink = Vec::new();
     let lost = p.feed(data, 0, 0, &mut stats, &mut sink);
@@ -1014,6 +1076,7 @@ pub fn looks_like_resp(data: &[u8]) -> bool {
             // `*N\r\n$M\r\nNAME`
             let mut p = CmdParser::new();
             p.mode = CMode::Idle;
+            p.fresh = false;
             let mut stats = ParserStats::default();
             let mut sink = Vec::new();
             let lost = p.feed(data, 0, 0, &mut stats, &mut sink);
@@ -1070,6 +1133,9 @@ pub struct RedisConn {
     monitor: bool,
     first_cmd_done: bool,
     uncertain: bool,
+    /// Reply bytes were lost while commands were outstanding: replies are not paired until
+    /// the next command, which flushes the outstanding ones as approximate.
+    reply_suspect: bool,
     last_reply_ts: u64,
     stats: ParserStats,
     cmd_buf: Vec<Cmd>,
@@ -1134,6 +1200,7 @@ impl RedisConn {
             monitor: false,
             first_cmd_done: false,
             uncertain: false,
+            reply_suspect: false,
             last_reply_ts: 0,
             stats: ParserStats::default(),
             cmd_buf: Vec::new(),
@@ -1157,25 +1224,19 @@ impl RedisConn {
         let gap = c.total.saturating_sub(c.data.len());
         match c.dir {
             FlowDir::ToServer => {
-                let first_chunk = !self.first_cmd_done && self.cmds.is_lost();
                 let mut cmds = std::mem::take(&mut self.cmd_buf);
-                if first_chunk {
-                    // Connection start if the very first bytes are a handshake command.
-                    if trial_command(c.data) || starts_with_known_inline(c.data) {
-                        self.cmds.mode = CMode::Idle;
-                    }
-                }
                 if self.cmds.feed(c.data, gap, c.ts_ns, &mut self.stats, &mut cmds) {
+                    self.stats.desyncs += 1;
                     self.uncertain = true;
                 }
-                for (k, cmd) in cmds.drain(..).enumerate() {
+                for cmd in cmds.drain(..) {
                     if !self.first_cmd_done {
                         self.first_cmd_done = true;
                         let handshake = matches!(
                             cmd.name.as_deref(),
                             Some("HELLO" | "AUTH" | "CLIENT" | "SELECT")
                         );
-                        if first_chunk && k == 0 && !cmd.after_resync && handshake {
+                        if self.cmds.started_clean && !cmd.after_resync && handshake {
                             self.namespace = Some("0".into());
                         }
                     }
@@ -1185,13 +1246,13 @@ impl RedisConn {
             }
             FlowDir::ToClient => {
                 self.last_reply_ts = c.ts_ns;
-                let mut replies = std::mem::take(&mut self.reply_buf);
-                if self
-                    .replies
-                    .feed(c.data, gap, c.ts_ns, &mut self.stats, &mut replies)
-                {
-                    self.uncertain = true;
+                if self.reply_suspect {
+                    return; // see on_command
                 }
+                let mut replies = std::mem::take(&mut self.reply_buf);
+                let lost = self
+                    .replies
+                    .feed(c.data, gap, c.ts_ns, &mut self.stats, &mut replies);
                 for r in replies.drain(..) {
                     if self.monitor {
                         break;
@@ -1199,12 +1260,26 @@ impl RedisConn {
                     self.on_reply(r, out);
                 }
                 self.reply_buf = replies;
+                if lost {
+                    self.stats.desyncs += 1;
+                }
+                if lost && !self.pending.is_empty() {
+                    // RESP aggregates have element counts, not byte lengths: once bytes of an
+                    // answer are lost its end cannot be found. Stop pairing until the client
+                    // sends again (it normally waits for the whole answer first).
+                    self.reply_suspect = true;
+                }
             }
         }
     }
 
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<DbCall>) {
-        self.flush_all(ts_ns, out);
+        let end = if self.reply_suspect {
+            self.last_reply_ts
+        } else {
+            ts_ns
+        };
+        self.flush_all(end, out);
         self.monitor = true; // ignore anything after close
     }
 
@@ -1222,10 +1297,11 @@ impl RedisConn {
         if cmd.after_resync {
             self.uncertain = true;
         }
-        if self.replies.is_lost() && self.replies.lost_after_sync && !self.pending.is_empty() {
+        if self.reply_suspect {
             let ts = self.last_reply_ts;
             self.flush_all(ts, out);
-            self.uncertain = true;
+            self.reply_suspect = false;
+            self.replies.restart();
         }
         if self.pending.len() >= MAX_INFLIGHT {
             self.stats.dropped += 1;

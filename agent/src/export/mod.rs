@@ -8,6 +8,7 @@
 //! exporter never blocks span building.
 
 pub mod otlp;
+pub mod red;
 pub mod terminal;
 
 pub use otlp::{Compression, ExportError, ExportStats, OtlpConfig, Protocol, spawn_otlp};

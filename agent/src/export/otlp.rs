@@ -13,6 +13,11 @@
 //! keeps a bounded backlog whose oldest spans are dropped, and counted, when it overflows. When the
 //! channel closes it flushes what is left, bounded in time, and returns.
 //!
+//! Retryable failures (collector unreachable, gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`/…, HTTP
+//! 429/502/503/504, timeouts, see [`is_retryable`]) are retried without a limit by default: during
+//! a collector outage nothing is lost until the backlog bound is reached. Permanent failures (a
+//! collector that rejects the data) are given up on at once and counted as failed.
+//!
 //! Configuration follows the OpenTelemetry exporter environment variables, see
 //! [`OtlpConfig::from_env`].
 
@@ -47,6 +52,24 @@ pub const OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_T
 pub const OTEL_EXPORTER_OTLP_INSECURE: &str = "OTEL_EXPORTER_OTLP_INSECURE";
 pub const OTEL_EXPORTER_OTLP_TRACES_INSECURE: &str = "OTEL_EXPORTER_OTLP_TRACES_INSECURE";
 pub const OTEL_BSP_MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
+pub const OTEL_EXPORTER_OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
+pub const OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY";
+pub const OTEL_EXPORTER_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
+pub const OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
+pub const OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL";
+pub const OTEL_EXPORTER_OTLP_METRICS_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION";
+pub const OTEL_EXPORTER_OTLP_METRICS_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT";
+pub const OTEL_EXPORTER_OTLP_METRICS_INSECURE: &str = "OTEL_EXPORTER_OTLP_METRICS_INSECURE";
+pub const OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE";
+pub const OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY";
+pub const OTEL_METRICS_EXPORTER: &str = "OTEL_METRICS_EXPORTER";
+pub const OTEL_METRIC_EXPORT_INTERVAL: &str = "OTEL_METRIC_EXPORT_INTERVAL";
+pub const OTEL_METRIC_EXPORT_TIMEOUT: &str = "OTEL_METRIC_EXPORT_TIMEOUT";
 pub const OTEL_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
 
 /// Instrumentation scope name of every exported span.
@@ -118,16 +141,22 @@ pub struct OtlpConfig {
     pub schedule_delay: Duration,
     /// Most spans held while exports are slow or failing; beyond, the oldest are dropped.
     pub max_backlog: usize,
-    /// Retries after a failed export request (so `max_retries + 1` tries in all).
+    /// Retries of one request after retryable failures (`u32::MAX`, the default: until it
+    /// succeeds, the backlog bound limiting what is held meanwhile). Permanent failures are never
+    /// retried.
     pub max_retries: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     /// How long the final flush may take once the channel is closed.
     pub shutdown_timeout: Duration,
+    /// CA and client certificate files for `https://` endpoints.
+    pub tls: TlsFiles,
 }
 
 const DEFAULT_MAX_BATCH: usize = 512;
 const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_millis(1000);
+/// Spans held while the collector is unreachable: a minute of outage at 1000 spans/s.
+pub const DEFAULT_MAX_BACKLOG: usize = 65536;
 
 impl OtlpConfig {
     /// A configuration with default settings. `base_endpoint` is the collector's base URL
@@ -145,11 +174,12 @@ impl OtlpConfig {
             timeout: None,
             max_batch_size: DEFAULT_MAX_BATCH,
             schedule_delay: DEFAULT_SCHEDULE_DELAY,
-            max_backlog: 8192,
-            max_retries: 3,
+            max_backlog: DEFAULT_MAX_BACKLOG,
+            max_retries: u32::MAX,
             initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(5),
+            tls: TlsFiles::default(),
         }
     }
 
@@ -174,59 +204,6 @@ impl OtlpConfig {
     /// [`from_env`](Self::from_env) over any variable source (for tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<OtlpConfig>, ExportError> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
-        let first = |a: &'static str, b: &'static str| get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)));
-
-        let protocol = match first(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL) {
-            Some((var, v)) => v
-                .parse::<Protocol>()
-                .map_err(|message| ExportError::Config { var, message })?,
-            None => Protocol::HttpProtobuf,
-        };
-
-        let endpoint = if let Some(v) = get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) {
-            (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, v.trim().to_string())
-        } else if let Some(v) = get(OTEL_EXPORTER_OTLP_ENDPOINT) {
-            let v = v.trim();
-            let v = match protocol {
-                Protocol::Grpc => v.to_string(),
-                Protocol::HttpProtobuf => append_traces_path(v),
-            };
-            (OTEL_EXPORTER_OTLP_ENDPOINT, v)
-        } else {
-            return Ok(None);
-        };
-        let (endpoint_var, endpoint) = endpoint;
-        if protocol == Protocol::HttpProtobuf && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        {
-            return Err(ExportError::Config {
-                var: endpoint_var,
-                message: format!("endpoint '{endpoint}' must start with http:// or https:// for http/protobuf"),
-            });
-        }
-        let endpoint = match protocol {
-            Protocol::Grpc if !has_scheme(&endpoint) => {
-                let insecure = first(OTEL_EXPORTER_OTLP_TRACES_INSECURE, OTEL_EXPORTER_OTLP_INSECURE)
-                    .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
-                let scheme = if insecure { "http" } else { "https" };
-                format!("{scheme}://{endpoint}")
-            }
-            _ => endpoint,
-        };
-
-        let compression = match first(OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, OTEL_EXPORTER_OTLP_COMPRESSION) {
-            None => None,
-            Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
-                "gzip" => Some(Compression::Gzip),
-                "none" => None,
-                other => {
-                    return Err(ExportError::Config {
-                        var,
-                        message: format!("unsupported compression '{other}' (allowed: gzip, none)"),
-                    });
-                }
-            },
-        };
-
         let millis = |var: &'static str, v: String| {
             v.trim()
                 .parse::<u64>()
@@ -236,15 +213,35 @@ impl OtlpConfig {
                     message: format!("'{v}' is not a whole number of milliseconds"),
                 })
         };
-        let timeout = match first(OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT) {
-            Some((var, v)) => Some(millis(var, v)?),
-            None => None,
+        let Some(t) = signal_transport(
+            &get,
+            &SignalVars {
+                endpoint: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+                protocol: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+                compression: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
+                timeout: OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+                insecure: OTEL_EXPORTER_OTLP_TRACES_INSECURE,
+                certificate: OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE,
+                client_certificate: OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE,
+                client_key: OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY,
+                path: "/v1/traces",
+            },
+        )?
+        else {
+            return Ok(None);
         };
-
+        let Transport {
+            endpoint,
+            protocol,
+            compression,
+            timeout,
+            tls,
+        } = t;
         let mut cfg = OtlpConfig::new(protocol, "");
         cfg.endpoint = endpoint;
         cfg.compression = compression;
         cfg.timeout = timeout;
+        cfg.tls = tls;
         if let Some(v) = get(OTEL_BSP_SCHEDULE_DELAY) {
             cfg.schedule_delay = millis(OTEL_BSP_SCHEDULE_DELAY, v)?;
         }
@@ -261,6 +258,32 @@ impl OtlpConfig {
         }
         Ok(Some(cfg))
     }
+}
+
+/// Whether a failed export may succeed if sent again later, following the OTLP specification's
+/// retryable responses: the collector could not be reached or timed out, gRPC `CANCELLED`,
+/// `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `OUT_OF_RANGE`, `UNAVAILABLE`,
+/// `DATA_LOSS`, HTTP 429, 502, 503, 504. `opentelemetry-otlp` reports every failure as text, so
+/// the text is classified; anything not recognised as permanent is treated as retryable (an
+/// outage must not lose spans because an error message changed).
+pub fn is_retryable(e: &OTelSdkError) -> bool {
+    let msg = match e {
+        OTelSdkError::AlreadyShutdown => return false,
+        OTelSdkError::Timeout(_) => return true,
+        OTelSdkError::InternalFailure(m) => m.as_str(),
+    };
+    if let Some(rest) = msg.split("gRPC code: ").nth(1) {
+        let code: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+        return matches!(
+            code.as_str(),
+            "Cancelled" | "DeadlineExceeded" | "ResourceExhausted" | "Aborted" | "OutOfRange" | "Unavailable" | "DataLoss"
+        );
+    }
+    if let Some(rest) = msg.split("status code: ").nth(1) {
+        let code: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        return matches!(code.as_str(), "429" | "502" | "503" | "504" | "0");
+    }
+    true
 }
 
 fn has_scheme(endpoint: &str) -> bool {
@@ -284,6 +307,8 @@ pub struct ExportStats {
     pub dropped: AtomicU64,
     /// Spans sent again after a failed request (counted once per retry).
     pub retried: AtomicU64,
+    /// Spans held by the export task right now (backlog plus the request in flight).
+    pub pending: AtomicU64,
 }
 
 impl ExportStats {
@@ -306,55 +331,322 @@ pub fn spawn_otlp(
     Ok(handle.spawn(run(exporter, rx, stats, cfg)))
 }
 
-fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
-    // One crypto provider for reqwest and tonic (`https://` endpoints). Fails harmlessly when
-    // someone installed one already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let build_err = |e: opentelemetry_otlp::ExporterBuildError| ExportError::Build(e.to_string());
-    let retry = opentelemetry_otlp::RetryPolicy::disabled();
-    let compression = cfg
-        .compression
-        .map(|Compression::Gzip| opentelemetry_otlp::Compression::Gzip);
-    match cfg.protocol {
-        Protocol::Grpc => {
-            if !has_scheme(&cfg.endpoint) {
+/// The transport settings shared by the span and the metric exporter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transport {
+    pub endpoint: String,
+    pub protocol: Protocol,
+    pub compression: Option<Compression>,
+    pub timeout: Option<Duration>,
+    pub tls: TlsFiles,
+}
+
+/// PEM files for TLS (`OTEL_EXPORTER_OTLP_[SIGNAL_]CERTIFICATE`, `…_CLIENT_CERTIFICATE`,
+/// `…_CLIENT_KEY`). Without a CA file the system roots are trusted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsFiles {
+    /// (variable, path) of the CA bundle trusted for the collector's certificate.
+    pub ca: Option<(&'static str, String)>,
+    /// (variable, path) of the client certificate and key (mutual TLS); both or neither.
+    pub client_cert: Option<(&'static str, String)>,
+    pub client_key: Option<(&'static str, String)>,
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>), ExportError> {
+        let load = |f: &Option<(&'static str, String)>| -> Result<Option<Vec<u8>>, ExportError> {
+            match f {
+                None => Ok(None),
+                Some((var, path)) => std::fs::read(path).map(Some).map_err(|e| ExportError::Config {
+                    var,
+                    message: format!("cannot read '{path}': {e}"),
+                }),
+            }
+        };
+        let ca = load(&self.ca)?;
+        let identity = match (load(&self.client_cert)?, load(&self.client_key)?) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                let var = self.client_cert.as_ref().or(self.client_key.as_ref()).map_or("", |(v, _)| *v);
                 return Err(ExportError::Config {
-                    var: "endpoint",
-                    message: format!("gRPC endpoint '{}' needs a scheme (http:// or https://)", cfg.endpoint),
+                    var,
+                    message: "a client certificate needs its key and a key its certificate (set both)".into(),
                 });
             }
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_retry_policy(retry);
-            if let Some(t) = cfg.timeout {
-                b = b.with_timeout(t);
-            }
-            if let Some(c) = compression {
-                b = b.with_compression(c);
-            }
-            if cfg.endpoint.starts_with("https://") {
-                b = b.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_native_roots(),
-                );
-            }
-            b.build().map_err(build_err)
-        }
-        Protocol::HttpProtobuf => {
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(cfg.endpoint.clone())
-                .with_retry_policy(retry);
-            if let Some(t) = cfg.timeout {
-                b = b.with_timeout(t);
-            }
-            if let Some(c) = compression {
-                b = b.with_compression(c);
-            }
-            b.build().map_err(build_err)
+        };
+        Ok((ca, identity))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.client_cert.is_none() && self.client_key.is_none()
+    }
+}
+
+impl OtlpConfig {
+    fn transport(&self) -> Transport {
+        Transport {
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol,
+            compression: self.compression,
+            timeout: self.timeout,
+            tls: self.tls.clone(),
         }
     }
+}
+
+/// Builds a span or metric exporter (`$builder`: `SpanExporter::builder()` or
+/// `MetricExporter::builder()`) for a [`Transport`]; retries are Waybill's, not the crate's.
+macro_rules! build_otlp {
+    ($builder:expr, $t:expr) => {{
+        let t: &Transport = $t;
+        // One crypto provider for reqwest and tonic (`https://` endpoints). Fails harmlessly when
+        // someone installed one already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let build_err = |e: opentelemetry_otlp::ExporterBuildError| ExportError::Build(e.to_string());
+        let retry = opentelemetry_otlp::RetryPolicy::disabled();
+        let compression = t.compression.map(|Compression::Gzip| opentelemetry_otlp::Compression::Gzip);
+        let (ca, identity) = t.tls.read()?;
+        match t.protocol {
+            Protocol::Grpc => {
+                if !has_scheme(&t.endpoint) {
+                    return Err(ExportError::Config {
+                        var: "endpoint",
+                        message: format!("gRPC endpoint '{}' needs a scheme (http:// or https://)", t.endpoint),
+                    });
+                }
+                let mut b = $builder
+                    .with_tonic()
+                    .with_endpoint(t.endpoint.clone())
+                    .with_retry_policy(retry);
+                if let Some(d) = t.timeout {
+                    b = b.with_timeout(d);
+                }
+                if let Some(c) = compression {
+                    b = b.with_compression(c);
+                }
+                if t.endpoint.starts_with("https://") {
+                    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+                    let mut tls = ClientTlsConfig::new();
+                    tls = match ca {
+                        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                        None => tls.with_native_roots(),
+                    };
+                    if let Some((cert, key)) = identity {
+                        tls = tls.identity(Identity::from_pem(cert, key));
+                    }
+                    b = b.with_tls_config(tls);
+                }
+                b.build().map_err(build_err)
+            }
+            Protocol::HttpProtobuf => {
+                let mut b = $builder
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(t.endpoint.clone())
+                    .with_retry_policy(retry);
+                if let Some(d) = t.timeout {
+                    b = b.with_timeout(d);
+                }
+                if let Some(c) = compression {
+                    b = b.with_compression(c);
+                }
+                if !t.tls.is_empty() {
+                    b = b.with_http_client(reqwest_client(ca, identity, t.timeout)?);
+                }
+                b.build().map_err(build_err)
+            }
+        }
+    }};
+}
+
+/// A reqwest client trusting `ca` (PEM) and presenting `identity` (certificate and key PEM).
+fn reqwest_client(
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    timeout: Option<Duration>,
+) -> Result<reqwest::Client, ExportError> {
+    let tls_err = |var: &'static str| move |e: reqwest::Error| ExportError::Config { var, message: e.to_string() };
+    let mut b = reqwest::Client::builder().timeout(timeout.unwrap_or(Duration::from_secs(10)));
+    if let Some(pem) = ca {
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(tls_err(OTEL_EXPORTER_OTLP_CERTIFICATE))? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    if let Some((mut cert, key)) = identity {
+        cert.push(b'\n');
+        cert.extend_from_slice(&key);
+        b = b.identity(reqwest::Identity::from_pem(&cert).map_err(tls_err(OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE))?);
+    }
+    b.build().map_err(|e| ExportError::Build(e.to_string()))
+}
+
+fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
+    build_otlp!(opentelemetry_otlp::SpanExporter::builder(), &cfg.transport())
+}
+
+/// The OTLP metric exporter for the RED metrics (cumulative temporality).
+pub fn build_metric_exporter(cfg: &MetricsConfig) -> Result<opentelemetry_otlp::MetricExporter, ExportError> {
+    build_otlp!(opentelemetry_otlp::MetricExporter::builder(), &cfg.transport)
+}
+
+/// Where and how often RED metrics are exported (OTLP metrics).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    /// HTTP: the full metrics URL (`…/v1/metrics`); gRPC: the collector address.
+    pub transport: Transport,
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60000).
+    pub interval: Duration,
+    /// `OTEL_METRIC_EXPORT_TIMEOUT` (ms, default 30000): bound of the final export at shutdown.
+    pub export_timeout: Duration,
+}
+
+impl MetricsConfig {
+    pub fn from_env() -> Result<Option<MetricsConfig>, ExportError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// `Ok(None)` when `OTEL_METRICS_EXPORTER=none` or no endpoint is set
+    /// (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` as is, else `OTEL_EXPORTER_OTLP_ENDPOINT`, with
+    /// `/v1/metrics` appended for HTTP). The other variables follow the traces ones, with
+    /// `METRICS_` in place of `TRACES_`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<MetricsConfig>, ExportError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        match get(OTEL_METRICS_EXPORTER).map(|v| v.trim().to_ascii_lowercase()) {
+            None => {}
+            Some(v) if v == "otlp" => {}
+            Some(v) if v == "none" => return Ok(None),
+            Some(other) => {
+                return Err(ExportError::Config {
+                    var: OTEL_METRICS_EXPORTER,
+                    message: format!("unsupported exporter '{other}' (allowed: otlp, none)"),
+                });
+            }
+        }
+        let t = signal_transport(
+            &get,
+            &SignalVars {
+                endpoint: OTEL_EXPORTER_OTLP_METRICS_ENDPOINT,
+                protocol: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL,
+                compression: OTEL_EXPORTER_OTLP_METRICS_COMPRESSION,
+                timeout: OTEL_EXPORTER_OTLP_METRICS_TIMEOUT,
+                insecure: OTEL_EXPORTER_OTLP_METRICS_INSECURE,
+                certificate: OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE,
+                client_certificate: OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE,
+                client_key: OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY,
+                path: "/v1/metrics",
+            },
+        )?;
+        let Some(transport) = t else {
+            return Ok(None);
+        };
+        let mut cfg = MetricsConfig {
+            transport,
+            interval: Duration::from_secs(60),
+            export_timeout: Duration::from_secs(30),
+        };
+        if let Some(v) = get(OTEL_METRIC_EXPORT_INTERVAL) {
+            cfg.interval = positive_millis(OTEL_METRIC_EXPORT_INTERVAL, &v)?;
+        }
+        if let Some(v) = get(OTEL_METRIC_EXPORT_TIMEOUT) {
+            cfg.export_timeout = positive_millis(OTEL_METRIC_EXPORT_TIMEOUT, &v)?;
+        }
+        Ok(Some(cfg))
+    }
+}
+
+fn positive_millis(var: &'static str, v: &str) -> Result<Duration, ExportError> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_millis(n)),
+        _ => Err(ExportError::Config {
+            var,
+            message: format!("'{v}' is not a positive whole number of milliseconds"),
+        }),
+    }
+}
+
+/// The per-signal variable names.
+struct SignalVars {
+    endpoint: &'static str,
+    protocol: &'static str,
+    compression: &'static str,
+    timeout: &'static str,
+    insecure: &'static str,
+    certificate: &'static str,
+    client_certificate: &'static str,
+    client_key: &'static str,
+    /// Appended to `OTEL_EXPORTER_OTLP_ENDPOINT` for HTTP.
+    path: &'static str,
+}
+
+/// Endpoint, protocol, compression, timeout and TLS files of one signal: the signal's own
+/// variable first, then the generic one. `Ok(None)` without an endpoint.
+fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Result<Option<Transport>, ExportError> {
+    let first = |a: &'static str, b: &'static str| get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)));
+    let protocol = match first(s.protocol, OTEL_EXPORTER_OTLP_PROTOCOL) {
+        Some((var, v)) => v
+            .parse::<Protocol>()
+            .map_err(|message| ExportError::Config { var, message })?,
+        None => Protocol::HttpProtobuf,
+    };
+    let (endpoint_var, endpoint) = if let Some(v) = get(s.endpoint) {
+        (s.endpoint, v.trim().to_string())
+    } else if let Some(v) = get(OTEL_EXPORTER_OTLP_ENDPOINT) {
+        let v = v.trim();
+        let v = match protocol {
+            Protocol::Grpc => v.to_string(),
+            Protocol::HttpProtobuf => format!("{}{}", v.strip_suffix('/').unwrap_or(v), s.path),
+        };
+        (OTEL_EXPORTER_OTLP_ENDPOINT, v)
+    } else {
+        return Ok(None);
+    };
+    if protocol == Protocol::HttpProtobuf && !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(ExportError::Config {
+            var: endpoint_var,
+            message: format!("endpoint '{endpoint}' must start with http:// or https:// for http/protobuf"),
+        });
+    }
+    let endpoint = match protocol {
+        Protocol::Grpc if !has_scheme(&endpoint) => {
+            let insecure = first(s.insecure, OTEL_EXPORTER_OTLP_INSECURE).is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
+            let scheme = if insecure { "http" } else { "https" };
+            format!("{scheme}://{endpoint}")
+        }
+        _ => endpoint,
+    };
+    let compression = match first(s.compression, OTEL_EXPORTER_OTLP_COMPRESSION) {
+        None => None,
+        Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
+            "gzip" => Some(Compression::Gzip),
+            "none" => None,
+            other => {
+                return Err(ExportError::Config {
+                    var,
+                    message: format!("unsupported compression '{other}' (allowed: gzip, none)"),
+                });
+            }
+        },
+    };
+    let timeout = match first(s.timeout, OTEL_EXPORTER_OTLP_TIMEOUT) {
+        Some((var, v)) => Some(v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| ExportError::Config {
+            var,
+            message: format!("'{v}' is not a whole number of milliseconds"),
+        })?),
+        None => None,
+    };
+    let tls = TlsFiles {
+        ca: first(s.certificate, OTEL_EXPORTER_OTLP_CERTIFICATE),
+        client_cert: first(s.client_certificate, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE),
+        client_key: first(s.client_key, OTEL_EXPORTER_OTLP_CLIENT_KEY),
+    };
+    Ok(Some(Transport {
+        endpoint,
+        protocol,
+        compression,
+        timeout,
+        tls,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -451,7 +743,7 @@ pub fn to_resource(p: &ProcessResource, host_name: Option<&str>) -> Resource {
         .build()
 }
 
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())
@@ -491,8 +783,10 @@ impl Intake<'_> {
         if self.backlog.len() >= self.max_backlog.max(1) {
             self.backlog.pop_front();
             ExportStats::add(&self.stats.dropped, 1);
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
         }
         self.backlog.push_back(r);
+        ExportStats::add(&self.stats.pending, 1);
     }
 
     fn take(&mut self, r: Option<SpanRecord>) {
@@ -523,6 +817,7 @@ impl Intake<'_> {
 #[derive(Default)]
 struct Health {
     failing: bool,
+    gave_up: bool,
 }
 
 async fn run<E: SpanExporter>(
@@ -619,7 +914,9 @@ async fn export_batch<E: SpanExporter>(
             let error = match result {
                 Ok(()) => {
                     ExportStats::add(&stats.exported, n);
+                    stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
                     if std::mem::take(&mut health.failing) {
+                        health.gave_up = false;
                         tracing::info!("OTLP export recovered");
                     }
                     break;
@@ -627,9 +924,11 @@ async fn export_batch<E: SpanExporter>(
                 Err(e) => e,
             };
             let out_of_time = deadline.is_some_and(|d| Instant::now() + backoff >= d);
-            if tries > ctx.cfg.max_retries || out_of_time {
+            if !is_retryable(&error) || tries > ctx.cfg.max_retries || out_of_time {
                 ExportStats::add(&stats.failed, n);
-                if !std::mem::replace(&mut health.failing, true) {
+                stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
+                health.failing = true;
+                if !std::mem::replace(&mut health.gave_up, true) {
                     tracing::warn!(
                         endpoint = %ctx.cfg.endpoint,
                         error = %error,
@@ -642,7 +941,16 @@ async fn export_batch<E: SpanExporter>(
                 }
                 break;
             }
-            tracing::debug!(error = %error, spans = n, tries, "OTLP export failed; retrying");
+            if !std::mem::replace(&mut health.failing, true) {
+                tracing::warn!(
+                    endpoint = %ctx.cfg.endpoint,
+                    error = %error,
+                    spans = n,
+                    "OTLP export failing; retrying with backoff, spans held in the backlog (bounded)"
+                );
+            } else {
+                tracing::debug!(error = %error, spans = n, tries, "OTLP export failed; retrying");
+            }
             intake.while_pending(tokio::time::sleep(backoff)).await;
             ExportStats::add(&stats.retried, n);
             backoff = (backoff * 2).min(ctx.cfg.max_backoff);
@@ -854,16 +1162,24 @@ mod tests {
         resource_service: String,
         fail_first: Arc<Mutex<usize>>,
         delay: Duration,
+        /// Fails every call before this instant (a collector outage).
+        fail_until: Option<Instant>,
+        /// The failure reported (default: an unclassified "unavailable").
+        error: Option<String>,
     }
 
     impl SpanExporter for Mock {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
             tokio::time::sleep(self.delay).await;
+            let error = || OTelSdkError::InternalFailure(self.error.clone().unwrap_or_else(|| "unavailable".into()));
+            if self.fail_until.is_some_and(|t| Instant::now() < t) {
+                return Err(error());
+            }
             {
                 let mut f = self.fail_first.lock().unwrap();
                 if *f > 0 {
                     *f -= 1;
-                    return Err(OTelSdkError::InternalFailure("unavailable".into()));
+                    return Err(error());
                 }
             }
             self.calls.lock().unwrap().push((
@@ -947,6 +1263,7 @@ mod tests {
         let mut cfg = test_cfg();
         cfg.max_backlog = 5;
         cfg.max_batch_size = 1;
+        cfg.max_retries = 3;
         let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
         let a = process(1, "a");
         // The channel (capacity 4) never fills although exports are failing: the task keeps
@@ -983,6 +1300,111 @@ mod tests {
         task.await.unwrap();
         assert!(started.elapsed() <= Duration::from_secs(3));
         assert_eq!(stats.failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn retryable_failures_are_classified() {
+        let f = |m: &str| is_retryable(&OTelSdkError::InternalFailure(m.to_string()));
+        assert!(f("TonicTracesClient export failed with gRPC code: Unavailable: tcp connect error"));
+        assert!(f("TonicTracesClient export failed with gRPC code: ResourceExhausted"));
+        assert!(f("TonicMetricsClient export failed with gRPC code: DeadlineExceeded"));
+        assert!(!f("TonicTracesClient export failed with gRPC code: InvalidArgument"));
+        assert!(!f("TonicTracesClient export failed with gRPC code: Unauthenticated"));
+        assert!(f("HTTP export failed: network error"));
+        assert!(f("HTTP export failed with status code: 503"));
+        assert!(f("HTTP export failed with status code: 429"));
+        assert!(!f("HTTP export failed with status code: 400"));
+        assert!(!f("HTTP export failed with status code: 404"));
+        assert!(f("something new"));
+        assert!(is_retryable(&OTelSdkError::Timeout(Duration::from_secs(1))));
+        assert!(!is_retryable(&OTelSdkError::AlreadyShutdown));
+    }
+
+    /// A 60 s collector outage under steady load: every span arrives once it is back, none is
+    /// dropped or failed, and the channel never fills.
+    #[tokio::test(start_paused = true)]
+    async fn outage_of_a_minute_loses_nothing() {
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            fail_until: Some(Instant::now() + Duration::from_secs(60)),
+            error: Some("TonicTracesClient export failed with gRPC code: Unavailable: connection refused".into()),
+            delay: Duration::from_millis(5),
+            ..Default::default()
+        };
+        let calls = Arc::clone(&mock.calls);
+        let mut cfg = test_cfg();
+        cfg.max_batch_size = 50;
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let a = process(1, "a");
+        // 50 spans/s for 90 s.
+        for n in 0..4500u32 {
+            tx.try_send(record((n % 251) as u8, &a)).expect("never blocks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        task.await.unwrap();
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(s(&stats.exported), 4500, "{stats:?}");
+        assert_eq!((s(&stats.failed), s(&stats.dropped), s(&stats.pending)), (0, 0, 0));
+        assert!(s(&stats.retried) > 0);
+        let exported: usize = calls.lock().unwrap().iter().map(|(_, names)| names.len()).sum();
+        assert_eq!(exported, 4500);
+    }
+
+    /// Past the backlog bound the oldest spans are dropped, and counted exactly.
+    #[tokio::test(start_paused = true)]
+    async fn backlog_overflow_drops_oldest_exactly() {
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            fail_until: Some(Instant::now() + Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let calls = Arc::clone(&mock.calls);
+        let mut cfg = test_cfg();
+        cfg.max_batch_size = 10;
+        cfg.schedule_delay = Duration::from_secs(1);
+        cfg.max_backlog = 100;
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let a = process(1, "a");
+        // 300 spans during the outage: the first batch (10 spans, full before the 1 s schedule
+        // delay) is the request being retried, 100 are kept, 190 dropped.
+        for n in 0..300u32 {
+            tx.try_send(record((n % 251) as u8, &a)).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(tx);
+        task.await.unwrap();
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(s(&stats.dropped), 190, "{stats:?}");
+        assert_eq!(s(&stats.exported), 110, "{stats:?}");
+        assert_eq!((s(&stats.failed), s(&stats.pending)), (0, 0));
+        let names: Vec<String> = calls.lock().unwrap().iter().flat_map(|(_, n)| n.clone()).collect();
+        // The first batch (spans 0..10) and the newest 100 (200..300) made it.
+        let expected: Vec<String> = (0..10u32).chain(200..300).map(|n| format!("span {}", n % 251)).collect();
+        assert_eq!(names, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_failures_are_not_retried() {
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock {
+            fail_first: Arc::new(Mutex::new(1)),
+            error: Some("HTTP export failed with status code: 400".into()),
+            ..Default::default()
+        };
+        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let a = process(1, "a");
+        tx.try_send(record(1, &a)).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.try_send(record(2, &a)).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!((s(&stats.failed), s(&stats.retried), s(&stats.exported)), (1, 0, 1));
     }
 
     #[tokio::test]

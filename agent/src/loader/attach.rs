@@ -116,6 +116,8 @@ pub struct Probes {
     pub attached: Vec<String>,
     /// Optional hooks that failed, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// TLS uprobes per traced process (loader/uprobes.rs).
+    pub tls: super::uprobes::TlsProbes,
 }
 
 /// Computes offsets, loads the object and attaches every program.
@@ -174,6 +176,14 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             }
         }
     }
+    let tls_ok = match super::uprobes::load_programs(&mut ebpf) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "TLS uprobes unavailable: TLS traffic will not be decrypted");
+            skipped.push(("uprobe/tls".to_string(), e));
+            false
+        }
+    };
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?).map_err(|e| {
         LoadError::Map {
             name: "EVENTS",
@@ -209,6 +219,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             lost,
             attached,
             skipped,
+            tls: super::uprobes::TlsProbes::new(tls_ok),
         },
         events,
     ))

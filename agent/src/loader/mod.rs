@@ -2,6 +2,8 @@
 
 pub mod attach;
 pub mod btf;
+pub mod elf;
 pub mod features;
 pub mod mounts;
 pub mod tracefs;
+pub mod uprobes;

@@ -217,9 +217,211 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Default `service.name` from a command line (`argv`) and the executable's file name, when the
+/// process names no service itself:
+/// - `java … -jar path/shop-1.2.jar` → `shop` (a trailing `-<version>` is dropped); `java … com.acme.Shop`
+///   (main class) → `Shop`;
+/// - interpreters (`python*`, `node`, `ruby`, `perl`, `php`, `bash`, `sh`, `dotnet`): the script's
+///   file name without extension, `python3 app.py` → `app`, `node dist/server.js` → `server`,
+///   `dotnet Shop.dll` → `Shop`; `python -m flask` → `flask`; a script named `index`, `main` or
+///   `__main__` is named after its directory (`node api/index.js` → `api`);
+/// - anything else: the executable's file name (`nginx`).
+pub fn default_service_name(argv: &[String], exe_name: &str) -> String {
+    let runtime = runtime_of(exe_name).or_else(|| argv.first().and_then(|a| runtime_of(file_name(a))));
+    let from_args = match runtime {
+        Some("java") => java_main(argv),
+        Some(_) => script_name(argv),
+        None => None,
+    };
+    from_args
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| exe_name.to_string())
+}
+
+/// `process.runtime.name` for the interpreters Waybill recognises from the executable name.
+pub fn runtime_of(exe_name: &str) -> Option<&'static str> {
+    let n = exe_name;
+    let py = n.strip_prefix("python").is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'));
+    Some(match n {
+        _ if py => "cpython",
+        "java" => "java",
+        "node" | "nodejs" => "nodejs",
+        "ruby" => "ruby",
+        "perl" => "perl",
+        "php" | "php-fpm" => "php",
+        "dotnet" => "dotnet",
+        "bash" | "sh" | "dash" => "shell",
+        _ => return None,
+    })
+}
+
+fn stem(path: &str) -> (String, Option<String>) {
+    let name = file_name(path);
+    let stem = match name.rsplit_once('.') {
+        Some((s, _)) if !s.is_empty() => s,
+        _ => name,
+    };
+    let parent = path
+        .rsplit_once('/')
+        .map(|(dir, _)| file_name(dir).to_string())
+        .filter(|d| !d.is_empty() && d != "." && d != "..");
+    (stem.to_string(), parent)
+}
+
+fn script_name(argv: &[String]) -> Option<String> {
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "-m" {
+            return it.next().map(|m| m.rsplit('.').next().unwrap_or(m).to_string());
+        }
+        if a == "-c" || a == "-e" {
+            return None;
+        }
+        if a.starts_with('-') {
+            continue;
+        }
+        let (stem, parent) = stem(a);
+        return Some(match (stem.as_str(), parent) {
+            ("index" | "main" | "__main__", Some(dir)) => dir,
+            _ => stem,
+        });
+    }
+    None
+}
+
+fn java_main(argv: &[String]) -> Option<String> {
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "-jar" {
+            let (stem, _) = stem(it.next()?);
+            // shop-1.2.3 → shop
+            let name = match stem.rsplit_once('-') {
+                Some((base, v)) if v.starts_with(|c: char| c.is_ascii_digit()) && !base.is_empty() => base,
+                _ => stem.as_str(),
+            };
+            return Some(name.to_string());
+        }
+        if matches!(a.as_str(), "-cp" | "-classpath" | "--class-path" | "-p" | "--module-path") {
+            it.next();
+            continue;
+        }
+        if a.starts_with('-') {
+            continue;
+        }
+        return Some(a.rsplit('.').next().unwrap_or(a).to_string());
+    }
+    None
+}
+
+/// `process.command_line`: the arguments joined with spaces, with secrets replaced by
+/// `REDACTED`: the value of `--password=…`-style arguments and the argument after a
+/// `--password`-style flag (names as for URL query parameters, see
+/// `waybill_protocols::redact::name_is_sensitive`), values that look like credentials (JWTs…),
+/// and the password of `scheme://user:password@host` URLs.
+pub fn redact_command_line(argv: &[String]) -> String {
+    use waybill_protocols::redact::{REDACTED, name_is_sensitive, value_looks_sensitive};
+    let mut out: Vec<String> = Vec::with_capacity(argv.len());
+    let mut redact_next = false;
+    for a in argv {
+        if std::mem::take(&mut redact_next) && !a.starts_with('-') {
+            out.push(REDACTED.to_string());
+            continue;
+        }
+        let flag = a.trim_start_matches('-');
+        if a.starts_with('-') && !flag.is_empty() {
+            match flag.split_once('=') {
+                Some((name, _)) if name_is_sensitive(name) => {
+                    out.push(format!("{}={REDACTED}", &a[..a.len() - flag.len() + name.len()]));
+                    continue;
+                }
+                None if name_is_sensitive(flag) => redact_next = true,
+                _ => {}
+            }
+        } else if let Some((name, _)) = a.split_once('=') {
+            // KEY=value (env-style arguments).
+            if !name.contains('/') && name_is_sensitive(name) {
+                out.push(format!("{name}={REDACTED}"));
+                continue;
+            }
+        }
+        if !a.contains("://") && value_looks_sensitive(a) {
+            out.push(REDACTED.to_string());
+            continue;
+        }
+        out.push(redact_url_password(a));
+    }
+    out.join(" ")
+}
+
+fn redact_url_password(a: &str) -> String {
+    let Some(i) = a.find("://") else {
+        return a.to_string();
+    };
+    let rest = &a[i + 3..];
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..auth_end].rfind('@') else {
+        return a.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{}{user}:{}{}", &a[..i + 3], waybill_protocols::redact::REDACTED, &rest[at..]),
+        None => a.to_string(),
+    }
+}
+
+/// The container id in `/proc/PID/cgroup` content (Docker, containerd/CRI, CRI-O, Podman): the
+/// last 64-hex-digit path segment (after stripping `docker-`, `cri-containerd-`, `crio-`,
+/// `libpod-` prefixes and a `.scope` suffix).
+pub fn container_id(cgroup: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    cgroup.lines().rev().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        path.rsplit('/').find_map(|seg| {
+            let seg = seg.strip_suffix(".scope").unwrap_or(seg);
+            let id = seg.rsplit('-').next().unwrap_or(seg);
+            is_id(id).then(|| id.to_ascii_lowercase())
+        })
+    })
+}
+
+/// `host.arch` as the semantic conventions spell it.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "x86",
+        "arm" => "arm32",
+        "powerpc64" => "ppc64",
+        "s390x" => "s390x",
+        other => other,
+    }
+}
+
+fn argv(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Process start time in clock ticks since boot (field 22 of /proc/PID/stat).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
 /// Describes process `pid` as an OpenTelemetry resource. `service.name` is the process's own
-/// `OTEL_SERVICE_NAME`, else `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`, else its
-/// executable name.
+/// `OTEL_SERVICE_NAME`, else `service.name` in its `OTEL_RESOURCE_ATTRIBUTES`, else
+/// [`default_service_name`] of its command line. Attributes: `service.name`,
+/// `service.instance.id` (`<host>/<pid>/<start ticks>`: one per process incarnation),
+/// `process.pid`, `process.executable.name`, `process.executable.path`, `process.command_line`
+/// (redacted), `process.runtime.name` (for recognised interpreters), `host.name`, `host.arch`,
+/// `os.type`, `container.id` (when the cgroup names one); then the process's own
+/// `OTEL_RESOURCE_ATTRIBUTES`, which win over everything but `process.pid`.
 pub fn resource(pid: u32, host: &str) -> ProcessResource {
     let env = environ(pid, &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"]);
     let exe_path = fs::read_link(format!("/proc/{pid}/exe"))
@@ -234,6 +436,7 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
                 .map(|c| c.trim_end().to_string())
         })
         .unwrap_or_else(|| "unknown".to_string());
+    let args = argv(pid);
     let from_attrs = env
         .get("OTEL_RESOURCE_ATTRIBUTES")
         .map(|s| parse_resource_attributes(s))
@@ -248,21 +451,47 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
                 .find(|(k, _)| k == "service.name")
                 .map(|(_, v)| v.clone())
         })
-        .unwrap_or_else(|| exe_name.clone());
+        .unwrap_or_else(|| default_service_name(&args, &exe_name));
+    let runtime = runtime_of(&exe_name);
     let mut attributes = vec![
         ("service.name".to_string(), AttrValue::Str(service_name.clone())),
+        (
+            "service.instance.id".to_string(),
+            AttrValue::Str(format!("{host}/{pid}/{}", start_ticks(pid).unwrap_or(0))),
+        ),
         ("process.pid".to_string(), AttrValue::Int(pid as i64)),
         ("process.executable.name".to_string(), AttrValue::Str(exe_name)),
     ];
     if let Some(p) = exe_path {
         attributes.push(("process.executable.path".to_string(), AttrValue::Str(p)));
     }
+    if !args.is_empty() {
+        attributes.push((
+            "process.command_line".to_string(),
+            AttrValue::Str(redact_command_line(&args)),
+        ));
+    }
+    if let Some(r) = runtime {
+        attributes.push(("process.runtime.name".to_string(), AttrValue::Str(r.to_string())));
+    }
     if !host.is_empty() {
         attributes.push(("host.name".to_string(), AttrValue::Str(host.to_string())));
     }
+    attributes.push(("host.arch".to_string(), AttrValue::Str(host_arch().to_string())));
+    attributes.push(("os.type".to_string(), AttrValue::Str("linux".to_string())));
+    if let Some(id) = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|c| container_id(&c))
+    {
+        attributes.push(("container.id".to_string(), AttrValue::Str(id)));
+    }
     for (k, v) in from_attrs {
-        if !attributes.iter().any(|(a, _)| *a == k) {
-            attributes.push((k, AttrValue::Str(v)));
+        if k == "process.pid" || k == "service.name" {
+            continue;
+        }
+        match attributes.iter_mut().find(|(a, _)| *a == k) {
+            Some(slot) => slot.1 = AttrValue::Str(v),
+            None => attributes.push((k, AttrValue::Str(v))),
         }
     }
     ProcessResource {
@@ -320,6 +549,62 @@ mod tests {
         );
         assert_eq!(percent_decode("%"), "%");
         assert_eq!(percent_decode("a%2"), "a%2");
+    }
+
+    fn args(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn default_service_names() {
+        let n = |cmd: &str, exe: &str| default_service_name(&args(cmd), exe);
+        assert_eq!(n("java -Xmx1g -jar /opt/shop-1.2.3.jar --port 8080", "java"), "shop");
+        assert_eq!(n("java -jar app.jar", "java"), "app");
+        assert_eq!(n("java -cp lib/* com.acme.Billing", "java"), "Billing");
+        assert_eq!(n("python3 app.py", "python3.11"), "app");
+        assert_eq!(n("python3 -u /srv/manage.py runserver", "python3.11"), "manage");
+        assert_eq!(n("python -m flask run", "python3.12"), "flask");
+        assert_eq!(n("python3 -c print(1)", "python3"), "python3");
+        assert_eq!(n("/usr/bin/python3 /usr/bin/gunicorn app:app", "python3.11"), "gunicorn");
+        assert_eq!(n("node dist/server.js", "node"), "server");
+        assert_eq!(n("node api/index.js", "node"), "api");
+        assert_eq!(n("dotnet Shop.dll", "dotnet"), "Shop");
+        assert_eq!(n("nginx: worker process", "nginx"), "nginx");
+        assert_eq!(n("python3", "python3"), "python3");
+        assert_eq!(runtime_of("python3.11"), Some("cpython"));
+        assert_eq!(runtime_of("pythonista"), None);
+        assert_eq!(runtime_of("nginx"), None);
+    }
+
+    #[test]
+    fn command_lines_are_redacted() {
+        let r = |cmd: &str| redact_command_line(&args(cmd));
+        assert_eq!(r("app --password hunter2 --port 80"), "app --password REDACTED --port 80");
+        assert_eq!(r("app --api-key=abc123 -v"), "app --api-key=REDACTED -v");
+        assert_eq!(r("app DB_PASSWORD=x USER=bob"), "app DB_PASSWORD=REDACTED USER=bob");
+        assert_eq!(
+            r("worker postgres://app:s3cret@db:5432/shop"),
+            "worker postgres://app:REDACTED@db:5432/shop"
+        );
+        assert_eq!(r("curl http://host/a@b"), "curl http://host/a@b");
+        assert_eq!(r("python3 app.py 8080"), "python3 app.py 8080");
+        assert_eq!(r("app --token --verbose"), "app --token --verbose");
+    }
+
+    #[test]
+    fn container_ids_from_cgroups() {
+        let id = "3f4b2c1d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f809";
+        for cg in [
+            format!("0::/system.slice/docker-{id}.scope\n"),
+            format!("12:pids:/docker/{id}\n0::/docker/{id}\n"),
+            format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope"),
+            format!("0::/machine.slice/libpod-{id}.scope/container"),
+            format!("0::/kubepods/burstable/pod7/crio-{id}.scope"),
+        ] {
+            assert_eq!(container_id(&cg).as_deref(), Some(id), "{cg}");
+        }
+        assert_eq!(container_id("0::/user.slice/user-1000.slice/session-2.scope\n"), None);
+        assert_eq!(container_id(""), None);
     }
 
     #[test]

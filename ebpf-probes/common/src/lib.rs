@@ -77,6 +77,26 @@ pub const SYS_RECVMSG: u32 = 6;
 pub const SYS_SENDMSG: u32 = 7;
 pub const SYS_SENDFILE: u32 = 8;
 
+/// Plaintext read through a TLS library (`SSL_read`/`SSL_read_ex` uretprobe): user space treats the
+/// connection as TLS and ignores any ciphertext record of the same fd.
+pub const SYS_SSL_READ: u32 = 16;
+/// Plaintext written through a TLS library (`SSL_write`/`SSL_write_ex`).
+pub const SYS_SSL_WRITE: u32 = 17;
+/// Plaintext returned by Go's `crypto/tls.(*Conn).Read`.
+pub const SYS_GO_TLS_READ: u32 = 18;
+/// Plaintext passed to Go's `crypto/tls.(*Conn).Write`.
+pub const SYS_GO_TLS_WRITE: u32 = 19;
+
+/// Is this data record plaintext from a TLS library (uprobes) rather than a socket syscall?
+#[inline(always)]
+pub const fn is_tls_syscall(s: u32) -> bool {
+    s >= SYS_SSL_READ && s <= SYS_GO_TLS_WRITE
+}
+
+/// `SockInfo::is_tcp` value of a TCP socket that carries TLS: its ciphertext is not shipped (the
+/// plaintext comes from the TLS uprobes).
+pub const SOCK_TLS: u32 = 2;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 

@@ -1,0 +1,723 @@
+//! RED metrics (rate, errors, duration) computed from finished spans, per traced process.
+//!
+//! A tee task ([`spawn_tee`]) sits between the stitcher's span queue and the exporter: it records
+//! every span into [`Red`], applies the per-service sampling ratio of the configuration (so the
+//! metrics count every request, sampled or not), and forwards the spans it keeps.
+//!
+//! Three histograms, in seconds, with the semantic-convention bucket boundaries and
+//! low-cardinality attributes only:
+//!
+//! | metric | from | attributes |
+//! | --- | --- | --- |
+//! | `http.server.request.duration` | HTTP SERVER spans | `http.request.method`, `http.route` (template: `/users/123` → `/users/{id}`), `http.response.status_code`, `error.type` |
+//! | `http.client.request.duration` | HTTP CLIENT spans | `http.request.method`, `server.address`, `server.port`, `http.response.status_code`, `error.type` |
+//! | `db.client.operation.duration` | spans with `db.system.name` | `db.system.name`, `db.operation.name`, `server.address`, `error.type` |
+//!
+//! Each traced process is its own OpenTelemetry resource, exactly as for its spans: one
+//! [`SdkMeterProvider`] per process with a [`ManualReader`], collected on the export interval and
+//! handed to one OTLP metric exporter (cumulative temporality, so a failed export loses no counts:
+//! the next one carries them), and collected again for Prometheus `/metrics`.
+//!
+//! **Cardinality budget.** Per process and metric at most `series_limit` distinct attribute
+//! sets; a measurement that would open one more is recorded under the single attribute
+//! `otel.metric.overflow=true` (as the SDK does) and counted in
+//! `waybill_red_overflow_total`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use opentelemetry::{
+    KeyValue, Value,
+    metrics::{Histogram, MeterProvider as _},
+};
+use opentelemetry_sdk::{
+    error::OTelSdkResult,
+    metrics::{
+        InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+        data::{AggregatedMetrics, MetricData, ResourceMetrics},
+        exporter::PushMetricExporter,
+        reader::MetricReader,
+    },
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::stitch::span::{AttrValue, ProcessResource, SpanKind, SpanRecord};
+
+/// `http.server.request.duration` and `http.client.request.duration` buckets (seconds).
+pub const HTTP_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// `db.client.operation.duration` buckets (seconds).
+pub const DB_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+
+/// The attribute a measurement is recorded under once its process's budget is spent.
+pub const OVERFLOW_ATTR: &str = "otel.metric.overflow";
+
+/// Which histogram a span feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RedMetric {
+    HttpServer,
+    HttpClient,
+    DbClient,
+}
+
+impl RedMetric {
+    pub const ALL: [RedMetric; 3] = [RedMetric::HttpServer, RedMetric::HttpClient, RedMetric::DbClient];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RedMetric::HttpServer => "http.server.request.duration",
+            RedMetric::HttpClient => "http.client.request.duration",
+            RedMetric::DbClient => "db.client.operation.duration",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            RedMetric::HttpServer => "Duration of HTTP server requests.",
+            RedMetric::HttpClient => "Duration of HTTP client requests.",
+            RedMetric::DbClient => "Duration of database client operations.",
+        }
+    }
+
+    fn buckets(self) -> &'static [f64] {
+        match self {
+            RedMetric::HttpServer | RedMetric::HttpClient => &HTTP_BUCKETS,
+            RedMetric::DbClient => &DB_BUCKETS,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+fn str_attr(r: &SpanRecord, key: &str) -> Option<String> {
+    r.attr(key).map(|v| v.to_string())
+}
+
+/// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
+/// span that feeds none.
+pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)>)> {
+    let mut attrs: Vec<(String, AttrValue)> = Vec::with_capacity(5);
+    let copy = |attrs: &mut Vec<(String, AttrValue)>, key: &str| {
+        if let Some(v) = r.attr(key) {
+            attrs.push((key.to_string(), v.clone()));
+        }
+    };
+    let metric = if r.attr("db.system.name").is_some() {
+        for k in ["db.system.name", "db.operation.name", "server.address"] {
+            copy(&mut attrs, k);
+        }
+        RedMetric::DbClient
+    } else if let Some(method) = r.attr("http.request.method") {
+        attrs.push(("http.request.method".into(), method.clone()));
+        match r.kind {
+            SpanKind::Server => {
+                let route = str_attr(r, "http.route")
+                    .or_else(|| str_attr(r, "url.path").map(|p| waybill_protocols::http1::path_template(&p)));
+                if let Some(route) = route {
+                    attrs.push(("http.route".into(), AttrValue::Str(route)));
+                }
+                copy(&mut attrs, "http.response.status_code");
+                RedMetric::HttpServer
+            }
+            SpanKind::Client => {
+                for k in ["server.address", "server.port", "http.response.status_code"] {
+                    copy(&mut attrs, k);
+                }
+                RedMetric::HttpClient
+            }
+        }
+    } else {
+        return None;
+    };
+    copy(&mut attrs, "error.type");
+    attrs.sort_by(|a, b| a.0.cmp(&b.0));
+    Some((metric, attrs))
+}
+
+/// Counters of the RED machinery, published as self-metrics.
+#[derive(Debug, Default)]
+pub struct RedStats {
+    /// Spans measured into a histogram.
+    pub measured: AtomicU64,
+    /// Measurements recorded under the overflow attribute (budget spent).
+    pub overflow: AtomicU64,
+    /// Metric export requests the collector accepted / that failed.
+    pub exports: AtomicU64,
+    pub export_failures: AtomicU64,
+    /// Spans not forwarded to the exporter because of a sampling ratio below 1.
+    pub sampled_out: AtomicU64,
+}
+
+/// A [`MetricReader`] shared between the provider (which owns one) and [`Red`] (which collects).
+#[derive(Debug, Clone)]
+struct SharedReader(Arc<ManualReader>);
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+struct ProcessMetrics {
+    resource: Arc<ProcessResource>,
+    _provider: SdkMeterProvider,
+    reader: SharedReader,
+    histograms: [Histogram<f64>; 3],
+    series: [HashSet<Vec<(String, String)>>; 3],
+    /// Measurements since the last collection for OTLP (a dead process is dropped once clean).
+    dirty: bool,
+}
+
+/// The RED histograms of every traced process.
+pub struct Red {
+    procs: Mutex<HashMap<u32, ProcessMetrics>>,
+    series_limit: usize,
+    host: Option<String>,
+    pub stats: Arc<RedStats>,
+}
+
+impl std::fmt::Debug for Red {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Red")
+            .field("series_limit", &self.series_limit)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// Default distinct attribute sets per process and metric.
+pub const DEFAULT_SERIES_LIMIT: usize = 500;
+
+impl Red {
+    pub fn new(series_limit: usize, stats: Arc<RedStats>) -> Red {
+        Red {
+            procs: Mutex::new(HashMap::new()),
+            series_limit: series_limit.max(1),
+            host: super::otlp::host_name(),
+            stats,
+        }
+    }
+
+    fn process_metrics(&self, p: &Arc<ProcessResource>) -> ProcessMetrics {
+        let reader = SharedReader(Arc::new(
+            ManualReader::builder().with_temporality(Temporality::Cumulative).build(),
+        ));
+        let provider = SdkMeterProvider::builder()
+            .with_resource(super::otlp::to_resource(p, self.host.as_deref()))
+            .with_reader(reader.clone())
+            .build();
+        let meter = provider.meter_with_scope(super::otlp::scope());
+        let histograms = RedMetric::ALL.map(|m| {
+            meter
+                .f64_histogram(m.name())
+                .with_unit("s")
+                .with_description(m.description())
+                .with_boundaries(m.buckets().to_vec())
+                .build()
+        });
+        ProcessMetrics {
+            resource: Arc::clone(p),
+            _provider: provider,
+            reader,
+            histograms,
+            series: Default::default(),
+            dirty: false,
+        }
+    }
+
+    /// Records one span (no-op for spans that feed no metric).
+    pub fn record(&self, r: &SpanRecord) {
+        let Some((metric, attrs)) = measurement(r) else {
+            return;
+        };
+        let seconds = r.end_unix_ns.saturating_sub(r.start_unix_ns) as f64 / 1e9;
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let pm = match procs.get_mut(&r.resource.pid) {
+            Some(pm) if *pm.resource == *r.resource => pm,
+            _ => {
+                // New process, or the PID now names another program (exec, reuse).
+                let pm = self.process_metrics(&r.resource);
+                procs.insert(r.resource.pid, pm);
+                procs.get_mut(&r.resource.pid).expect("just inserted")
+            }
+        };
+        let key: Vec<(String, String)> = attrs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let series = &mut pm.series[metric.index()];
+        let kvs: Vec<KeyValue> = if series.contains(&key) || series.len() < self.series_limit {
+            series.insert(key);
+            attrs
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, otel_value(v)))
+                .collect()
+        } else {
+            self.stats.overflow.fetch_add(1, Relaxed);
+            vec![KeyValue::new(OVERFLOW_ATTR, true)]
+        };
+        pm.histograms[metric.index()].record(seconds, &kvs);
+        pm.dirty = true;
+        self.stats.measured.fetch_add(1, Relaxed);
+    }
+
+    /// The current (cumulative) metrics of every process. With `for_export`, processes that have
+    /// exited and have had nothing new since their last collection are dropped afterwards.
+    pub fn collect(&self, for_export: bool) -> Vec<ResourceMetrics> {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(procs.len());
+        let mut gone = Vec::new();
+        for (pid, pm) in procs.iter_mut() {
+            if for_export {
+                if !pm.dirty && !crate::process::exists(*pid) {
+                    gone.push(*pid);
+                    continue;
+                }
+                pm.dirty = false;
+            }
+            let mut rm = ResourceMetrics::default();
+            if pm.reader.collect(&mut rm).is_ok() {
+                out.push(rm);
+            }
+        }
+        for pid in gone {
+            procs.remove(&pid);
+        }
+        out
+    }
+
+    /// Exports every process's metrics, one request per process.
+    pub async fn export<E: PushMetricExporter>(&self, exporter: &E) {
+        for rm in self.collect(true) {
+            if rm.scope_metrics().all(|s| s.metrics().next().is_none()) {
+                continue;
+            }
+            match exporter.export(&rm).await {
+                Ok(()) => {
+                    self.stats.exports.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    if self.stats.export_failures.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!(error = %e, "OTLP metric export failed (cumulative: the next export carries the counts; further failures logged at debug)");
+                    } else {
+                        tracing::debug!(error = %e, "OTLP metric export failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The histograms in Prometheus text format: `http_server_request_duration_seconds` etc.,
+    /// labelled with `service_name` and `process_pid` of their process.
+    pub fn render_prometheus(&self, out: &mut String) {
+        let collected = self.collect(false);
+        for metric in RedMetric::ALL {
+            let prom = format!("{}_seconds", metric.name().replace('.', "_"));
+            let mut header = false;
+            for rm in &collected {
+                let res = rm.resource();
+                let get = |k: &'static str| res.get(&opentelemetry::Key::from_static_str(k)).map(|v| v.to_string());
+                let mut base = vec![("service_name".to_string(), get("service.name").unwrap_or_default())];
+                if let Some(pid) = get("process.pid") {
+                    base.push(("process_pid".to_string(), pid));
+                }
+                for sm in rm.scope_metrics() {
+                    for m in sm.metrics().filter(|m| m.name() == metric.name()) {
+                        let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() else {
+                            continue;
+                        };
+                        if !header {
+                            let _ = writeln!(out, "# HELP {prom} {}", metric.description());
+                            let _ = writeln!(out, "# TYPE {prom} histogram");
+                            header = true;
+                        }
+                        for dp in h.data_points() {
+                            let mut labels = base.clone();
+                            labels.extend(
+                                dp.attributes()
+                                    .map(|kv| (kv.key.as_str().replace('.', "_"), kv.value.to_string())),
+                            );
+                            let mut cumulative = 0u64;
+                            let counts: Vec<u64> = dp.bucket_counts().collect();
+                            for (i, bound) in dp.bounds().enumerate() {
+                                cumulative += counts.get(i).copied().unwrap_or(0);
+                                let le = format_bound(bound);
+                                let _ = writeln!(out, "{prom}_bucket{} {cumulative}", label_set(&labels, Some(&le)));
+                            }
+                            let _ = writeln!(out, "{prom}_bucket{} {}", label_set(&labels, Some("+Inf")), dp.count());
+                            let _ = writeln!(out, "{prom}_sum{} {}", label_set(&labels, None), dp.sum());
+                            let _ = writeln!(out, "{prom}_count{} {}", label_set(&labels, None), dp.count());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn format_bound(b: f64) -> String {
+    // Prometheus clients print bounds as floats: 0.005, 1.0, 10.0.
+    if b.fract() == 0.0 { format!("{b:.1}") } else { format!("{b}") }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn label_set(labels: &[(String, String)], le: Option<&str>) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"{}\"", escape_label(v));
+    }
+    if let Some(le) = le {
+        if !labels.is_empty() {
+            s.push(',');
+        }
+        let _ = write!(s, "le=\"{le}\"");
+    }
+    s.push('}');
+    s
+}
+
+fn otel_value(v: AttrValue) -> Value {
+    match v {
+        AttrValue::Str(s) => Value::String(s.into()),
+        AttrValue::Int(i) => Value::I64(i),
+        AttrValue::Bool(b) => Value::Bool(b),
+    }
+}
+
+/// Decides whether a span is forwarded to the exporter: the sampling ratio of its process's
+/// service rule (`1.0`: every span).
+pub type SamplingRatio = Arc<dyn Fn(&ProcessResource) -> f64 + Send + Sync>;
+
+/// Consistent ratio sampling on the trace id: the same trace is kept or dropped in every
+/// service with the same ratio. A span that joined a caller's sampled trace (`traceparent`) is
+/// always kept: the caller decided.
+pub fn keep(r: &SpanRecord, ratio: f64) -> bool {
+    if ratio >= 1.0 || r.parent_source == crate::stitch::span::ParentSource::Header {
+        return true;
+    }
+    if ratio <= 0.0 {
+        return false;
+    }
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&r.trace_id[8..]);
+    // The 56 random low bits of a W3C trace id, compared with the ratio's threshold.
+    let v = u64::from_be_bytes(low) & ((1 << 56) - 1);
+    (v as f64) < ratio * (1u64 << 56) as f64
+}
+
+/// Spawns the tee: records every span from `rx` into `red`, keeps the ones `ratio` samples and
+/// forwards them on the returned channel (capacity `cap`). The tee waits when the exporter's
+/// channel is full, which only backs up the stitcher's queue, never the pipeline (it uses
+/// `try_send` and counts what it cannot queue).
+pub fn spawn_tee(
+    mut rx: mpsc::Receiver<SpanRecord>,
+    red: Arc<Red>,
+    ratio: Option<SamplingRatio>,
+    cap: usize,
+) -> (mpsc::Receiver<SpanRecord>, JoinHandle<()>) {
+    let (tx, out) = mpsc::channel(cap.max(1));
+    let task = tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            red.record(&r);
+            if let Some(ratio) = &ratio {
+                if !keep(&r, ratio(&r.resource)) {
+                    red.stats.sampled_out.fetch_add(1, Relaxed);
+                    continue;
+                }
+            }
+            if tx.send(r).await.is_err() {
+                break;
+            }
+        }
+    });
+    (out, task)
+}
+
+/// Exports `red` every `interval` until `stop` fires, then once more (bounded by `final_timeout`).
+pub fn spawn_metric_export<E: PushMetricExporter>(
+    exporter: E,
+    red: Arc<Red>,
+    interval: Duration,
+    final_timeout: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => red.export(&exporter).await,
+                _ = &mut stop => break,
+            }
+        }
+        let _ = tokio::time::timeout(final_timeout, red.export(&exporter)).await;
+        let _ = exporter.shutdown();
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stitch::span::{ParentSource, SpanStatus};
+
+    fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
+        Arc::new(ProcessResource {
+            pid,
+            service_name: service.to_string(),
+            attributes: vec![
+                ("service.name".into(), service.into()),
+                ("process.pid".into(), AttrValue::Int(pid as i64)),
+            ],
+        })
+    }
+
+    fn span(p: &Arc<ProcessResource>, kind: SpanKind, ms: u64, attrs: &[(&str, AttrValue)]) -> SpanRecord {
+        SpanRecord {
+            trace_id: [7; 16],
+            span_id: [1; 8],
+            parent_span_id: None,
+            trace_state: None,
+            sampled: true,
+            name: "x".into(),
+            kind,
+            start_unix_ns: 1_000_000_000,
+            end_unix_ns: 1_000_000_000 + ms * 1_000_000,
+            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            status: SpanStatus::Unset,
+            parent_source: ParentSource::None,
+            resource: Arc::clone(p),
+        }
+    }
+
+    fn get(r: &SpanRecord) -> (RedMetric, Vec<(String, String)>) {
+        let (m, a) = measurement(r).unwrap();
+        (m, a.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn measurements_keep_low_cardinality_attributes_only() {
+        let p = process(1, "shop");
+        let s = span(
+            &p,
+            SpanKind::Server,
+            3,
+            &[
+                ("http.request.method", "GET".into()),
+                ("url.path", "/users/123".into()),
+                ("url.query", "page=2".into()),
+                ("client.port", AttrValue::Int(40000)),
+                ("http.response.status_code", AttrValue::Int(200)),
+            ],
+        );
+        assert_eq!(
+            get(&s),
+            (
+                RedMetric::HttpServer,
+                kv(&[
+                    ("http.request.method", "GET"),
+                    ("http.response.status_code", "200"),
+                    ("http.route", "/users/{id}")
+                ])
+            )
+        );
+        let c = span(
+            &p,
+            SpanKind::Client,
+            3,
+            &[
+                ("http.request.method", "POST".into()),
+                ("url.full", "http://api:8080/orders/9".into()),
+                ("server.address", "api".into()),
+                ("server.port", AttrValue::Int(8080)),
+                ("http.response.status_code", AttrValue::Int(503)),
+                ("error.type", "503".into()),
+            ],
+        );
+        assert_eq!(
+            get(&c),
+            (
+                RedMetric::HttpClient,
+                kv(&[
+                    ("error.type", "503"),
+                    ("http.request.method", "POST"),
+                    ("http.response.status_code", "503"),
+                    ("server.address", "api"),
+                    ("server.port", "8080")
+                ])
+            )
+        );
+        let d = span(
+            &p,
+            SpanKind::Client,
+            3,
+            &[
+                ("db.system.name", "postgresql".into()),
+                ("db.operation.name", "SELECT".into()),
+                ("db.query.text", "SELECT * FROM t WHERE id = ?".into()),
+                ("server.address", "db".into()),
+            ],
+        );
+        assert_eq!(
+            get(&d),
+            (
+                RedMetric::DbClient,
+                kv(&[
+                    ("db.operation.name", "SELECT"),
+                    ("db.system.name", "postgresql"),
+                    ("server.address", "db")
+                ])
+            )
+        );
+        assert!(measurement(&span(&p, SpanKind::Server, 1, &[])).is_none());
+    }
+
+    #[test]
+    fn histograms_per_process_with_semconv_buckets_and_prometheus_text() {
+        let red = Red::new(DEFAULT_SERIES_LIMIT, Arc::default());
+        let (a, b) = (process(11, "shop"), process(12, "api"));
+        let get = |p: &Arc<ProcessResource>, path: &str, ms: u64| {
+            span(
+                p,
+                SpanKind::Server,
+                ms,
+                &[
+                    ("http.request.method", "GET".into()),
+                    ("url.path", path.into()),
+                    ("http.response.status_code", AttrValue::Int(200)),
+                ],
+            )
+        };
+        red.record(&get(&a, "/users/123", 3));
+        red.record(&get(&a, "/users/456", 30));
+        red.record(&get(&b, "/health", 700));
+        let rms = red.collect(false);
+        assert_eq!(rms.len(), 2);
+        let mut text = String::new();
+        red.render_prometheus(&mut text);
+        let shop = "service_name=\"shop\",process_pid=\"11\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/users/{id}\"";
+        for line in [
+            "# TYPE http_server_request_duration_seconds histogram".to_string(),
+            format!("http_server_request_duration_seconds_bucket{{{shop},le=\"0.005\"}} 1"),
+            format!("http_server_request_duration_seconds_bucket{{{shop},le=\"0.025\"}} 1"),
+            format!("http_server_request_duration_seconds_bucket{{{shop},le=\"0.05\"}} 2"),
+            format!("http_server_request_duration_seconds_bucket{{{shop},le=\"10.0\"}} 2"),
+            format!("http_server_request_duration_seconds_bucket{{{shop},le=\"+Inf\"}} 2"),
+            format!("http_server_request_duration_seconds_sum{{{shop}}} 0.033"),
+            format!("http_server_request_duration_seconds_count{{{shop}}} 2"),
+            "http_server_request_duration_seconds_bucket{service_name=\"api\",process_pid=\"12\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/health\",le=\"0.75\"} 1".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        // One bucket line per boundary plus +Inf, per series.
+        let shop_buckets = text
+            .lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_bucket{service_name=\"shop\""))
+            .count();
+        assert_eq!(shop_buckets, HTTP_BUCKETS.len() + 1);
+        assert!(!text.contains("db_client_operation_duration_seconds"));
+        assert_eq!(red.stats.measured.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn cardinality_budget_overflows_into_one_series_and_counts() {
+        let red = Red::new(2, Arc::default());
+        let p = process(21, "shop");
+        for path in ["/a", "/b", "/c", "/d", "/a"] {
+            red.record(&span(
+                &p,
+                SpanKind::Server,
+                1,
+                &[("http.request.method", "GET".into()), ("url.path", path.into())],
+            ));
+        }
+        assert_eq!(red.stats.overflow.load(Relaxed), 2);
+        let mut text = String::new();
+        red.render_prometheus(&mut text);
+        let counts: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_count"))
+            .collect();
+        assert_eq!(counts.len(), 3, "{text}");
+        assert!(
+            counts.contains(&"http_server_request_duration_seconds_count{service_name=\"shop\",process_pid=\"21\",otel_metric_overflow=\"true\"} 2"),
+            "{text}"
+        );
+        assert!(counts.contains(
+            &"http_server_request_duration_seconds_count{service_name=\"shop\",process_pid=\"21\",http_request_method=\"GET\",http_route=\"/a\"} 2"
+        ));
+    }
+
+    #[test]
+    fn ratio_sampling_is_consistent_and_respects_callers() {
+        let p = process(1, "a");
+        let mut s = span(&p, SpanKind::Server, 1, &[]);
+        s.trace_id = [0; 16];
+        assert!(keep(&s, 0.01));
+        s.trace_id = [0xff; 16];
+        assert!(!keep(&s, 0.99));
+        assert!(keep(&s, 1.0));
+        s.parent_source = ParentSource::Header;
+        assert!(keep(&s, 0.0));
+        // Roughly the ratio over many ids.
+        let mut kept = 0;
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut s = span(&p, SpanKind::Server, 1, &[]);
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.trace_id[8..].copy_from_slice(&x.to_be_bytes());
+            kept += usize::from(keep(&s, 0.25));
+        }
+        assert!((2200..2800).contains(&kept), "{kept}");
+    }
+
+    #[tokio::test]
+    async fn tee_forwards_and_measures() {
+        let red = Arc::new(Red::new(10, Arc::default()));
+        let (tx, rx) = mpsc::channel(4);
+        let ratio: SamplingRatio = Arc::new(|p: &ProcessResource| if p.service_name == "drop" { 0.0 } else { 1.0 });
+        let (mut out, task) = spawn_tee(rx, Arc::clone(&red), Some(ratio), 4);
+        let keep_p = process(1, "keep");
+        let drop_p = process(2, "drop");
+        let attrs = [("http.request.method", AttrValue::from("GET"))];
+        tx.send(span(&keep_p, SpanKind::Server, 1, &attrs)).await.unwrap();
+        tx.send(span(&drop_p, SpanKind::Server, 1, &attrs)).await.unwrap();
+        drop(tx);
+        let got = out.recv().await.unwrap();
+        assert_eq!(got.resource.service_name, "keep");
+        assert!(out.recv().await.is_none());
+        task.await.unwrap();
+        assert_eq!(red.stats.measured.load(Relaxed), 2);
+        assert_eq!(red.stats.sampled_out.load(Relaxed), 1);
+    }
+}
