@@ -45,10 +45,7 @@ mod tests {
     fn converts_monotonic_now_to_about_now() {
         let c = Clock::new();
         let unix = c.to_unix_ns(Clock::monotonic_now());
-        let sys = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
+        let sys = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
         assert!(unix.abs_diff(sys) < 50_000_000, "{unix} vs {sys}");
     }
 }

@@ -11,11 +11,7 @@ fn seed() -> u64 {
     // SAFETY: `b` is a valid buffer of its length.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     let s = u64::from_ne_bytes(b);
-    if n == 8 && s != 0 {
-        s
-    } else {
-        crate::clock::Clock::monotonic_now() | 1
-    }
+    if n == 8 && s != 0 { s } else { crate::clock::Clock::monotonic_now() | 1 }
 }
 
 /// splitmix64: fast, well-distributed; ids need uniqueness, not secrecy.
@@ -91,11 +87,7 @@ impl TraceParent {
         if trace_id == [0; 16] || parent_id == [0; 8] {
             return None;
         }
-        Some(Self {
-            trace_id,
-            parent_id,
-            sampled: flags[0] & 1 == 1,
-        })
+        Some(Self { trace_id, parent_id, sampled: flags[0] & 1 == 1 })
     }
 }
 
@@ -117,11 +109,7 @@ mod tests {
         assert_eq!(tp.trace_id[0], 0x4b);
         assert_eq!(tp.parent_id[7], 0xb7);
         assert!(tp.sampled);
-        assert!(
-            !TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
-                .unwrap()
-                .sampled
-        );
+        assert!(!TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap().sampled);
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",

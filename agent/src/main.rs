@@ -17,11 +17,7 @@ use waybill::{
 use waybill_common::{MAX_CAPTURE, ProbeConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "waybill",
-    version,
-    about = "Zero-code distributed tracing for Linux, with eBPF"
-)]
+#[command(name = "waybill", version, about = "Zero-code distributed tracing for Linux, with eBPF")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -90,18 +86,10 @@ fn main() -> ExitCode {
         Cmd::Check => {
             let f = features::detect();
             print!("{}", f.render());
-            if f.privileged {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
+            if f.privileged { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Cmd::Run(args) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
@@ -119,11 +107,7 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let selector = Selector {
-        pids: args.pids.clone(),
-        exes: args.exes.clone(),
-        ports: args.ports.clone(),
-    };
+    let selector = Selector { pids: args.pids.clone(), exes: args.exes.clone(), ports: args.ports.clone() };
     if selector.is_empty() {
         anyhow::bail!("nothing to trace: name targets with --pid PID, --exe NAME or --port PORT (each repeatable)");
     }
@@ -139,10 +123,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     if !args.ring_buffer_bytes.is_power_of_two() || args.ring_buffer_bytes < 4096 {
-        anyhow::bail!(
-            "--ring-buffer-bytes must be a power of two ≥ 4096 (got {})",
-            args.ring_buffer_bytes
-        );
+        anyhow::bail!("--ring-buffer-bytes must be a power of two ≥ 4096 (got {})", args.ring_buffer_bytes);
     }
     // Exporter first: a bad OTEL_* setting fails before anything is attached.
     let otlp = export::otlp::OtlpConfig::from_env()?;
@@ -159,11 +140,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         watch_ports: u32::from(!selector.ports.is_empty()),
         _pad: 0,
     };
-    let opts = LoadOptions {
-        config,
-        ring_buffer_bytes: args.ring_buffer_bytes,
-        object: args.ebpf_object.clone(),
-    };
+    let opts = LoadOptions { config, ring_buffer_bytes: args.ring_buffer_bytes, object: args.ebpf_object.clone() };
     let (probes, ring) = attach::load(&opts)?;
     tracing::info!(
         hooks = probes.attached.len(),

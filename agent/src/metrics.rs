@@ -126,12 +126,7 @@ impl Metrics {
             "gauge",
             &[("", self.connections_tracked.get())],
         );
-        c(
-            "waybill_connections_opened_total",
-            "Connections seen.",
-            "counter",
-            &[("", self.connections_opened.get())],
-        );
+        c("waybill_connections_opened_total", "Connections seen.", "counter", &[("", self.connections_opened.get())]);
         c(
             "waybill_connections_evicted_total",
             "Connections removed from the table because it was full or they were idle.",
@@ -156,12 +151,7 @@ impl Metrics {
             "counter",
             &[("", self.requests_unpaired.get())],
         );
-        c(
-            "waybill_spans_created_total",
-            "Spans built.",
-            "counter",
-            &[("", self.spans_created.get())],
-        );
+        c("waybill_spans_created_total", "Spans built.", "counter", &[("", self.spans_created.get())]);
         c(
             "waybill_spans_unsampled_total",
             "Spans not exported because the incoming traceparent was not sampled.",
@@ -234,12 +224,7 @@ impl Metrics {
             "counter",
             &[("", self.traceparent_malformed.get())],
         );
-        c(
-            "waybill_processes_attached",
-            "Processes currently traced.",
-            "gauge",
-            &[("", self.processes_attached.get())],
-        );
+        c("waybill_processes_attached", "Processes currently traced.", "gauge", &[("", self.processes_attached.get())]);
         c(
             "waybill_process_attach_failures_total",
             "Processes that could not be traced.",
@@ -292,11 +277,17 @@ pub async fn serve(addr: String, metrics: Arc<Metrics>) -> std::io::Result<tokio
             };
             let metrics = metrics.clone();
             tokio::spawn(async move {
+                // Read the whole request head (clients may write it in several pieces): answering
+                // early and closing with unread bytes would reset the connection.
                 let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
+                let mut n = 0;
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match tokio::time::timeout_at(deadline, sock.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                        Ok(Ok(k)) => n += k,
+                    }
+                }
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let path = req.split_whitespace().nth(1).unwrap_or("");
                 let (status, ctype, body) = match path {
@@ -328,11 +319,8 @@ mod tests {
         assert!(text.contains("waybill_ringbuf_records_received_total 3\n"));
         assert!(text.contains("waybill_ringbuf_records_lost_total{reason=\"buffer_full\"} 2\n"));
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        let names: std::collections::HashSet<_> = text
-            .lines()
-            .filter(|l| l.starts_with("# TYPE "))
-            .map(|l| l.split(' ').nth(2).unwrap())
-            .collect();
+        let names: std::collections::HashSet<_> =
+            text.lines().filter(|l| l.starts_with("# TYPE ")).map(|l| l.split(' ').nth(2).unwrap()).collect();
         assert_eq!(types, names.len());
         assert!(names.iter().all(|n| n.starts_with("waybill_")));
     }
@@ -348,9 +336,7 @@ mod tests {
             let addr = addr.clone();
             async move {
                 let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
                 let mut out = String::new();
                 s.read_to_string(&mut out).await.unwrap();
                 out
@@ -361,5 +347,14 @@ mod tests {
         assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
         let body = get("/metrics").await;
         assert!(body.contains("waybill_spans_created_total 0"));
+        // A request head written in pieces is read whole before the answer.
+        let mut s = tokio::net::TcpStream::connect(addr.clone()).await.unwrap();
+        for piece in ["GET ", "/metrics", " HTTP/1.1\r\nHost: x\r\n", "\r\n"] {
+            s.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200") && out.contains("waybill_spans_created_total 0"), "{out}");
     }
 }

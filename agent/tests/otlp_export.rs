@@ -91,11 +91,7 @@ fn records(trace_byte: u8) -> Vec<SpanRecord> {
 /// Sends `spans`, runs `before_close` (blocking) with the channel still open, then closes the
 /// channel and waits for the export task to flush and end.
 fn export(cfg: OtlpConfig, spans: Vec<SpanRecord>, before_close: impl FnOnce() + Send + 'static) -> Arc<ExportStats> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let stats = Arc::new(ExportStats::default());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -115,10 +111,7 @@ fn export(cfg: OtlpConfig, spans: Vec<SpanRecord>, before_close: impl FnOnce() +
 
 fn by_id(spans: &[ReceivedSpan], id: [u8; 8]) -> &ReceivedSpan {
     let id = hex(&id);
-    spans
-        .iter()
-        .find(|s| s.span_id == id)
-        .unwrap_or_else(|| panic!("span {id} not received: {spans:#?}"))
+    spans.iter().find(|s| s.span_id == id).unwrap_or_else(|| panic!("span {id} not received: {spans:#?}"))
 }
 
 fn check(received: &[ReceivedSpan], trace_byte: u8) {
@@ -209,11 +202,7 @@ fn exports_over_http_protobuf_gzip() {
 #[test]
 fn unreachable_collector_counts_retries_and_failures() {
     // A port nobody listens on: every request fails fast (connection refused).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     for protocol in [Protocol::Grpc, Protocol::HttpProtobuf] {
         let mut cfg = quick(OtlpConfig::new(protocol, &format!("http://127.0.0.1:{port}")));
         cfg.max_retries = 2;

@@ -13,7 +13,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(c.end_ns >= c.start_ns);
         // Every argument is redacted: a query text is a command name and placeholders.
         if let Some(t) = &c.query_text {
-            assert!(t.split(' ').skip(1).all(|w| w == "?" || w == "…" || w.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')), "{t}");
+            assert!(
+                t.split(' ').skip(1).all(|w| w == "?"
+                    || w == "…"
+                    || w.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')),
+                "{t}"
+            );
         }
     }
     let _ = waybill_protocols::db::looks_like_resp(data);

@@ -16,12 +16,7 @@ pub struct Piece<'a> {
 
 impl Piece<'_> {
     pub fn chunk(&self) -> Chunk<'_> {
-        Chunk {
-            dir: self.dir,
-            data: self.data,
-            total: self.total,
-            ts_ns: self.ts_ns,
-        }
+        Chunk { dir: self.dir, data: self.data, total: self.total, ts_ns: self.ts_ns }
     }
 }
 
@@ -44,11 +39,7 @@ pub fn pieces(mut input: &[u8]) -> Vec<Piece<'_>> {
         input = rest;
         ts += 1;
         out.push(Piece {
-            dir: if ctl & 0x80 != 0 {
-                FlowDir::ToClient
-            } else {
-                FlowDir::ToServer
-            },
+            dir: if ctl & 0x80 != 0 { FlowDir::ToClient } else { FlowDir::ToServer },
             data,
             total: n + extra,
             ts_ns: ts,

@@ -19,9 +19,7 @@ pub fn repo_root() -> PathBuf {
 
 /// The waybill binary under test (`WAYBILL_BIN`, else target/release/waybill).
 pub fn waybill_bin() -> PathBuf {
-    std::env::var_os("WAYBILL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/release/waybill"))
+    std::env::var_os("WAYBILL_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/release/waybill"))
 }
 
 /// True when the tests can load eBPF programs. Outside CI a non-root run skips them loudly;
@@ -31,10 +29,7 @@ pub fn require_root() -> bool {
     if unsafe { geteuid() } == 0 {
         return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "root integration tests must run as root in CI"
-    );
+    assert!(std::env::var_os("CI").is_none(), "root integration tests must run as root in CI");
     eprintln!("SKIPPED: this test loads eBPF programs and needs root (run `sudo cargo xtask test`)");
     false
 }
@@ -109,13 +104,7 @@ impl PythonHttp {
             .stdout(Stdio::null())
             .spawn()
             .expect("python3 must be installed (cargo xtask setup)");
-        let me = Self {
-            proc: Proc {
-                child,
-                name: "python http.server".into(),
-            },
-            port,
-        };
+        let me = Self { proc: Proc { child, name: "python http.server".into() }, port };
         wait_port(port, Duration::from_secs(10));
         me
     }
@@ -161,14 +150,7 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx must be installed (cargo xtask setup installs nginx-light)");
-        let me = Self {
-            proc: Proc {
-                child,
-                name: "nginx".into(),
-            },
-            port,
-            _dir: dir,
-        };
+        let me = Self { proc: Proc { child, name: "nginx".into() }, port, _dir: dir };
         wait_port(port, Duration::from_secs(10));
         me
     }
@@ -231,31 +213,17 @@ impl Agent {
     /// Starts `waybill run ARGS` with `env` and waits until it says it is ready.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut cmd = Command::new(waybill_bin());
-        cmd.arg("run")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("WAYBILL_LOG", "info");
-        for k in [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ] {
+        cmd.arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).env("WAYBILL_LOG", "info");
+        for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
             cmd.env_remove(k);
         }
         cmd.envs(env.iter().copied());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", waybill_bin().display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", waybill_bin().display()));
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         pump(child.stdout.take().unwrap(), stdout.clone());
         pump(child.stderr.take().unwrap(), stderr.clone());
-        let mut agent = Agent {
-            child: Some(child),
-            stdout,
-            stderr,
-        };
+        let mut agent = Agent { child: Some(child), stdout, stderr };
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if agent.stderr.lock().unwrap().contains(" ready") {
@@ -263,10 +231,7 @@ impl Agent {
             }
             if let Ok(Some(st)) = agent.child.as_mut().unwrap().try_wait() {
                 thread::sleep(Duration::from_millis(100));
-                panic!(
-                    "waybill exited before it was ready ({st}):\n{}",
-                    agent.stderr.lock().unwrap()
-                );
+                panic!("waybill exited before it was ready ({st}):\n{}", agent.stderr.lock().unwrap());
             }
             if Instant::now() > end {
                 panic!("waybill not ready after 30 s:\n{}", agent.stderr.lock().unwrap());
@@ -305,11 +270,7 @@ impl Agent {
             thread::sleep(Duration::from_millis(50));
         };
         thread::sleep(Duration::from_millis(200));
-        AgentOutput {
-            status,
-            stdout: self.stdout.lock().unwrap().clone(),
-            stderr: self.stderr.lock().unwrap().clone(),
-        }
+        AgentOutput { status, stdout: self.stdout.lock().unwrap().clone(), stderr: self.stderr.lock().unwrap().clone() }
     }
 }
 
@@ -324,11 +285,7 @@ impl Drop for Agent {
 
 /// Runs `waybill ARGS` to completion (for `check` and error cases).
 pub fn waybill(args: &[&str], env: &[(&str, &str)]) -> AgentOutput {
-    let out = Command::new(waybill_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run waybill");
+    let out = Command::new(waybill_bin()).args(args).envs(env.iter().copied()).output().expect("run waybill");
     AgentOutput {
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -338,15 +295,8 @@ pub fn waybill(args: &[&str], env: &[(&str, &str)]) -> AgentOutput {
 
 /// Runs a command and returns its stdout, panicking with its stderr on failure.
 pub fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -354,13 +304,99 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::Write;
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    // One write: the request head arrives whole.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (code, body)
+}
+
+/// A throwaway PostgreSQL cluster (Debian's PostgreSQL 15) on a free port, in a temp dir, owned
+/// by the `postgres` user; never the system's default cluster. Database `shop` with a table.
+pub struct Postgres {
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bin = ["/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("initdb").exists())
+            .expect("PostgreSQL server binaries (cargo xtask setup installs postgresql)");
+        let dir = TempDir::new("pg");
+        let port = free_port();
+        let data = dir.path().join("data");
+        sh("chown", &["postgres:postgres", dir.path().to_str().unwrap()]);
+        let as_pg = |args: &[&str]| {
+            let out = Command::new("runuser").arg("-u").arg("postgres").arg("--").args(args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        as_pg(&[bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"]);
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        as_pg(&[
+            bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            dir.path().join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        let me = Self { port, dir, bin };
+        me.psql("postgres", "CREATE DATABASE shop");
+        me.psql(
+            "shop",
+            "CREATE TABLE items (id int PRIMARY KEY, name text, qty int); \
+             INSERT INTO items VALUES (0, 'widget', 1), (1, 'gadget', 2), (2, 'gizmo', 3)",
+        );
+        me
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        sh("psql", &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-Atc", sql])
+    }
+
+    /// PID of the postmaster.
+    pub fn pid(&self) -> u32 {
+        let s = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).unwrap();
+        s.lines().next().unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// redis-server (Debian's) on a free port, no persistence.
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask setup installs it)");
+        let me = Self { proc: Proc { child, name: "redis-server".into() }, port };
+        wait_port(port, Duration::from_secs(10));
+        me
+    }
 }

@@ -188,16 +188,7 @@ impl Receiver {
             let output = Arc::new(Mutex::new(String::new()));
             let stderr = Arc::new(Mutex::new(String::new()));
             let child = Receiver::spawn(&bin, grpc_port, http_port, &dir, with_metrics, &output, &stderr)?;
-            let mut r = Receiver {
-                child,
-                proto,
-                grpc_port,
-                http_port,
-                output,
-                stderr,
-                dir: dir.clone(),
-                with_metrics,
-            };
+            let mut r = Receiver { child, proto, grpc_port, http_port, output, stderr, dir: dir.clone(), with_metrics };
             match r.wait_ready(Duration::from_secs(15)) {
                 Ok(()) => return Ok(r),
                 Err(e) => last_err = Some(e),
@@ -244,11 +235,7 @@ impl Receiver {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "rotel exited with {status}: {}{}",
-                    self.stderr.lock().unwrap(),
-                    self.output.lock().unwrap()
-                );
+                bail!("rotel exited with {status}: {}{}", self.stderr.lock().unwrap(), self.output.lock().unwrap());
             }
             let up = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
             if up(self.grpc_port) && up(self.http_port) {
@@ -380,17 +367,13 @@ fn field_line(line: &str) -> Option<(&str, &str)> {
     let (key, value) = rest.split_at(15);
     let key = key.trim_end();
     let value = value.strip_prefix(": ").or(value.strip_prefix(":"))?;
-    key.chars()
-        .all(|c| c.is_ascii_alphabetic() || c == ' ')
-        .then_some((key, value))
+    key.chars().all(|c| c.is_ascii_alphabetic() || c == ' ').then_some((key, value))
 }
 
 fn is_log_line(line: &str) -> bool {
     line.starts_with('{')
         && line.ends_with('}')
-        && serde_json::from_str::<serde_json::Value>(line)
-            .map(|v| v.get("msg").is_some())
-            .unwrap_or(false)
+        && serde_json::from_str::<serde_json::Value>(line).map(|v| v.get("msg").is_some()).unwrap_or(false)
 }
 
 /// Parses rotel's `--debug-log traces --debug-log-verbosity detailed` output (log lines in between
@@ -445,7 +428,21 @@ pub fn parse_debug_output(text: &str) -> Vec<ReceivedSpan> {
         }
     }
 
+    // Inside a `--debug-log metrics` block: everything up to the next `ResourceSpans #` is skipped.
+    let mut in_metrics = false;
     for line in text.lines() {
+        if line.starts_with("ResourceMetrics #") {
+            close(&mut open, &mut current, &mut resource, &mut resource_types);
+            spans.extend(current.take());
+            in_metrics = true;
+            continue;
+        }
+        if in_metrics {
+            if !line.starts_with("ResourceSpans #") {
+                continue;
+            }
+            in_metrics = false;
+        }
         let structural = line.starts_with("ResourceSpans #")
             || line.starts_with("Resource SchemaURL:")
             || line == "Resource attributes:"
@@ -484,10 +481,7 @@ pub fn parse_debug_output(text: &str) -> Vec<ReceivedSpan> {
             section = Section::Scope;
         } else if let Some(rest) = line.strip_prefix("InstrumentationScope ") {
             let mut parts = rest.splitn(2, ' ');
-            scope = (
-                parts.next().unwrap_or_default().to_string(),
-                parts.next().unwrap_or_default().to_string(),
-            );
+            scope = (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or_default().to_string());
             section = Section::None;
         } else if line.starts_with("Span #") {
             spans.extend(current.take());
@@ -546,6 +540,132 @@ pub fn parse_debug_output(text: &str) -> Vec<ReceivedSpan> {
         }
     }
     spans
+}
+
+/// One metric data point as the receiver got it (`--debug-log metrics`, see
+/// [`Receiver::start_with_metrics`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReceivedPoint {
+    pub metric: String,
+    pub unit: String,
+    /// `Histogram`, `Sum`, `Gauge`, …
+    pub data_type: String,
+    /// `AGGREGATION_TEMPORALITY_CUMULATIVE` or `…_DELTA`.
+    pub temporality: String,
+    /// Values without their type, as in [`ReceivedSpan::attributes`].
+    pub resource: BTreeMap<String, String>,
+    pub attributes: BTreeMap<String, String>,
+    pub count: u64,
+    pub sum: f64,
+    pub bounds: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+    pub start_unix_ns: u64,
+    pub time_unix_ns: u64,
+}
+
+impl Receiver {
+    /// Metric data points received so far, in arrival order (each export repeats cumulative
+    /// points: the last one of a series is its latest value).
+    pub fn metric_points(&self) -> Vec<ReceivedPoint> {
+        parse_metrics_output(&self.output.lock().unwrap())
+    }
+}
+
+/// Parses rotel's `--debug-log metrics --debug-log-verbosity detailed` output (trace blocks and
+/// log lines are skipped).
+pub fn parse_metrics_output(text: &str) -> Vec<ReceivedPoint> {
+    #[derive(PartialEq)]
+    enum Sec {
+        Out,
+        Resource,
+        Descriptor,
+        PointAttributes,
+        Point,
+    }
+    let mut points = Vec::new();
+    let mut sec = Sec::Out;
+    let mut in_metrics = false;
+    let mut resource = BTreeMap::new();
+    let mut desc = ReceivedPoint::default();
+    let mut current: Option<ReceivedPoint> = None;
+    for line in text.lines() {
+        if line.starts_with("ResourceMetrics #") {
+            points.extend(current.take());
+            in_metrics = true;
+            resource.clear();
+            sec = Sec::Out;
+            continue;
+        }
+        if line.starts_with("ResourceSpans #") || is_log_line(line) {
+            points.extend(current.take());
+            if line.starts_with("ResourceSpans #") {
+                in_metrics = false;
+            }
+            continue;
+        }
+        if !in_metrics {
+            continue;
+        }
+        if line == "Resource attributes:" {
+            sec = Sec::Resource;
+        } else if line.starts_with("Metric #") {
+            points.extend(current.take());
+            desc = ReceivedPoint::default();
+            sec = Sec::Out;
+        } else if line == "Descriptor:" {
+            sec = Sec::Descriptor;
+        } else if line.ends_with("DataPoints #") || line.contains("DataPoints #") {
+            points.extend(current.take());
+            let mut p = desc.clone();
+            p.resource = resource.clone();
+            current = Some(p);
+            sec = Sec::Point;
+        } else if line == "Data point attributes:" {
+            sec = Sec::PointAttributes;
+        } else if let Some(kv) = line.strip_prefix("     -> ") {
+            let Some((k, v)) = kv.split_once(": ") else { continue };
+            match sec {
+                Sec::Resource => {
+                    resource.insert(k.to_string(), unwrap_value(v).1);
+                }
+                Sec::Descriptor => match k {
+                    "Name" => desc.metric = v.to_string(),
+                    "Unit" => desc.unit = v.to_string(),
+                    "DataType" => desc.data_type = v.to_string(),
+                    "AggregationTemporality" => desc.temporality = v.to_string(),
+                    _ => {}
+                },
+                Sec::PointAttributes => {
+                    if let Some(p) = current.as_mut() {
+                        p.attributes.insert(k.to_string(), unwrap_value(v).1);
+                    }
+                }
+                _ => {}
+            }
+        } else if let Some(p) = current.as_mut() {
+            sec = Sec::Point;
+            let num = |v: &str| v.trim().parse::<f64>().unwrap_or_default();
+            if let Some(v) = line.strip_prefix("Count: ") {
+                p.count = v.trim().parse().unwrap_or_default();
+            } else if let Some(v) = line.strip_prefix("Sum: ") {
+                p.sum = num(v);
+            } else if let Some(v) = line.strip_prefix("Value: ") {
+                p.sum = num(v);
+            } else if let Some(v) = line.strip_prefix("StartTimestamp: ") {
+                p.start_unix_ns = v.trim().parse().unwrap_or_default();
+            } else if let Some(v) = line.strip_prefix("Timestamp: ") {
+                p.time_unix_ns = v.trim().parse().unwrap_or_default();
+            } else if let Some(rest) = line.strip_prefix("ExplicitBounds #") {
+                if let Some((_, v)) = rest.split_once(": ") {
+                    p.bounds.push(num(v));
+                }
+            } else if let Some((_, v)) = line.strip_prefix("Buckets #").and_then(|r| r.split_once("Count: ")) {
+                p.bucket_counts.push(v.trim().parse().unwrap_or_default());
+            }
+        }
+    }
+    points.extend(current.take());
+    points
 }
 
 #[cfg(test)]
@@ -650,6 +770,65 @@ End time: 1700000000024000000
         assert_eq!(s.resource["service.name"], "api");
         assert_eq!(s.resource["process.pid"], "77");
         assert!(s.attributes.is_empty());
+    }
+
+    const METRICS_SAMPLE: &str = "ResourceMetrics #0
+Resource SchemaURL: 
+Resource attributes:
+     -> service.name: Str(shop)
+     -> process.pid: Int(17218)
+ScopeMetrics #0
+ScopeMetrics SchemaURL: 
+InstrumentationScope waybill 0.1.0
+Metric #0
+Descriptor:
+     -> Name: http.server.request.duration
+     -> Description: Duration of HTTP server requests.
+     -> Unit: s
+     -> DataType: Histogram
+     -> AggregationTemporality: AGGREGATION_TEMPORALITY_CUMULATIVE
+HistogramDataPoints #0
+Data point attributes:
+     -> http.request.method: Str(GET)
+     -> http.response.status_code: Int(200)
+     -> http.route: Str(/users/{id})
+StartTimestamp: 1795614004200511303
+Timestamp: 1795614004512334155
+Count: 2
+Sum: 0.001237375
+Min: 0.000475235
+Max: 0.00076214
+ExplicitBounds #0: 0.005
+ExplicitBounds #1: 0.01
+Buckets #0, Count: 2
+Buckets #1, Count: 0
+Buckets #2, Count: 0
+HistogramDataPoints #1
+Data point attributes:
+     -> http.route: Str(/fail)
+Count: 1
+Sum: 0.5
+";
+
+    #[test]
+    fn parses_metrics_and_skips_them_in_traces() {
+        let text = format!("{METRICS_SAMPLE}{SAMPLE}{METRICS_SAMPLE}");
+        let points = parse_metrics_output(&text);
+        assert_eq!(points.len(), 4, "{points:#?}");
+        let p = &points[0];
+        assert_eq!(p.metric, "http.server.request.duration");
+        assert_eq!((p.unit.as_str(), p.data_type.as_str()), ("s", "Histogram"));
+        assert_eq!(p.temporality, "AGGREGATION_TEMPORALITY_CUMULATIVE");
+        assert_eq!(p.resource["service.name"], "shop");
+        assert_eq!(p.attributes["http.route"], "/users/{id}");
+        assert_eq!(p.attributes["http.response.status_code"], "200");
+        assert_eq!((p.count, p.sum), (2, 0.001237375));
+        assert_eq!(p.bounds, vec![0.005, 0.01]);
+        assert_eq!(p.bucket_counts, vec![2, 0, 0]);
+        assert_eq!(p.start_unix_ns, 1795614004200511303);
+        assert_eq!((points[1].count, points[1].attributes.len()), (1, 1));
+        // The traces parser is not confused by metric blocks.
+        assert_eq!(parse_debug_output(&text), parse_debug_output(SAMPLE));
     }
 
     #[test]

@@ -10,10 +10,7 @@ use waybill_tests::{
 };
 
 fn otlp_env(r: &Receiver) -> Vec<(&'static str, String)> {
-    vec![
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", r.protocol().to_string()),
-    ]
+    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", r.protocol().to_string())]
 }
 
 fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
@@ -104,20 +101,13 @@ fn python_keepalive_requests_become_exact_server_spans_over_grpc() {
         ],
     );
     // One TCP connection for all seven requests: only the first one connected.
-    assert_eq!(
-        out, "200 1\n201 0\n404 0\n200 0\n200 0\n500 0\n200 0\n",
-        "curl did not reuse its connection"
-    );
+    assert_eq!(out, "200 1\n201 0\n404 0\n200 0\n200 0\n500 0\n200 0\n", "curl did not reuse its connection");
     let spans = server_spans(&rx, 7);
     let _ = agent.stop();
     assert_eq!(spans.len(), 7, "exactly one SERVER span per request: {spans:#?}");
 
-    let by_path = |p: &str| {
-        spans
-            .iter()
-            .find(|s| attr(s, "url.path") == p)
-            .unwrap_or_else(|| panic!("no span for {p}"))
-    };
+    let by_path =
+        |p: &str| spans.iter().find(|s| attr(s, "url.path") == p).unwrap_or_else(|| panic!("no span for {p}"));
     let get42 = by_path("/users/42");
     assert_eq!(get42.name, "GET /users/{id}");
     assert_eq!(attr(get42, "http.request.method"), "GET");
@@ -153,23 +143,13 @@ fn python_keepalive_requests_become_exact_server_spans_over_grpc() {
         assert_eq!(attr(s, "client.port"), attr(get42, "client.port"));
         assert_eq!(s.resource.get("service.name").map(String::as_str), Some("shop"));
         assert_eq!(s.resource.get("process.pid"), Some(&app.proc.pid().to_string()));
-        assert!(
-            s.resource
-                .get("process.executable.name")
-                .is_some_and(|n| n.starts_with("python"))
-        );
+        assert!(s.resource.get("process.executable.name").is_some_and(|n| n.starts_with("python")));
         assert!(s.resource.contains_key("host.name"));
-        assert_eq!(
-            s.resource.get("telemetry.sdk.language").map(String::as_str),
-            Some("rust")
-        );
+        assert_eq!(s.resource.get("telemetry.sdk.language").map(String::as_str), Some("rust"));
     }
     // Secrets in query strings are redacted before export.
     let q = attr(by_path("/users/7"), "url.query");
-    assert!(
-        !q.contains("hunter2") && q.contains("token=") && q.contains("page=1"),
-        "{q}"
-    );
+    assert!(!q.contains("hunter2") && q.contains("token=") && q.contains("page=1"), "{q}");
     // Distinct traces, each a root.
     let mut ids: Vec<_> = spans.iter().map(|s| s.trace_id.clone()).collect();
     ids.sort();
@@ -235,30 +215,21 @@ fn nginx_pipelined_and_keepalive_over_http_protobuf() {
         .filter(|s| s.attributes.get("server.address").map(String::as_str) == Some("pipelined.test"))
         .collect();
     assert_eq!(pipelined.len(), 3);
-    let statuses: Vec<_> = pipelined
-        .iter()
-        .map(|s| (attr(s, "url.path"), attr(s, "http.response.status_code")))
-        .collect();
+    let statuses: Vec<_> =
+        pipelined.iter().map(|s| (attr(s, "url.path"), attr(s, "http.response.status_code"))).collect();
     assert!(statuses.contains(&("/index.html", "200")));
     assert!(statuses.contains(&("/nope", "404")));
     assert!(statuses.contains(&("/api/items.json", "200")));
     let big = spans.iter().find(|s| attr(s, "url.path") == "/big.bin").unwrap();
     assert_eq!(attr(big, "http.response.body.size"), "200000");
-    let head = spans
-        .iter()
-        .find(|s| attr(s, "http.request.method") == "HEAD")
-        .expect("HEAD span");
+    let head = spans.iter().find(|s| attr(s, "http.request.method") == "HEAD").expect("HEAD span");
     assert_eq!(attr(head, "http.response.status_code"), "200");
     let teapot = spans.iter().find(|s| attr(s, "url.path") == "/teapot").unwrap();
     assert_eq!(attr(teapot, "http.response.status_code"), "418");
     for s in &spans {
         // The worker process serves; the resource names nginx.
         assert_eq!(s.resource.get("service.name").map(String::as_str), Some("nginx"));
-        assert_ne!(
-            s.resource.get("process.pid"),
-            Some(&nginx.proc.pid().to_string()),
-            "the master does not serve"
-        );
+        assert_ne!(s.resource.get("process.pid"), Some(&nginx.proc.pid().to_string()), "the master does not serve");
     }
 }
 
@@ -272,32 +243,14 @@ fn terminal_view_shows_each_request() {
     let agent = Agent::start(&["--pid", &app.proc.pid().to_string()], &[]);
     sh(
         "curl",
-        &[
-            "-sS",
-            "-o",
-            "/dev/null",
-            &app.url("/users/99"),
-            "--next",
-            "-sS",
-            "-o",
-            "/dev/null",
-            &app.url("/missing"),
-        ],
+        &["-sS", "-o", "/dev/null", &app.url("/users/99"), "--next", "-sS", "-o", "/dev/null", &app.url("/missing")],
     );
     std::thread::sleep(Duration::from_secs(2));
     let out = agent.stop();
     let traces: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("Trace ")).collect();
     assert_eq!(traces.len(), 2, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
-    assert!(
-        traces[0].contains("GET /users/{id}") && traces[0].contains("200"),
-        "{}",
-        traces[0]
-    );
-    assert!(
-        traces[1].contains("GET /missing") && traces[1].contains("404"),
-        "{}",
-        traces[1]
-    );
+    assert!(traces[0].contains("GET /users/{id}") && traces[0].contains("200"), "{}", traces[0]);
+    assert!(traces[1].contains("GET /missing") && traces[1].contains("404"), "{}", traces[1]);
     assert!(traces.iter().all(|l| l.contains(&format!("(pid {})", app.proc.pid()))));
 }
 
@@ -311,10 +264,7 @@ fn port_selection_picks_up_later_process_and_metrics_count_it() {
     let port = free_port();
     let maddr = format!("127.0.0.1:{}", free_port());
     let env = otlp_env(&rx);
-    let agent = Agent::start(
-        &["--port", &port.to_string(), "--metrics-addr", &maddr],
-        &env_refs(&env),
-    );
+    let agent = Agent::start(&["--port", &port.to_string(), "--metrics-addr", &maddr], &env_refs(&env));
     assert_eq!(http_get(&maddr, "/healthz").0, 200);
     let app = PythonHttp::start_on(port, &[]);
     for p in ["/users/1", "/users/2", "/users/3"] {
@@ -322,11 +272,7 @@ fn port_selection_picks_up_later_process_and_metrics_count_it() {
     }
     let spans = server_spans(&rx, 3);
     assert_eq!(spans.len(), 3, "{spans:#?}\n{}", agent.stderr());
-    assert!(
-        spans
-            .iter()
-            .all(|s| s.resource.get("process.pid") == Some(&app.proc.pid().to_string()))
-    );
+    assert!(spans.iter().all(|s| s.resource.get("process.pid") == Some(&app.proc.pid().to_string())));
     let (code, body) = http_get(&maddr, "/metrics");
     assert_eq!(code, 200);
     let metric = |name: &str| -> u64 {
@@ -358,10 +304,7 @@ fn bad_input_is_refused_clearly() {
     let me = std::process::id().to_string();
     let out = waybill(
         &["run", "--pid", &me],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
-        ],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")],
     );
     assert!(!out.status.success());
     assert!(out.stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{}", out.stderr);
@@ -398,10 +341,6 @@ fn check_reports_this_kernel() {
     assert_eq!(line("kprobes").contains(" yes "), kprobes_here);
     assert!(line("accelerators").contains("tracepoints"), "{}", out.stdout);
     if !kprobes_here {
-        assert!(
-            line("accelerators").contains("fallback to syscall tracepoints"),
-            "{}",
-            out.stdout
-        );
+        assert!(line("accelerators").contains("fallback to syscall tracepoints"), "{}", out.stdout);
     }
 }

@@ -29,7 +29,8 @@ fn header_thread_and_connection_links_form_one_trace_per_request() {
     }
     let rx = Receiver::start(Proto::Grpc);
     let (pa, pb) = (free_port(), free_port());
-    let b = spawn("node", &[repo_root().join("tests/apps/stock_service.js").display().to_string(), pb.to_string()], "node");
+    let b =
+        spawn("node", &[repo_root().join("tests/apps/stock_service.js").display().to_string(), pb.to_string()], "node");
     wait_port(pb, Duration::from_secs(10));
     let a = spawn(
         "python3",

@@ -145,20 +145,13 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     let hookbench = out_dir.join("hookbench");
     crate::run(
-        Command::new("gcc")
-            .args(["-O2", "-Wall", "-o"])
-            .arg(&hookbench)
-            .arg(root.join("xtask/bench/hookbench.c")),
+        Command::new("gcc").args(["-O2", "-Wall", "-o"]).arg(&hookbench).arg(root.join("xtask/bench/hookbench.c")),
     )
     .context("compiling xtask/bench/hookbench.c")?;
 
     let work = TempDir::new("work")?;
     let rotel = Rotel::start(&tools.rotel, work.path())?;
-    let b = Bench {
-        agent_bin,
-        rotel,
-        clk_tck: clk_tck(),
-    };
+    let b = Bench { agent_bin, rotel, clk_tck: clk_tck() };
     let mut rep = Report::new(&args, &plan, &b);
     let foreign = foreign_tracers();
     if !foreign.is_empty() {
@@ -187,12 +180,8 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         let nginx = Nginx::start(work.path())?;
         warm_up(nginx.port)?;
         section("nginx", &mut rep, &mut |rep| nginx_saturation(&b, &plan, &nginx, rep));
-        section("rate", &mut rep, &mut |rep| {
-            nginx_rate(&b, &plan, &nginx, args.rate, rep)
-        });
-        section("events", &mut rep, &mut |rep| {
-            events(&b, &plan, &nginx, &hookbench, rep)
-        });
+        section("rate", &mut rep, &mut |rep| nginx_rate(&b, &plan, &nginx, args.rate, rep));
+        section("events", &mut rep, &mut |rep| events(&b, &plan, &nginx, &hookbench, rep));
     }
     section("postgres", &mut rep, &mut |rep| postgres(&b, &plan, &tools, rep));
     section("redis", &mut rep, &mut |rep| redis(&b, &plan, rep));
@@ -221,9 +210,7 @@ struct Tools {
 }
 
 fn in_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file())).unwrap_or(false)
 }
 
 /// The directory holding initdb, postgres and pgbench (PostgreSQL 15 preferred).
@@ -283,10 +270,7 @@ impl Tools {
                 rotel_binary()?
             }
         };
-        Ok(Tools {
-            rotel,
-            pg_bin: pg_bindir(),
-        })
+        Ok(Tools { rotel, pg_bin: pg_bindir() })
     }
 }
 
@@ -294,9 +278,8 @@ fn rotel_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("ROTEL_AGENT") {
         return Ok(PathBuf::from(p));
     }
-    let out = Command::new("python3")
-        .args(["-c", "import rotel, os; print(os.path.dirname(rotel.__file__))"])
-        .output()?;
+    let out =
+        Command::new("python3").args(["-c", "import rotel, os; print(os.path.dirname(rotel.__file__))"]).output()?;
     if !out.status.success() {
         bail!("the rotel Python package is not installed");
     }
@@ -343,12 +326,7 @@ struct Guard {
 impl Guard {
     fn spawn(cmd: &mut Command, name: &str, stop: i32, grace: Duration) -> Result<Guard> {
         let child = cmd.spawn().with_context(|| format!("cannot start {name} ({cmd:?})"))?;
-        Ok(Guard {
-            child,
-            name: name.to_string(),
-            stop,
-            grace,
-        })
+        Ok(Guard { child, name: name.to_string(), stop, grace })
     }
 
     fn pid(&self) -> u32 {
@@ -496,12 +474,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
@@ -514,10 +487,8 @@ fn children_of(pid: u32) -> Vec<u32> {
             let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
                 continue;
             };
-            let ppid = s
-                .rfind(')')
-                .and_then(|i| s[i + 2..].split_whitespace().nth(1))
-                .and_then(|x| x.parse::<u32>().ok());
+            let ppid =
+                s.rfind(')').and_then(|i| s[i + 2..].split_whitespace().nth(1)).and_then(|x| x.parse::<u32>().ok());
             if ppid == Some(pid) {
                 v.push(p);
             }
@@ -775,11 +746,7 @@ impl Bench {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        Ok(Agent {
-            guard,
-            stderr,
-            metrics_addr,
-        })
+        Ok(Agent { guard, stderr, metrics_addr })
     }
 
     /// Starts the agent on `pid`, runs `load`, and measures the agent around it.
@@ -807,11 +774,7 @@ impl Bench {
             startup_s,
             delta: m1
                 .as_ref()
-                .map(|m1| {
-                    m1.iter()
-                        .map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0)))
-                        .collect()
-                })
+                .map(|m1| m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect())
                 .unwrap_or_default(),
         };
         let alive = agent.guard.alive();
@@ -834,10 +797,7 @@ impl Bench {
         label: &str,
         load: &mut dyn FnMut() -> Result<T>,
     ) -> Result<Pairs<T>> {
-        let mut p = Pairs {
-            off: Vec::new(),
-            on: Vec::new(),
-        };
+        let mut p = Pairs { off: Vec::new(), on: Vec::new() };
         for i in 0..pairs {
             let order = if i % 2 == 0 { [false, true] } else { [true, false] };
             for on in order {
@@ -915,11 +875,7 @@ fn median(v: &[f64]) -> f64 {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 fn max(v: &[f64]) -> f64 {
@@ -936,10 +892,7 @@ fn http_get(addr: &str, path: &str) -> Result<String> {
     write!(s, "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 /// The agent's /metrics as `name{labels}` → value.
@@ -1014,10 +967,7 @@ fn wrk(port: u16, conns: u32, secs: u64) -> Result<WrkResult> {
         } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
             r.errors += v.trim().parse::<f64>().unwrap_or(0.0);
         } else if let Some(v) = t.strip_prefix("Socket errors:") {
-            r.errors += v
-                .split(',')
-                .filter_map(|p| p.split_whitespace().last()?.parse::<f64>().ok())
-                .sum::<f64>();
+            r.errors += v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<f64>().ok()).sum::<f64>();
         }
     }
     if r.rps <= 0.0 {
@@ -1054,9 +1004,8 @@ impl RateRun {
 /// second on a fixed schedule for `dur`; latency is from send to the last byte of the response.
 fn http_at_rate(port: u16, rate: f64, conns: usize, dur: Duration) -> Result<RateRun> {
     let start = Instant::now() + Duration::from_millis(50);
-    let handles: Vec<_> = (0..conns)
-        .map(|i| thread::spawn(move || conn_loop(port, i, conns, rate, start, dur)))
-        .collect();
+    let handles: Vec<_> =
+        (0..conns).map(|i| thread::spawn(move || conn_loop(port, i, conns, rate, start, dur))).collect();
     let mut all = RateRun::default();
     for h in handles {
         let r = h.join().map_err(|_| anyhow!("generator thread panicked"))?;
@@ -1181,10 +1130,7 @@ fn nginx_saturation(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> 
     let mut load = || -> Result<Served<WrkResult>> {
         let t0 = nginx.cpu_ticks();
         let r = wrk(nginx.port, 32, secs)?;
-        Ok(Served {
-            r,
-            app_ticks: nginx.cpu_ticks().saturating_sub(t0),
-        })
+        Ok(Served { r, app_ticks: nginx.cpu_ticks().saturating_sub(t0) })
     };
     let p = b.alternate(plan.pairs, nginx.pid(), &[], "nginx saturation", &mut load)?;
     let thr = p.ratio(|s| s.r.rps);
@@ -1195,43 +1141,20 @@ fn nginx_saturation(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> 
     let rotel_us = median(&p.agent_vals(|s, a| a.rotel_cpu_s / s.r.requests * 1e6));
     let rounds = p.rounds();
     let t = rep.table(
-        &format!(
-            "1. nginx at saturation — wrk -t1 -c32, {secs} s rounds, {} alternating pairs",
-            plan.pairs
-        ),
+        &format!("1. nginx at saturation — wrk -t1 -c32, {secs} s rounds, {} alternating pairs", plan.pairs),
         &["metric", "without agent", "with agent", "with/without (per-pair range)"],
     );
     t.row(&["throughput (req/s)", &f0(thr.off), &f0(thr.on), &thr.cell()]);
     t.row(&["latency p50 (µs)", &f0(p50.off), &f0(p50.on), &p50.cell()]);
     t.row(&["latency p99 (µs)", &f0(p99.off), &f0(p99.on), &p99.cell()]);
-    t.row(&[
-        "nginx CPU per request (µs, includes in-kernel eBPF)",
-        &f1(app.off),
-        &f1(app.on),
-        &app.cell(),
-    ]);
+    t.row(&["nginx CPU per request (µs, includes in-kernel eBPF)", &f1(app.off), &f1(app.on), &app.cell()]);
     t.row(&["agent CPU per request (µs, user+sys)", "", &f2(cpu_us), ""]);
     t.row(&["rotel CPU per request (µs, the collector)", "", &f2(rotel_us), ""]);
     t.row(&spans_row(&rounds));
-    t.row(&[
-        "ring-buffer records lost",
-        "",
-        &f0(rounds.iter().map(|a| a.lost()).sum()),
-        "",
-    ]);
+    t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
-    rep.check(
-        "throughput at saturation (nginx, wrk)",
-        format!("{:.3}×", thr.median),
-        "≥ 0.90×",
-        thr.median >= 0.90,
-    );
-    rep.check(
-        "agent CPU per request (nginx, saturation)",
-        format!("{cpu_us:.2} µs"),
-        "≤ 3 µs",
-        cpu_us <= 3.0,
-    );
+    rep.check("throughput at saturation (nginx, wrk)", format!("{:.3}×", thr.median), "≥ 0.90×", thr.median >= 0.90);
+    rep.check("agent CPU per request (nginx, saturation)", format!("{cpu_us:.2} µs"), "≤ 3 µs", cpu_us <= 3.0);
     rep.facts.sat_rps_off = thr.off;
     rep.facts.app_us_off = app.off;
     rep.facts.app_us_on = app.on;
@@ -1245,10 +1168,7 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     let mut load = || -> Result<Served<RateRun>> {
         let t0 = nginx.cpu_ticks();
         let r = http_at_rate(nginx.port, rate as f64, conns, Duration::from_secs(secs))?;
-        Ok(Served {
-            r,
-            app_ticks: nginx.cpu_ticks().saturating_sub(t0),
-        })
+        Ok(Served { r, app_ticks: nginx.cpu_ticks().saturating_sub(t0) })
     };
     let p = b.alternate(plan.pairs, nginx.pid(), &[], "nginx constant rate", &mut load)?;
     let done = p.ratio(|s| s.r.achieved());
@@ -1274,24 +1194,13 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     t.row(&["latency p90 (µs)", &f0(p90.off), &f0(p90.on), &p90.cell()]);
     t.row(&["latency p99 (µs)", &f0(p99.off), &f0(p99.on), &p99.cell()]);
     t.row(&["latency p99.9 (µs)", &f0(p999.off), &f0(p999.on), &p999.cell()]);
-    t.row(&[
-        "nginx CPU per request (µs, includes in-kernel eBPF)",
-        &f1(app.off),
-        &f1(app.on),
-        &app.cell(),
-    ]);
+    t.row(&["nginx CPU per request (µs, includes in-kernel eBPF)", &f1(app.off), &f1(app.on), &app.cell()]);
     t.row(&["requests sent > 1 ms late (%)", &f2(late.off), &f2(late.on), ""]);
     t.row(&["agent CPU per request (µs, user+sys)", "", &f2(cpu_us), ""]);
     t.row(&spans_row(&rounds));
-    t.row(&[
-        "ring-buffer records lost",
-        "",
-        &f0(rounds.iter().map(|a| a.lost()).sum()),
-        "",
-    ]);
+    t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
     if errors > 0 {
-        rep.warnings
-            .push(format!("constant-rate generator: {errors} failed requests"));
+        rep.warnings.push(format!("constant-rate generator: {errors} failed requests"));
     }
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
     let dp99 = (p99.median - 1.0) * 100.0;
@@ -1327,10 +1236,8 @@ fn spans_row(rounds: &[&AgentRound]) -> [String; 4] {
 }
 
 fn postgres(b: &Bench, plan: &Plan, tools: &Tools, rep: &mut Report) -> Result<()> {
-    let bin = tools
-        .pg_bin
-        .clone()
-        .ok_or_else(|| anyhow!("no PostgreSQL server binaries (initdb, postgres, pgbench)"))?;
+    let bin =
+        tools.pg_bin.clone().ok_or_else(|| anyhow!("no PostgreSQL server binaries (initdb, postgres, pgbench)"))?;
     let (uid, gid) = user_ids("postgres")
         .or_else(|| user_ids("nobody"))
         .ok_or_else(|| anyhow!("neither a `postgres` nor a `nobody` user exists"))?;
@@ -1406,19 +1313,9 @@ fn postgres(b: &Bench, plan: &Plan, tools: &Tools, rep: &mut Report) -> Result<(
     t.row(&["transactions/s", &f0(tps.off), &f0(tps.on), &tps.cell()]);
     t.row(&["agent CPU per query (µs)", "", &f2(cpu_us), ""]);
     t.row(&spans_row(&rounds));
-    t.row(&[
-        "ring-buffer records lost",
-        "",
-        &f0(rounds.iter().map(|a| a.lost()).sum()),
-        "",
-    ]);
+    t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
-    rep.check(
-        "throughput, PostgreSQL pgbench -S",
-        format!("{:.3}×", tps.median),
-        "≥ 0.90×",
-        tps.median >= 0.90,
-    );
+    rep.check("throughput, PostgreSQL pgbench -S", format!("{:.3}×", tps.median), "≥ 0.90×", tps.median >= 0.90);
     server.stop();
     Ok(())
 }
@@ -1486,28 +1383,15 @@ fn redis(b: &Bench, plan: &Plan, rep: &mut Report) -> Result<()> {
         &["metric", "without agent", "with agent", "with/without (per-pair range)"],
     );
     let mut worst = f64::INFINITY;
-    for (i, name) in ["SET req/s", "GET req/s", "SET req/s, -P 16", "GET req/s, -P 16"]
-        .iter()
-        .enumerate()
-    {
+    for (i, name) in ["SET req/s", "GET req/s", "SET req/s, -P 16", "GET req/s, -P 16"].iter().enumerate() {
         let r = p.ratio(|v| v[i]);
         worst = worst.min(r.median);
         t.row(&[name.to_string(), f0(r.off), f0(r.on), r.cell()]);
     }
     t.row(&spans_row(&rounds));
-    t.row(&[
-        "ring-buffer records lost",
-        "",
-        &f0(rounds.iter().map(|a| a.lost()).sum()),
-        "",
-    ]);
+    t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
-    rep.check(
-        "throughput, Redis (worst of SET/GET, ±pipelining)",
-        format!("{worst:.3}×"),
-        "≥ 0.90×",
-        worst >= 0.90,
-    );
+    rep.check("throughput, Redis (worst of SET/GET, ±pipelining)", format!("{worst:.3}×"), "≥ 0.90×", worst >= 0.90);
     Ok(())
 }
 
@@ -1550,12 +1434,7 @@ impl HookBench {
             .strip_prefix("ready ")
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| anyhow!("hookbench said {line:?}"))?;
-        Ok(HookBench {
-            guard,
-            stdin,
-            stdout,
-            pid,
-        })
+        Ok(HookBench { guard, stdin, stdout, pid })
     }
 
     /// Runs one command; returns its first number (ns per op, or writes per second).
@@ -1594,10 +1473,7 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
             ));
         }
         let port = nginx.port;
-        loads.push((
-            "nginx, wrk -c64 (saturation)".into(),
-            Box::new(move || Ok(wrk(port, 64, secs)?.requests)),
-        ));
+        loads.push(("nginx, wrk -c64 (saturation)".into(), Box::new(move || Ok(wrk(port, 64, secs)?.requests))));
         for (label, load) in loads {
             eprintln!("bench: events: {label}");
             let m0 = scrape(&agent.metrics_addr)?;
@@ -1626,11 +1502,7 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
                 f0(lost),
                 f0((k1.run_ns - k0.run_ns) as f64 / n),
                 f2((c1 - c0) as f64 / b.clk_tck / n * 1e6),
-                format!(
-                    "{} / {}",
-                    f0(d("waybill_spans_exported_total")),
-                    f0(d("waybill_spans_dropped_total"))
-                ),
+                format!("{} / {}", f0(d("waybill_spans_exported_total")), f0(d("waybill_spans_dropped_total"))),
             ]);
         }
         if !agent.guard.alive() {
@@ -1647,11 +1519,8 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
         let apid = agent.guard.pid();
         for &r in &plan.write_rates {
             let n = if r == 0 { 250_000 * secs } else { r as u64 * secs };
-            let label = if r == 0 {
-                "64 B TCP writes, unpaced".to_string()
-            } else {
-                format!("64 B TCP writes, {r}/s offered")
-            };
+            let label =
+                if r == 0 { "64 B TCP writes, unpaced".to_string() } else { format!("64 B TCP writes, {r}/s offered") };
             eprintln!("bench: events: {label}");
             let m0 = scrape(&agent.metrics_addr)?;
             let c0 = cpu_ticks(apid).unwrap_or(0);
@@ -1724,20 +1593,11 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
     let secs = plan.sat_secs;
     let mut load = || wrk(nginx.port, 32, secs);
     let pairs = plan.pairs.min(3);
-    let p = b.alternate(
-        pairs,
-        nginx.pid(),
-        &["--ring-buffer-bytes", "16384"],
-        "tiny ring buffer",
-        &mut load,
-    )?;
+    let p = b.alternate(pairs, nginx.pid(), &["--ring-buffer-bytes", "16384"], "tiny ring buffer", &mut load)?;
     let thr = p.ratio(|w| w.rps);
     let p99 = p.ratio(|w| w.p99_us);
     let rounds = p.rounds();
-    let recv: f64 = rounds
-        .iter()
-        .map(|a| a.d("waybill_ringbuf_records_received_total"))
-        .sum();
+    let recv: f64 = rounds.iter().map(|a| a.d("waybill_ringbuf_records_received_total")).sum();
     let lost: f64 = rounds.iter().map(|a| a.lost()).sum();
     let errs: f64 = p.off.iter().map(|w| w.errors).sum::<f64>() + p.on.iter().map(|(w, _)| w.errors).sum::<f64>();
     let t = rep.table(
@@ -1749,12 +1609,7 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
     );
     t.row(&["throughput (req/s)", &f0(thr.off), &f0(thr.on), &thr.cell()]);
     t.row(&["latency p99 (µs)", &f0(p99.off), &f0(p99.on), &p99.cell()]);
-    t.row(&[
-        "records received / lost (counted)",
-        "",
-        &format!("{} / {}", f0(recv), f0(lost)),
-        "",
-    ]);
+    t.row(&["records received / lost (counted)", "", &format!("{} / {}", f0(recv), f0(lost)), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["HTTP errors seen by wrk", "", &f0(errs), ""]);
     Ok(())
@@ -1764,10 +1619,7 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
     let mut hb = HookBench::start(hookbench)?;
     // A bystander target: the agent traces this, not hookbench.
     let mut other = Guard::spawn(
-        Command::new("sleep")
-            .arg("3600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null()),
+        Command::new("sleep").arg("3600").stdin(Stdio::null()).stdout(Stdio::null()),
         "sleep",
         SIGKILL,
         Duration::from_secs(2),
@@ -1816,13 +1668,7 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
             "agent tracing another process (ns, +added)",
         ],
     );
-    for (k, name) in [
-        "loopback TCP socket (traced: a data record)",
-        "/dev/null (not a socket)",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (k, name) in ["loopback TCP socket (traced: a data record)", "/dev/null (not a socket)"].iter().enumerate() {
         let (a, on, by) = (med(0, k), med(1, k), med(2, k));
         t.row(&[
             name.to_string(),
@@ -1831,12 +1677,7 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
             format!("{} (+{})", f0(by), f0(by - a)),
         ]);
     }
-    t.row(&[
-        "records received / lost while tracing it",
-        "",
-        &format!("{} / {}", f0(received), f0(lost)),
-        "",
-    ]);
+    t.row(&["records received / lost while tracing it", "", &format!("{} / {}", f0(received), f0(lost)), ""]);
     rep.facts.hook_tcp_ns = med(1, 0) - med(0, 0);
     rep.facts.hook_null_ns = med(1, 1) - med(0, 1);
     rep.facts.hook_bystander_ns = med(2, 0) - med(0, 0);
@@ -1911,8 +1752,7 @@ impl Report {
             .ok()
             .and_then(|c| {
                 c.lines().find_map(|l| {
-                    l.strip_prefix("model name")
-                        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                    l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
                 })
             })
             .unwrap_or_default();
@@ -1976,10 +1816,7 @@ impl Report {
             let start: Vec<f64> = self.memory.iter().map(|a| a.startup_s).collect();
             let (rs, rm, pk) = (median(&rss), max(&rss), max(&hwm));
             let t = self.table(
-                &format!(
-                    "3. Agent footprint — over {} agent rounds of sections 1, 2 and 4",
-                    rss.len()
-                ),
+                &format!("3. Agent footprint — over {} agent rounds of sections 1, 2 and 4", rss.len()),
                 &["metric", "median", "max"],
             );
             t.row(&["RSS at the end of a loaded round, VmRSS (MiB)", &f1(rs), &f1(rm)]);
@@ -1996,12 +1833,7 @@ impl Report {
                 .unwrap_or(self.tables.len());
             self.tables.insert(at, tbl);
             self.check("agent RSS, steady", format!("{rs:.1} MiB"), "≤ 64 MiB", rs <= 64.0);
-            self.check(
-                "agent peak RSS / steady",
-                format!("{pk:.1} MiB = {:.2}×", pk / rs),
-                "≤ 1.5×",
-                pk / rs <= 1.5,
-            );
+            self.check("agent peak RSS / steady", format!("{pk:.1} MiB = {:.2}×", pk / rs), "≤ 1.5×", pk / rs <= 1.5);
             self.memory.clear();
         }
         let f = &self.facts;

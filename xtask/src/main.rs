@@ -73,10 +73,28 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the integration tests use (real servers and clients).
-const TEST_PACKAGES: &[&str] = &["nginx-light", "curl", "python3", "iproute2"];
+const TEST_PACKAGES: &[&str] = &[
+    "nginx-light",
+    "curl",
+    "python3",
+    "iproute2",
+    "util-linux",
+    "postgresql",
+    "redis-server",
+    "redis-tools",
+    "nodejs",
+    "golang-go",
+    "openssl",
+];
 
 /// PyPI packages the integration tests use: rotel is a real OTLP collector.
-const PIP_PACKAGES: &[(&str, &str)] = &[("rotel", "rotel==0.0.1a15")];
+/// psycopg (libpq, extended protocol) and redis-py are real clients for the database tests.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("rotel", "rotel==0.0.1a15"),
+    ("psycopg", "psycopg[binary]==3.2.*"),
+    ("redis", "redis==5.*"),
+    ("requests", "requests==2.*"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -96,10 +114,7 @@ fn main() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -183,12 +198,7 @@ fn setup(build_only: bool) -> Result<()> {
         eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
         let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         run(Command::new("cargo")
-            .args([
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-                "--no-default-features",
-            ])
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features"])
             .args(["--features", "llvm-22", "--root"])
             .arg(tools_dir())
             .env("PATH", path)
@@ -231,15 +241,8 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
         bail!("bpf-linker {BPF_LINKER_VERSION} is not installed: run `cargo xtask setup --build-only` first");
     }
     let dir = root.join("ebpf-probes");
-    let path = format!(
-        "{}:{}",
-        tools_dir().join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let flags = format!(
-        "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        bpf_target_arch()
-    );
+    let path = format!("{}:{}", tools_dir().join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let flags = format!("--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf", bpf_target_arch());
     run(Command::new("cargo")
         .current_dir(&dir)
         .args(["build", "--release", "--target", "bpfel-unknown-none"])
@@ -257,17 +260,12 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let obj = build_ebpf(root)?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .args(["build", "--package", "waybill", "--bin", "waybill"])
-        .env("WAYBILL_EBPF_OBJ", &obj);
+    cmd.current_dir(root).args(["build", "--package", "waybill", "--bin", "waybill"]).env("WAYBILL_EBPF_OBJ", &obj);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let bin = root
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("waybill");
+    let bin = root.join("target").join(if release { "release" } else { "debug" }).join("waybill");
     eprintln!("xtask: built {}", bin.display());
     Ok(bin)
 }

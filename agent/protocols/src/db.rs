@@ -193,10 +193,7 @@ mod tests {
 
     #[test]
     fn redact_message_rules() {
-        assert_eq!(
-            redact_message(b"relation \"users\" does not exist", 100),
-            "relation ? does not exist"
-        );
+        assert_eq!(redact_message(b"relation \"users\" does not exist", 100), "relation ? does not exist");
         assert_eq!(
             redact_message(b"invalid input syntax for type integer: \"abc\"", 100),
             "invalid input syntax for type integer: ?"

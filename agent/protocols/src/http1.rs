@@ -335,11 +335,7 @@ impl Http1Conn {
                     Phase::Start
                 } else {
                     let msg = Msg { last_ts: ts, ..msg };
-                    Phase::Lost {
-                        msg,
-                        chunked,
-                        approx: true,
-                    }
+                    Phase::Lost { msg, chunked, approx: true }
                 }
             }
             Phase::Body { msg, body }
@@ -398,11 +394,7 @@ impl Http1Conn {
                         Phase::Head(hb)
                     }
                 }
-                Phase::HeadTail {
-                    msg,
-                    mut at_line_start,
-                    framing,
-                } => {
+                Phase::HeadTail { msg, mut at_line_start, framing } => {
                     let msg = Msg { last_ts: ts, ..msg };
                     match scan_head_end(&data[pos..], &mut at_line_start) {
                         Some(n) => {
@@ -411,11 +403,7 @@ impl Http1Conn {
                         }
                         None => {
                             pos = data.len();
-                            Phase::HeadTail {
-                                msg,
-                                at_line_start,
-                                framing,
-                            }
+                            Phase::HeadTail { msg, at_line_start, framing }
                         }
                     }
                 }
@@ -429,10 +417,7 @@ impl Http1Conn {
                                 self.finish_msg(dir, msg, ts, false);
                                 Phase::Start
                             } else {
-                                Phase::Body {
-                                    msg,
-                                    body: Body::Length(rem - n),
-                                }
+                                Phase::Body { msg, body: Body::Length(rem - n) }
                             }
                         }
                         Body::Chunked(mut dec) => match dec.feed(&data[pos..]) {
@@ -443,27 +428,17 @@ impl Http1Conn {
                             }
                             Ok(None) => {
                                 pos = data.len();
-                                Phase::Body {
-                                    msg,
-                                    body: Body::Chunked(dec),
-                                }
+                                Phase::Body { msg, body: Body::Chunked(dec) }
                             }
                             Err(()) => {
                                 self.stats.parse_errors += 1;
                                 pos = data.len();
-                                Phase::Lost {
-                                    msg,
-                                    chunked: true,
-                                    approx: true,
-                                }
+                                Phase::Lost { msg, chunked: true, approx: true }
                             }
                         },
                         Body::UntilClose => {
                             pos = data.len();
-                            Phase::Body {
-                                msg,
-                                body: Body::UntilClose,
-                            }
+                            Phase::Body { msg, body: Body::UntilClose }
                         }
                     }
                 }
@@ -498,18 +473,13 @@ impl Http1Conn {
             // The next message starts in bytes we did not see.
             Phase::Start => Phase::Desync,
             Phase::Head(hb) => self.on_head(dir, hb, HeadEnd::Truncated, ts),
-            Phase::HeadTail { msg, framing, .. } => Phase::Lost {
-                msg: Msg { last_ts: ts, ..msg },
-                chunked: framing == Framing::Chunked,
-                approx: false,
-            },
+            Phase::HeadTail { msg, framing, .. } => {
+                Phase::Lost { msg: Msg { last_ts: ts, ..msg }, chunked: framing == Framing::Chunked, approx: false }
+            }
             Phase::Body { msg, body } => {
                 let msg = Msg { last_ts: ts, ..msg };
                 match body {
-                    Body::Length(rem) if n < rem => Phase::Body {
-                        msg,
-                        body: Body::Length(rem - n),
-                    },
+                    Body::Length(rem) if n < rem => Phase::Body { msg, body: Body::Length(rem - n) },
                     Body::Length(rem) => {
                         self.finish_msg(dir, msg, ts, false);
                         // Bytes past the body belong to a message whose head we did not see.
@@ -517,29 +487,15 @@ impl Http1Conn {
                     }
                     Body::Chunked(mut dec) => {
                         if dec.skip_uncaptured(n) {
-                            Phase::Body {
-                                msg,
-                                body: Body::Chunked(dec),
-                            }
+                            Phase::Body { msg, body: Body::Chunked(dec) }
                         } else {
-                            Phase::Lost {
-                                msg,
-                                chunked: true,
-                                approx: true,
-                            }
+                            Phase::Lost { msg, chunked: true, approx: true }
                         }
                     }
-                    Body::UntilClose => Phase::Body {
-                        msg,
-                        body: Body::UntilClose,
-                    },
+                    Body::UntilClose => Phase::Body { msg, body: Body::UntilClose },
                 }
             }
-            Phase::Lost { msg, chunked, approx } => Phase::Lost {
-                msg: Msg { last_ts: ts, ..msg },
-                chunked,
-                approx,
-            },
+            Phase::Lost { msg, chunked, approx } => Phase::Lost { msg: Msg { last_ts: ts, ..msg }, chunked, approx },
             p @ (Phase::Desync | Phase::Tunnel) => p,
         }
     }
@@ -578,26 +534,16 @@ impl Http1Conn {
                     let msg = Msg { seq: None, last_ts: ts };
                     return match end {
                         HeadEnd::Complete => Phase::Start,
-                        HeadEnd::Overflow => Phase::HeadTail {
-                            msg,
-                            at_line_start: hb.at_line_start,
-                            framing: Framing::None,
-                        },
-                        HeadEnd::Truncated => Phase::Lost {
-                            msg,
-                            chunked: false,
-                            approx: false,
-                        },
+                        HeadEnd::Overflow => {
+                            Phase::HeadTail { msg, at_line_start: hb.at_line_start, framing: Framing::None }
+                        }
+                        HeadEnd::Truncated => Phase::Lost { msg, chunked: false, approx: false },
                     };
                 }
                 // A response answers the oldest unanswered request, which must have begun before it.
                 let next = self.next_resp_seq;
                 let answerable = next < self.next_req_seq
-                    && self
-                        .pending
-                        .iter()
-                        .find(|p| p.seq == next)
-                        .is_none_or(|p| p.req_start <= hb.start_ts);
+                    && self.pending.iter().find(|p| p.seq == next).is_none_or(|p| p.req_start <= hb.start_ts);
                 let seq = if answerable {
                     self.next_resp_seq += 1;
                     Some(next)
@@ -625,16 +571,8 @@ impl Http1Conn {
         let msg = Msg { seq, last_ts: ts };
         match end {
             HeadEnd::Complete => self.enter_body(dir, msg, framing, ts),
-            HeadEnd::Overflow => Phase::HeadTail {
-                msg,
-                at_line_start: hb.at_line_start,
-                framing,
-            },
-            HeadEnd::Truncated => Phase::Lost {
-                msg,
-                chunked: framing == Framing::Chunked,
-                approx: false,
-            },
+            HeadEnd::Overflow => Phase::HeadTail { msg, at_line_start: hb.at_line_start, framing },
+            HeadEnd::Truncated => Phase::Lost { msg, chunked: framing == Framing::Chunked, approx: false },
         }
     }
 
@@ -644,23 +582,10 @@ impl Http1Conn {
                 self.finish_msg(dir, msg, ts, false);
                 Phase::Start
             }
-            Framing::Length(n) => Phase::Body {
-                msg,
-                body: Body::Length(n),
-            },
-            Framing::Chunked => Phase::Body {
-                msg,
-                body: Body::Chunked(ChunkedDecoder::default()),
-            },
-            Framing::UntilClose => Phase::Body {
-                msg,
-                body: Body::UntilClose,
-            },
-            Framing::Unknown => Phase::Lost {
-                msg,
-                chunked: false,
-                approx: true,
-            },
+            Framing::Length(n) => Phase::Body { msg, body: Body::Length(n) },
+            Framing::Chunked => Phase::Body { msg, body: Body::Chunked(ChunkedDecoder::default()) },
+            Framing::UntilClose => Phase::Body { msg, body: Body::UntilClose },
+            Framing::Unknown => Phase::Lost { msg, chunked: false, approx: true },
             Framing::Tunnel => {
                 self.finish_msg(dir, msg, ts, false);
                 self.req.phase = Phase::Tunnel;
@@ -712,12 +637,7 @@ impl Http1Conn {
                     p.approximate |= approx;
                 }
                 // A request whose end could not be framed is over once it is answered.
-                if let Phase::Lost {
-                    msg: rmsg,
-                    approx: rapprox,
-                    ..
-                } = self.req.phase
-                {
+                if let Phase::Lost { msg: rmsg, approx: rapprox, .. } = self.req.phase {
                     if rmsg.seq == Some(seq) {
                         self.req.phase = Phase::Desync;
                         if let Some(p) = self.pending_mut(seq) {
@@ -741,10 +661,7 @@ struct Side {
 
 impl Side {
     fn new() -> Self {
-        Side {
-            phase: Phase::Start,
-            started: false,
-        }
+        Side { phase: Phase::Start, started: false }
     }
 }
 
@@ -835,11 +752,7 @@ impl Pending {
             request: self.request,
             response: self.response,
             request_start_ns: self.req_start,
-            request_end_ns: if self.req_done {
-                self.req_end
-            } else {
-                fallback_ts.max(self.req_end)
-            },
+            request_end_ns: if self.req_done { self.req_end } else { fallback_ts.max(self.req_end) },
             response_start_ns: if has_resp { self.resp_start } else { 0 },
             response_end_ns: match (has_resp, self.resp_done) {
                 (false, _) => 0,
@@ -974,12 +887,7 @@ enum ChunkedDecoder {
 
 impl Default for ChunkedDecoder {
     fn default() -> Self {
-        ChunkedDecoder::Size {
-            value: 0,
-            digits: 0,
-            ext: false,
-            meta: 0,
-        }
+        ChunkedDecoder::Size { value: 0, digits: 0, ext: false, meta: 0 }
     }
 }
 
@@ -990,22 +898,14 @@ impl ChunkedDecoder {
         while i < data.len() {
             let b = data[i];
             match self {
-                ChunkedDecoder::Size {
-                    value,
-                    digits,
-                    ext,
-                    meta,
-                } => {
+                ChunkedDecoder::Size { value, digits, ext, meta } => {
                     match b {
                         b'\n' => {
                             if *digits == 0 {
                                 return Err(());
                             }
                             *self = if *value == 0 {
-                                ChunkedDecoder::Trailer {
-                                    line_empty: true,
-                                    meta: 0,
-                                }
+                                ChunkedDecoder::Trailer { line_empty: true, meta: 0 }
                             } else {
                                 ChunkedDecoder::Data(*value)
                             };
@@ -1165,10 +1065,7 @@ fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineChec
         b'/' => true,
         b'*' => target.len() == 1,
         c if c.is_ascii_alphanumeric() => {
-            let head_len = target
-                .iter()
-                .take_while(|&&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-                .count();
+            let head_len = target.iter().take_while(|&&b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)).count();
             target.get(head_len) == Some(&b':') || (head_len == target.len() && tsp.is_none() && !complete)
         }
         _ => false,
@@ -1184,11 +1081,7 @@ fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineChec
     if complete {
         return if parse_version(ver).is_some() { Valid } else { Invalid };
     }
-    let ver = if ver.len() == 9 {
-        ver.strip_suffix(b"\r").unwrap_or(ver)
-    } else {
-        ver
-    };
+    let ver = if ver.len() == 9 { ver.strip_suffix(b"\r").unwrap_or(ver) } else { ver };
     if version_prefix_ok(ver) { Valid } else { Invalid }
 }
 
@@ -1273,11 +1166,7 @@ struct Head {
 impl Head {
     fn request_framing(&self) -> Framing {
         if self.te_present {
-            if self.te_chunked {
-                Framing::Chunked
-            } else {
-                Framing::Unknown
-            }
+            if self.te_chunked { Framing::Chunked } else { Framing::Unknown }
         } else if self.bad_framing {
             Framing::Unknown
         } else {
@@ -1295,11 +1184,7 @@ impl Head {
         } else if is_head || s < 200 || s == 204 || s == 304 {
             Framing::None
         } else if self.te_present {
-            if self.te_chunked {
-                Framing::Chunked
-            } else {
-                Framing::UntilClose
-            }
+            if self.te_chunked { Framing::Chunked } else { Framing::UntilClose }
         } else if self.bad_framing {
             Framing::Unknown
         } else {
@@ -1473,11 +1358,7 @@ fn split_target(method: &str, target: &str) -> (String, Option<String>, Option<S
         Some((p, q)) => (p, Some(q)),
         None => (rest, None),
     };
-    let path = if path.is_empty() && authority.is_some() {
-        "/"
-    } else {
-        path
-    };
+    let path = if path.is_empty() && authority.is_some() { "/" } else { path };
     let query = query.filter(|q| !q.is_empty()).map(redact_query);
     (path.to_string(), query, authority)
 }
@@ -1575,12 +1456,7 @@ mod tests {
             (b"\x16\x03\x01\x02\x00", false, true, Invalid),
         ];
         for (line, complete, known, want) in cases {
-            assert_eq!(
-                check_request_line(line, *complete, *known),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(line)
-            );
+            assert_eq!(check_request_line(line, *complete, *known), *want, "{:?}", String::from_utf8_lossy(line));
         }
     }
 
@@ -1601,12 +1477,7 @@ mod tests {
             (b"X", false, Invalid),
         ];
         for (line, complete, want) in cases {
-            assert_eq!(
-                check_status_line(line, *complete),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(line)
-            );
+            assert_eq!(check_status_line(line, *complete), *want, "{:?}", String::from_utf8_lossy(line));
         }
     }
 

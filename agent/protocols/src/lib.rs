@@ -6,10 +6,10 @@
 //! went by, so parsers can keep message boundaries even when a body was not captured.
 #![forbid(unsafe_code)]
 
-pub mod http1;
-pub mod redact;
 pub mod db;
+pub mod http1;
 pub mod postgres;
+pub mod redact;
 pub mod redis;
 pub mod sql;
 

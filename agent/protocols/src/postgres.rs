@@ -88,8 +88,7 @@ fn cstr<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
 }
 
 fn printable(b: &[u8]) -> bool {
-    b.iter()
-        .all(|&c| c >= 0x20 && c != 0x7f || c == b'\t' || c == b'\n' || c == b'\r')
+    b.iter().all(|&c| c >= 0x20 && c != 0x7f || c == b'\t' || c == b'\n' || c == b'\r')
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,20 +124,11 @@ fn len_bounds(dir: FlowDir, ty: u8) -> (usize, usize) {
 fn score_body(dir: FlowDir, ty: u8, body: &[u8], complete: bool) -> Option<u32> {
     use FlowDir::*;
     let n = body.len();
-    let exact = |need: usize| -> Option<u32> {
-        if complete {
-            (need == n).then_some(3)
-        } else {
-            (need >= n).then_some(2)
-        }
-    };
+    let exact =
+        |need: usize| -> Option<u32> { if complete { (need == n).then_some(3) } else { (need >= n).then_some(2) } };
     match (dir, ty) {
         (ToServer, b'Q') => {
-            let (text, term) = if complete && n > 0 {
-                (&body[..n - 1], body[n - 1] == 0)
-            } else {
-                (body, true)
-            };
+            let (text, term) = if complete && n > 0 { (&body[..n - 1], body[n - 1] == 0) } else { (body, true) };
             if !term || !printable(text) {
                 return None;
             }
@@ -428,10 +418,7 @@ pub fn looks_like_postgres_startup(data: &[u8]) -> bool {
             // Parameters: printable key/value C strings; a complete packet ends with a NUL and
             // names `user`.
             let params = &data[8..data.len().min(len)];
-            if !params
-                .iter()
-                .all(|&c| c == 0 || (0x20..0x7f).contains(&c) || c >= 0x80)
-            {
+            if !params.iter().all(|&c| c == 0 || (0x20..0x7f).contains(&c) || c >= 0x80) {
                 return false;
             }
             if data.len() >= len {
@@ -546,11 +533,7 @@ impl Framer {
     }
 
     fn synced(&mut self) {
-        self.state = FState::Header {
-            buf: [0; 5],
-            have: 0,
-            start_ts: 0,
-        };
+        self.state = FState::Header { buf: [0; 5], have: 0, start_ts: 0 };
         self.lost_after_sync = false;
         self.fresh = false;
     }
@@ -568,13 +551,7 @@ impl Framer {
         self.state = FState::Lost;
     }
 
-    fn feed(
-        &mut self,
-        data: &[u8],
-        mut gap: usize,
-        ts: u64,
-        sink: &mut dyn FnMut(Msg) -> Next,
-    ) -> FeedOutcome {
+    fn feed(&mut self, data: &[u8], mut gap: usize, ts: u64, sink: &mut dyn FnMut(Msg) -> Next) -> FeedOutcome {
         let mut res = FeedOutcome::default();
         let mut i = 0usize;
         loop {
@@ -600,11 +577,7 @@ impl Framer {
                         None => break,
                     }
                 }
-                FState::Header {
-                    buf,
-                    have,
-                    start_ts,
-                } => {
+                FState::Header { buf, have, start_ts } => {
                     if i >= data.len() {
                         break;
                     }
@@ -620,11 +593,8 @@ impl Framer {
                     if *have < need {
                         break;
                     }
-                    let (ty, len) = if self.untyped {
-                        (0, be32(&buf[..4]) as usize)
-                    } else {
-                        (buf[0], be32(&buf[1..5]) as usize)
-                    };
+                    let (ty, len) =
+                        if self.untyped { (0, be32(&buf[..4]) as usize) } else { (buf[0], be32(&buf[1..5]) as usize) };
                     let ok = if self.untyped {
                         (8..=MAX_STARTUP).contains(&len)
                     } else {
@@ -711,14 +681,8 @@ impl Framer {
     }
 
     fn finish(&mut self, ts: u64, sink: &mut dyn FnMut(Msg) -> Next) {
-        let FState::Body(b) = std::mem::replace(
-            &mut self.state,
-            FState::Header {
-                buf: [0; 5],
-                have: 0,
-                start_ts: 0,
-            },
-        ) else {
+        let FState::Body(b) = std::mem::replace(&mut self.state, FState::Header { buf: [0; 5], have: 0, start_ts: 0 })
+        else {
             return;
         };
         let b = *b;
@@ -778,11 +742,7 @@ fn stmt_info(sql: &str) -> StmtInfo {
         _ => "BATCH".to_string(),
     });
     let first_coll = &descs[0].1;
-    let collection = if descs.iter().all(|d| &d.1 == first_coll) {
-        first_coll.clone()
-    } else {
-        None
-    };
+    let collection = if descs.iter().all(|d| &d.1 == first_coll) { first_coll.clone() } else { None };
     let mut summary = String::new();
     let mut seen: Vec<&str> = Vec::new();
     for d in &descs {
@@ -819,14 +779,7 @@ struct Acc {
 
 impl Acc {
     fn new(info: Option<Arc<StmtInfo>>, start_ns: u64) -> Box<Self> {
-        Box::new(Acc {
-            info,
-            start_ns,
-            rows: None,
-            data_rows: 0,
-            status: None,
-            error: None,
-        })
+        Box::new(Acc { info, start_ns, rows: None, data_rows: 0, status: None, error: None })
     }
 }
 
@@ -854,11 +807,7 @@ struct Lru {
 
 impl Lru {
     fn new(cap: usize) -> Self {
-        Lru {
-            cap,
-            tick: 0,
-            map: HashMap::new(),
-        }
+        Lru { cap, tick: 0, map: HashMap::new() }
     }
     fn get(&mut self, k: &[u8]) -> Option<Arc<StmtInfo>> {
         self.tick += 1;
@@ -1081,16 +1030,12 @@ impl PgConn {
     }
 }
 
-
 fn tag_rows(body: &[u8]) -> Option<u64> {
     let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
     let tag = std::str::from_utf8(&body[..end]).ok()?;
     let mut words = tag.split_ascii_whitespace();
     let verb = words.next()?;
-    if !matches!(
-        verb,
-        "INSERT" | "SELECT" | "UPDATE" | "DELETE" | "MERGE" | "FETCH" | "MOVE" | "COPY"
-    ) {
+    if !matches!(verb, "INSERT" | "SELECT" | "UPDATE" | "DELETE" | "MERGE" | "FETCH" | "MOVE" | "COPY") {
         return None;
     }
     words.last()?.parse().ok()
@@ -1125,9 +1070,7 @@ fn parse_error(body: &[u8]) -> (Option<String>, String) {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let code = word(code);
-    let sev = word(sev_v)
-        .or_else(|| word(sev_s))
-        .unwrap_or_else(|| "ERROR".into());
+    let sev = word(sev_v).or_else(|| word(sev_s)).unwrap_or_else(|| "ERROR".into());
     let mut e = sev;
     if let Some(c) = &code {
         e.push(' ');
@@ -1149,8 +1092,7 @@ fn name_of(body: &[u8], p: &mut usize) -> Option<Vec<u8>> {
 }
 
 impl State {
-    fn emit(&mut self, acc: Box<Acc>, end_ns: u64, approximate: bool, out: &mut Vec<DbCall>) {
-        let acc = *acc;
+    fn emit(&mut self, acc: Acc, end_ns: u64, approximate: bool, out: &mut Vec<DbCall>) {
         let mut c = DbCall::new(DbSystem::Postgresql, acc.start_ns);
         if let Some(i) = &acc.info {
             c.operation = i.operation.clone();
@@ -1191,7 +1133,7 @@ impl State {
     fn flush_all(&mut self, ts: u64, out: &mut Vec<DbCall>) {
         while let Some(e) = self.queue.pop_front() {
             if let Expect::Simple(a) | Expect::Execute(a) = e {
-                self.emit(a, ts, true, out);
+                self.emit(*a, ts, true, out);
             }
         }
         self.call_start = None;
@@ -1223,9 +1165,7 @@ impl State {
                         _ => {}
                     }
                 }
-                self.namespace = db
-                    .or(user)
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                self.namespace = db.or(user).map(|v| String::from_utf8_lossy(v).into_owned());
                 self.phase = Phase::Running;
                 Next::Typed
             }
@@ -1238,19 +1178,11 @@ impl State {
     }
 
     fn lookup_stmt(&mut self, name: &[u8]) -> Option<Arc<StmtInfo>> {
-        if name.is_empty() {
-            self.unnamed_stmt.clone()
-        } else {
-            self.statements.get(name)
-        }
+        if name.is_empty() { self.unnamed_stmt.clone() } else { self.statements.get(name) }
     }
 
     fn lookup_portal(&mut self, name: &[u8]) -> Option<Arc<StmtInfo>> {
-        if name.is_empty() {
-            self.unnamed_portal.clone()
-        } else {
-            self.portals.get(name)
-        }
+        if name.is_empty() { self.unnamed_portal.clone() } else { self.portals.get(name) }
     }
 
     fn on_frontend(&mut self, m: Msg, out: &mut Vec<DbCall>) -> Next {
@@ -1416,7 +1348,7 @@ impl State {
                             b's' => Some(a.data_rows),
                             _ => None,
                         };
-                        self.emit(a, end, false, out);
+                        self.emit(*a, end, false, out);
                     }
                     Some(Expect::Skip(_)) => {}
                     _ => self.stats.unmatched += 1,
@@ -1432,17 +1364,15 @@ impl State {
     fn on_error(&mut self, body: &[u8], end: u64, out: &mut Vec<DbCall>) {
         let (status, error) = parse_error(body);
         match self.queue.front_mut() {
-            Some(Expect::Simple(a)) => {
-                if a.error.is_none() {
-                    a.status = status;
-                    a.error = Some(error);
-                }
+            Some(Expect::Simple(a)) if a.error.is_none() => {
+                a.status = status;
+                a.error = Some(error);
             }
             Some(Expect::Execute(_)) => {
                 if let Some(Expect::Execute(mut a)) = self.queue.pop_front() {
                     a.status = status;
                     a.error = Some(error);
-                    self.emit(a, end, false, out);
+                    self.emit(*a, end, false, out);
                 }
                 self.discard_to_sync();
             }
@@ -1453,18 +1383,14 @@ impl State {
                     .iter()
                     .position(|e| matches!(e, Expect::Sync | Expect::Skip(_)))
                     .unwrap_or(self.queue.len());
-                let exec = self
-                    .queue
-                    .iter()
-                    .take(group_end)
-                    .position(|e| matches!(e, Expect::Execute(_)));
+                let exec = self.queue.iter().take(group_end).position(|e| matches!(e, Expect::Execute(_)));
                 let mut a = match exec.and_then(|k| self.queue.remove(k)) {
                     Some(Expect::Execute(a)) => a,
                     _ => fallback,
                 };
                 a.status = status;
                 a.error = Some(error);
-                self.emit(a, end, false, out);
+                self.emit(*a, end, false, out);
                 self.discard_to_sync();
             }
             Some(Expect::Close) => self.discard_to_sync(),
@@ -1490,7 +1416,7 @@ impl State {
             None => {}
             Some(Expect::Simple(_)) => {
                 if let Some(Expect::Simple(a)) = self.queue.pop_front() {
-                    self.emit(a, end, false, out);
+                    self.emit(*a, end, false, out);
                 }
             }
             Some(Expect::Sync | Expect::Func) => {
@@ -1509,10 +1435,10 @@ impl State {
                     match e {
                         Expect::Sync | Expect::Func => break,
                         Expect::Simple(a) => {
-                            self.emit(a, end, true, out);
+                            self.emit(*a, end, true, out);
                             break;
                         }
-                        Expect::Execute(a) => self.emit(a, end, true, out),
+                        Expect::Execute(a) => self.emit(*a, end, true, out),
                         _ => {}
                     }
                 }

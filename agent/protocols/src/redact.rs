@@ -49,11 +49,7 @@ pub fn redact_query(q: &str) -> String {
         if value.is_empty() {
             return None;
         }
-        if name_is_sensitive(name) || value_looks_sensitive(value) {
-            Some(REDACTED)
-        } else {
-            None
-        }
+        if name_is_sensitive(name) || value_looks_sensitive(value) { Some(REDACTED) } else { None }
     })
 }
 
@@ -145,10 +141,7 @@ mod tests {
             ("apiKey=zzz&q=rust", "apiKey=REDACTED&q=rust"),
             ("password=hunter2&user=bob", "password=REDACTED&user=bob"),
             ("passwd=x", "passwd=REDACTED"),
-            (
-                "X-Amz-Signature=deadbeef&X-Amz-Date=20240101",
-                "X-Amz-Signature=REDACTED&X-Amz-Date=20240101",
-            ),
+            ("X-Amz-Signature=deadbeef&X-Amz-Date=20240101", "X-Amz-Signature=REDACTED&X-Amz-Date=20240101"),
             ("sig=1&sigma=2", "sig=REDACTED&sigma=REDACTED"),
             ("code=4/0AX&state=xyz", "code=REDACTED&state=xyz"),
             ("session_id=1", "session_id=REDACTED"),
@@ -174,13 +167,8 @@ mod tests {
 
     #[test]
     fn redact_all_table() {
-        let cases: &[(&str, &str)] = &[
-            ("", ""),
-            ("a=1&b=2", "a=?&b=?"),
-            ("a=&b", "a=?&b"),
-            ("token=x", "token=?"),
-            ("a=b=c", "a=?"),
-        ];
+        let cases: &[(&str, &str)] =
+            &[("", ""), ("a=1&b=2", "a=?&b=?"), ("a=&b", "a=?&b"), ("token=x", "token=?"), ("a=b=c", "a=?")];
         for (q, want) in cases {
             assert_eq!(redact_all_query_values(q), *want, "query {q:?}");
         }

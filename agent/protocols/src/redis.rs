@@ -67,65 +67,369 @@ const MAX_QMARKS: u64 = 32;
 
 /// Commands whose second word is a subcommand (kept when it is a known keyword).
 const CONTAINERS: &[&str] = &[
-    "ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "FUNCTION", "LATENCY", "MEMORY",
-    "MODULE", "OBJECT", "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO",
+    "ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "FUNCTION", "LATENCY", "MEMORY", "MODULE", "OBJECT",
+    "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO",
 ];
 
 const SUBCOMMANDS: &[&str] = &[
-    "ADDSLOTS", "ADDSLOTSRANGE", "CACHING", "CAT", "CHANNELS", "COUNT", "COUNTKEYSINSLOT",
-    "CONSUMERS", "CREATE", "CREATECONSUMER", "DELCONSUMER", "DELETE", "DELSLOTS", "DELUSER",
-    "DESTROY", "DOCS", "DOCTOR", "DRYRUN", "DUMP", "ENCODING", "EXISTS", "FAILOVER", "FLUSH",
-    "FORGET", "FREQ", "GENPASS", "GET", "GETKEYS", "GETKEYSANDFLAGS", "GETKEYSINSLOT", "GETNAME",
-    "GETREDIR", "GETUSER", "GRAPH", "GROUPS", "HELP", "HISTOGRAM", "HISTORY", "ID", "IDLETIME",
-    "INFO", "JMAP", "KEYSLOT", "KILL", "LATEST", "LEN", "LINKS", "LIST", "LOAD", "LOADEX", "LOG",
-    "MALLOC-STATS", "MEET", "MYID", "MYSHARDID", "NODES", "NO-EVICT", "NO-TOUCH", "NUMPAT",
-    "NUMSUB", "OBJECT", "PAUSE", "PROTOCOL", "PURGE", "REFCOUNT", "RELOAD", "REPLICAS",
-    "REPLICATE", "REPLY", "RESET", "RESETSTAT", "RESTORE", "REWRITE", "SAVE", "SET", "SETID",
-    "SETINFO", "SETNAME", "SETSLOT", "SETUSER", "SHARDCHANNELS", "SHARDNUMSUB", "SHARDS",
-    "SLEEP", "SLOTS", "STATS", "STREAM", "TRACKING", "TRACKINGINFO", "UNBLOCK", "UNLOAD",
-    "UNPAUSE", "USAGE", "USERS", "WHOAMI",
+    "ADDSLOTS",
+    "ADDSLOTSRANGE",
+    "CACHING",
+    "CAT",
+    "CHANNELS",
+    "COUNT",
+    "COUNTKEYSINSLOT",
+    "CONSUMERS",
+    "CREATE",
+    "CREATECONSUMER",
+    "DELCONSUMER",
+    "DELETE",
+    "DELSLOTS",
+    "DELUSER",
+    "DESTROY",
+    "DOCS",
+    "DOCTOR",
+    "DRYRUN",
+    "DUMP",
+    "ENCODING",
+    "EXISTS",
+    "FAILOVER",
+    "FLUSH",
+    "FORGET",
+    "FREQ",
+    "GENPASS",
+    "GET",
+    "GETKEYS",
+    "GETKEYSANDFLAGS",
+    "GETKEYSINSLOT",
+    "GETNAME",
+    "GETREDIR",
+    "GETUSER",
+    "GRAPH",
+    "GROUPS",
+    "HELP",
+    "HISTOGRAM",
+    "HISTORY",
+    "ID",
+    "IDLETIME",
+    "INFO",
+    "JMAP",
+    "KEYSLOT",
+    "KILL",
+    "LATEST",
+    "LEN",
+    "LINKS",
+    "LIST",
+    "LOAD",
+    "LOADEX",
+    "LOG",
+    "MALLOC-STATS",
+    "MEET",
+    "MYID",
+    "MYSHARDID",
+    "NODES",
+    "NO-EVICT",
+    "NO-TOUCH",
+    "NUMPAT",
+    "NUMSUB",
+    "OBJECT",
+    "PAUSE",
+    "PROTOCOL",
+    "PURGE",
+    "REFCOUNT",
+    "RELOAD",
+    "REPLICAS",
+    "REPLICATE",
+    "REPLY",
+    "RESET",
+    "RESETSTAT",
+    "RESTORE",
+    "REWRITE",
+    "SAVE",
+    "SET",
+    "SETID",
+    "SETINFO",
+    "SETNAME",
+    "SETSLOT",
+    "SETUSER",
+    "SHARDCHANNELS",
+    "SHARDNUMSUB",
+    "SHARDS",
+    "SLEEP",
+    "SLOTS",
+    "STATS",
+    "STREAM",
+    "TRACKING",
+    "TRACKINGINFO",
+    "UNBLOCK",
+    "UNLOAD",
+    "UNPAUSE",
+    "USAGE",
+    "USERS",
+    "WHOAMI",
 ];
 
 /// Known command names (Redis 7/8, sorted for binary search). Any other name is not
 /// reported: the first word a client sends could be anything, a secret included.
 const KNOWN: &[&str] = &[
-    "ACL", "APPEND", "ASKING", "AUTH", "BGREWRITEAOF", "BGSAVE", "BITCOUNT", "BITFIELD",
-    "BITFIELD_RO", "BITOP", "BITPOS", "BLMOVE", "BLMPOP", "BLPOP", "BRPOP", "BRPOPLPUSH", "BZMPOP",
-    "BZPOPMAX", "BZPOPMIN", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "COPY", "DBSIZE", "DEBUG",
-    "DECR", "DECRBY", "DEL", "DISCARD", "DUMP", "ECHO", "EVAL", "EVALSHA", "EVALSHA_RO", "EVAL_RO",
-    "EXEC", "EXISTS", "EXPIRE", "EXPIREAT", "EXPIRETIME", "FAILOVER", "FCALL", "FCALL_RO",
-    "FLUSHALL", "FLUSHDB", "FUNCTION", "GEOADD", "GEODIST", "GEOHASH", "GEOPOS", "GEORADIUS",
-    "GEORADIUSBYMEMBER", "GEORADIUSBYMEMBER_RO", "GEORADIUS_RO", "GEOSEARCH", "GEOSEARCHSTORE",
-    "GET", "GETBIT", "GETDEL", "GETEX", "GETRANGE", "GETSET", "HDEL", "HELLO", "HEXISTS",
-    "HEXPIRE", "HEXPIREAT", "HEXPIRETIME", "HGET", "HGETALL", "HGETDEL", "HGETEX", "HINCRBY",
-    "HINCRBYFLOAT", "HKEYS", "HLEN", "HMGET", "HMSET", "HPERSIST", "HPEXPIRE", "HPEXPIREAT",
-    "HPEXPIRETIME", "HPTTL", "HRANDFIELD", "HSCAN", "HSET", "HSETEX", "HSETNX", "HSTRLEN", "HTTL",
-    "HVALS", "INCR", "INCRBY", "INCRBYFLOAT", "INFO", "KEYS", "LASTSAVE", "LATENCY", "LCS",
-    "LINDEX", "LINSERT", "LLEN", "LMOVE", "LMPOP", "LOLWUT", "LPOP", "LPOS", "LPUSH", "LPUSHX",
-    "LRANGE", "LREM", "LSET", "LTRIM", "MEMORY", "MGET", "MIGRATE", "MODULE", "MONITOR", "MOVE",
-    "MSET", "MSETNX", "MULTI", "OBJECT", "PERSIST", "PEXPIRE", "PEXPIREAT", "PEXPIRETIME", "PFADD",
-    "PFCOUNT", "PFDEBUG", "PFMERGE", "PFSELFTEST", "PING", "PSETEX", "PSUBSCRIBE", "PSYNC", "PTTL",
-    "PUBLISH", "PUBSUB", "PUNSUBSCRIBE", "QUIT", "RANDOMKEY", "READONLY", "READWRITE", "RENAME",
-    "RENAMENX", "REPLCONF", "REPLICAOF", "RESET", "RESTORE", "RESTORE-ASKING", "ROLE", "RPOP",
-    "RPOPLPUSH", "RPUSH", "RPUSHX", "SADD", "SAVE", "SCAN", "SCARD", "SCRIPT", "SDIFF",
-    "SDIFFSTORE", "SELECT", "SET", "SETBIT", "SETEX", "SETNX", "SETRANGE", "SHUTDOWN", "SINTER",
-    "SINTERCARD", "SINTERSTORE", "SISMEMBER", "SLAVEOF", "SLOWLOG", "SMEMBERS", "SMISMEMBER",
-    "SMOVE", "SORT", "SORT_RO", "SPOP", "SPUBLISH", "SRANDMEMBER", "SREM", "SSCAN", "SSUBSCRIBE",
-    "STRLEN", "SUBSCRIBE", "SUBSTR", "SUNION", "SUNIONSTORE", "SUNSUBSCRIBE", "SWAPDB", "SYNC",
-    "TIME", "TOUCH", "TTL", "TYPE", "UNLINK", "UNSUBSCRIBE", "UNWATCH", "WAIT", "WAITAOF", "WATCH",
-    "XACK", "XADD", "XAUTOCLAIM", "XCLAIM", "XDEL", "XGROUP", "XINFO", "XLEN", "XPENDING",
-    "XRANGE", "XREAD", "XREADGROUP", "XREVRANGE", "XSETID", "XTRIM", "ZADD", "ZCARD", "ZCOUNT",
-    "ZDIFF", "ZDIFFSTORE", "ZINCRBY", "ZINTER", "ZINTERCARD", "ZINTERSTORE", "ZLEXCOUNT", "ZMPOP",
-    "ZMSCORE", "ZPOPMAX", "ZPOPMIN", "ZRANDMEMBER", "ZRANGE", "ZRANGEBYLEX", "ZRANGEBYSCORE",
-    "ZRANGESTORE", "ZRANK", "ZREM", "ZREMRANGEBYLEX", "ZREMRANGEBYRANK", "ZREMRANGEBYSCORE",
-    "ZREVRANGE", "ZREVRANGEBYLEX", "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCAN", "ZSCORE", "ZUNION",
+    "ACL",
+    "APPEND",
+    "ASKING",
+    "AUTH",
+    "BGREWRITEAOF",
+    "BGSAVE",
+    "BITCOUNT",
+    "BITFIELD",
+    "BITFIELD_RO",
+    "BITOP",
+    "BITPOS",
+    "BLMOVE",
+    "BLMPOP",
+    "BLPOP",
+    "BRPOP",
+    "BRPOPLPUSH",
+    "BZMPOP",
+    "BZPOPMAX",
+    "BZPOPMIN",
+    "CLIENT",
+    "CLUSTER",
+    "COMMAND",
+    "CONFIG",
+    "COPY",
+    "DBSIZE",
+    "DEBUG",
+    "DECR",
+    "DECRBY",
+    "DEL",
+    "DISCARD",
+    "DUMP",
+    "ECHO",
+    "EVAL",
+    "EVALSHA",
+    "EVALSHA_RO",
+    "EVAL_RO",
+    "EXEC",
+    "EXISTS",
+    "EXPIRE",
+    "EXPIREAT",
+    "EXPIRETIME",
+    "FAILOVER",
+    "FCALL",
+    "FCALL_RO",
+    "FLUSHALL",
+    "FLUSHDB",
+    "FUNCTION",
+    "GEOADD",
+    "GEODIST",
+    "GEOHASH",
+    "GEOPOS",
+    "GEORADIUS",
+    "GEORADIUSBYMEMBER",
+    "GEORADIUSBYMEMBER_RO",
+    "GEORADIUS_RO",
+    "GEOSEARCH",
+    "GEOSEARCHSTORE",
+    "GET",
+    "GETBIT",
+    "GETDEL",
+    "GETEX",
+    "GETRANGE",
+    "GETSET",
+    "HDEL",
+    "HELLO",
+    "HEXISTS",
+    "HEXPIRE",
+    "HEXPIREAT",
+    "HEXPIRETIME",
+    "HGET",
+    "HGETALL",
+    "HGETDEL",
+    "HGETEX",
+    "HINCRBY",
+    "HINCRBYFLOAT",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HMSET",
+    "HPERSIST",
+    "HPEXPIRE",
+    "HPEXPIREAT",
+    "HPEXPIRETIME",
+    "HPTTL",
+    "HRANDFIELD",
+    "HSCAN",
+    "HSET",
+    "HSETEX",
+    "HSETNX",
+    "HSTRLEN",
+    "HTTL",
+    "HVALS",
+    "INCR",
+    "INCRBY",
+    "INCRBYFLOAT",
+    "INFO",
+    "KEYS",
+    "LASTSAVE",
+    "LATENCY",
+    "LCS",
+    "LINDEX",
+    "LINSERT",
+    "LLEN",
+    "LMOVE",
+    "LMPOP",
+    "LOLWUT",
+    "LPOP",
+    "LPOS",
+    "LPUSH",
+    "LPUSHX",
+    "LRANGE",
+    "LREM",
+    "LSET",
+    "LTRIM",
+    "MEMORY",
+    "MGET",
+    "MIGRATE",
+    "MODULE",
+    "MONITOR",
+    "MOVE",
+    "MSET",
+    "MSETNX",
+    "MULTI",
+    "OBJECT",
+    "PERSIST",
+    "PEXPIRE",
+    "PEXPIREAT",
+    "PEXPIRETIME",
+    "PFADD",
+    "PFCOUNT",
+    "PFDEBUG",
+    "PFMERGE",
+    "PFSELFTEST",
+    "PING",
+    "PSETEX",
+    "PSUBSCRIBE",
+    "PSYNC",
+    "PTTL",
+    "PUBLISH",
+    "PUBSUB",
+    "PUNSUBSCRIBE",
+    "QUIT",
+    "RANDOMKEY",
+    "READONLY",
+    "READWRITE",
+    "RENAME",
+    "RENAMENX",
+    "REPLCONF",
+    "REPLICAOF",
+    "RESET",
+    "RESTORE",
+    "RESTORE-ASKING",
+    "ROLE",
+    "RPOP",
+    "RPOPLPUSH",
+    "RPUSH",
+    "RPUSHX",
+    "SADD",
+    "SAVE",
+    "SCAN",
+    "SCARD",
+    "SCRIPT",
+    "SDIFF",
+    "SDIFFSTORE",
+    "SELECT",
+    "SET",
+    "SETBIT",
+    "SETEX",
+    "SETNX",
+    "SETRANGE",
+    "SHUTDOWN",
+    "SINTER",
+    "SINTERCARD",
+    "SINTERSTORE",
+    "SISMEMBER",
+    "SLAVEOF",
+    "SLOWLOG",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "SMOVE",
+    "SORT",
+    "SORT_RO",
+    "SPOP",
+    "SPUBLISH",
+    "SRANDMEMBER",
+    "SREM",
+    "SSCAN",
+    "SSUBSCRIBE",
+    "STRLEN",
+    "SUBSCRIBE",
+    "SUBSTR",
+    "SUNION",
+    "SUNIONSTORE",
+    "SUNSUBSCRIBE",
+    "SWAPDB",
+    "SYNC",
+    "TIME",
+    "TOUCH",
+    "TTL",
+    "TYPE",
+    "UNLINK",
+    "UNSUBSCRIBE",
+    "UNWATCH",
+    "WAIT",
+    "WAITAOF",
+    "WATCH",
+    "XACK",
+    "XADD",
+    "XAUTOCLAIM",
+    "XCLAIM",
+    "XDEL",
+    "XGROUP",
+    "XINFO",
+    "XLEN",
+    "XPENDING",
+    "XRANGE",
+    "XREAD",
+    "XREADGROUP",
+    "XREVRANGE",
+    "XSETID",
+    "XTRIM",
+    "ZADD",
+    "ZCARD",
+    "ZCOUNT",
+    "ZDIFF",
+    "ZDIFFSTORE",
+    "ZINCRBY",
+    "ZINTER",
+    "ZINTERCARD",
+    "ZINTERSTORE",
+    "ZLEXCOUNT",
+    "ZMPOP",
+    "ZMSCORE",
+    "ZPOPMAX",
+    "ZPOPMIN",
+    "ZRANDMEMBER",
+    "ZRANGE",
+    "ZRANGEBYLEX",
+    "ZRANGEBYSCORE",
+    "ZRANGESTORE",
+    "ZRANK",
+    "ZREM",
+    "ZREMRANGEBYLEX",
+    "ZREMRANGEBYRANK",
+    "ZREMRANGEBYSCORE",
+    "ZREVRANGE",
+    "ZREVRANGEBYLEX",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANK",
+    "ZSCAN",
+    "ZSCORE",
+    "ZUNION",
     "ZUNIONSTORE",
 ];
 
 /// Module command prefixes (`JSON.SET`, `FT.SEARCH`…): accepted with an alphabetic suffix.
-const MODULE_PREFIXES: &[&str] = &[
-    "AI", "BF", "CF", "CMS", "FT", "GRAPH", "JSON", "RG", "SEARCH", "TDIGEST", "TOPK", "TS",
-];
+const MODULE_PREFIXES: &[&str] =
+    &["AI", "BF", "CF", "CMS", "FT", "GRAPH", "JSON", "RG", "SEARCH", "TDIGEST", "TOPK", "TS"];
 
 /// Upper-cased command name if it is a known command.
 fn known_command(b: &[u8]) -> Option<String> {
@@ -147,9 +451,7 @@ fn valid_name(b: &[u8]) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && b[0].is_ascii_alphabetic()
-        && b
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-' | b'|' | b':'))
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-' | b'|' | b':'))
 }
 
 fn parse_int(b: &[u8]) -> Option<i64> {
@@ -226,7 +528,11 @@ enum ReplyKind {
     Simple(Vec<u8>),
     Error(Vec<u8>),
     /// `*`, `%`, `~`, `>` with declared length and the first three direct children.
-    Agg { ty: u8, len: i64, elems: Vec<Small> },
+    Agg {
+        ty: u8,
+        len: i64,
+        elems: Vec<Small>,
+    },
     Other,
 }
 
@@ -254,10 +560,7 @@ enum BulkKind {
 enum RMode {
     Lost,
     Line,
-    Bulk {
-        remaining: usize,
-        kind: BulkKind,
-    },
+    Bulk { remaining: usize, kind: BulkKind },
 }
 
 struct Top {
@@ -278,7 +581,9 @@ struct ReplyParser {
     fresh: bool,
     /// A resync happened and no value has completed since.
     resync_pending: bool,
-    /// In trial mode nothing is emitted; `complete` counts finished top-level values.
+    /// Trial parse (resync candidate): stop at the first error instead of resyncing.
+    trial: bool,
+    /// Finished top-level values (used by trial parses).
     complete: u32,
 }
 
@@ -298,6 +603,7 @@ impl ReplyParser {
             streamed: false,
             fresh: true,
             resync_pending: false,
+            trial: false,
             complete: 0,
         }
     }
@@ -325,20 +631,13 @@ impl ReplyParser {
     }
 
     /// Feed one chunk; returns whether sync was lost during it.
-    fn feed(
-        &mut self,
-        data: &[u8],
-        mut gap: usize,
-        ts: u64,
-        stats: &mut ParserStats,
-        out: &mut Vec<Reply>,
-    ) -> bool {
+    fn feed(&mut self, data: &[u8], mut gap: usize, ts: u64, stats: &mut ParserStats, out: &mut Vec<Reply>) -> bool {
         let mut lost = false;
         let mut i = 0;
         loop {
             match &mut self.mode {
                 RMode::Lost => {
-                    if i >= data.len() {
+                    if i >= data.len() || self.trial {
                         break;
                     }
                     if self.fresh && i == 0 && REPLY_TYPES.contains(&data[0]) {
@@ -364,11 +663,7 @@ impl ReplyParser {
                     }
                     let first = self.line.seen == 0 && self.line.buf.is_empty();
                     let ty = if first { data[i] } else { self.line.buf[0] };
-                    let limit = if matches!(ty, b'+' | b'-') {
-                        usize::MAX
-                    } else {
-                        MAX_NUM_LINE
-                    };
+                    let limit = if matches!(ty, b'+' | b'-') { usize::MAX } else { MAX_NUM_LINE };
                     match self.line.read(data, &mut i, ts, limit) {
                         None => {
                             stats.parse_errors += 1;
@@ -396,8 +691,7 @@ impl ReplyParser {
                     let keep: usize = if kind == BulkKind::Error { 128 } else { 32 };
                     // Keep a prefix of the payload (CRLF excluded below).
                     let room = keep.saturating_sub(self.bulk.len());
-                    self.bulk
-                        .extend_from_slice(&data[i..i + room.min(take)]);
+                    self.bulk.extend_from_slice(&data[i..i + room.min(take)]);
                     *remaining -= take;
                     let done = *remaining == 0;
                     // Validate the CRLF when it was captured.
@@ -465,19 +759,12 @@ impl ReplyParser {
                 self.streamed = false;
                 self.value(Small::Other, None, ts, out);
             } else {
-                self.mode = RMode::Bulk {
-                    remaining: n as usize + 2,
-                    kind: BulkKind::StreamPart,
-                };
+                self.mode = RMode::Bulk { remaining: n as usize + 2, kind: BulkKind::StreamPart };
             }
             return Step::Ok;
         }
         if self.stack.is_empty() && self.top.is_none() {
-            self.top = Some(Top {
-                ty,
-                len: 0,
-                elems: Vec::new(),
-            });
+            self.top = Some(Top { ty, len: 0, elems: Vec::new() });
         }
         match ty {
             b'+' => self.value(Small::Str(rest.to_vec()), Some(ReplyKind::Simple(rest.to_vec())), ts, out),
@@ -494,9 +781,7 @@ impl ReplyParser {
             }
             b',' => {
                 let ok = !rest.is_empty()
-                    && rest.iter().all(|c| {
-                        c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-')
-                    })
+                    && rest.iter().all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-'))
                     || matches!(rest, b"inf" | b"-inf" | b"nan" | b"-nan");
                 if !ok {
                     return Step::Err;
@@ -527,11 +812,7 @@ impl ReplyParser {
                         self.bulk.clear();
                         self.mode = RMode::Bulk {
                             remaining: n as usize + 2,
-                            kind: if ty == b'!' {
-                                BulkKind::Error
-                            } else {
-                                BulkKind::Plain
-                            },
+                            kind: if ty == b'!' { BulkKind::Error } else { BulkKind::Plain },
                         };
                     }
                     _ => return Step::Err,
@@ -557,18 +838,13 @@ impl ReplyParser {
                     }
                 }
                 let remaining = n.map(|n| if matches!(ty, b'%' | b'|') { n * 2 } else { n });
-                self.stack.push(Frame {
-                    remaining,
-                    attr: ty == b'|',
-                });
+                self.stack.push(Frame { remaining, attr: ty == b'|' });
                 if remaining == Some(0) {
                     self.close_frame(ts, out);
                 }
             }
             b'.' => {
-                if !rest.is_empty()
-                    || !self.stack.last().is_some_and(|f| f.remaining.is_none())
-                {
+                if !rest.is_empty() || self.stack.last().is_none_or(|f| f.remaining.is_some()) {
                     return Step::Err;
                 }
                 self.close_frame(ts, out);
@@ -600,18 +876,12 @@ impl ReplyParser {
                 self.complete += 1;
                 let kind = match (top_kind, top) {
                     (Some(k), _) => k,
-                    (None, Some(t)) if matches!(t.ty, b'*' | b'%' | b'~' | b'>') => ReplyKind::Agg {
-                        ty: t.ty,
-                        len: t.len,
-                        elems: t.elems,
-                    },
+                    (None, Some(t)) if matches!(t.ty, b'*' | b'%' | b'~' | b'>') => {
+                        ReplyKind::Agg { ty: t.ty, len: t.len, elems: t.elems }
+                    }
                     _ => ReplyKind::Other,
                 };
-                out.push(Reply {
-                    kind,
-                    after_resync: std::mem::take(&mut self.resync_pending),
-                    end_ts: ts,
-                });
+                out.push(Reply { kind, after_resync: std::mem::take(&mut self.resync_pending), end_ts: ts });
             }
             Some(f) => {
                 let direct = !f.attr;
@@ -652,6 +922,7 @@ fn find_reply_resync(data: &[u8], chunk_start: bool) -> Option<usize> {
         let mut p = ReplyParser::new();
         p.mode = RMode::Line;
         p.fresh = false;
+        p.trial = true;
         let mut stats = ParserStats::default();
         let mut sink = Vec::new();
         let lost = p.feed(&data[o..], 0, 0, &mut stats, &mut sink);
@@ -719,6 +990,8 @@ struct CmdParser {
     started_clean: bool,
     /// A resync happened and no command has completed since.
     resync_pending: bool,
+    /// Trial parse: stop at the first error instead of resyncing.
+    trial: bool,
     complete: u32,
 }
 
@@ -743,6 +1016,7 @@ impl CmdParser {
             fresh: true,
             started_clean: false,
             resync_pending: false,
+            trial: false,
             complete: 0,
         }
     }
@@ -803,21 +1077,16 @@ impl CmdParser {
         self.mode = CMode::Idle;
     }
 
-    fn feed(
-        &mut self,
-        data: &[u8],
-        mut gap: usize,
-        ts: u64,
-        stats: &mut ParserStats,
-        out: &mut Vec<Cmd>,
-    ) -> bool {
+    fn feed(&mut self, data: &[u8], mut gap: usize, ts: u64, stats: &mut ParserStats, out: &mut Vec<Cmd>) -> bool {
         let mut lost = false;
         let mut i = 0;
         while i < data.len() {
             match &mut self.mode {
                 CMode::Lost => {
-                    if self.fresh && i == 0 && (data[0] == b'*' || starts_with_known_inline(data))
-                    {
+                    if self.trial {
+                        break;
+                    }
+                    if self.fresh && i == 0 && (data[0] == b'*' || starts_with_known_inline(data)) {
                         self.fresh = false;
                         self.started_clean = true;
                         self.mode = CMode::Idle;
@@ -873,9 +1142,7 @@ impl CmdParser {
                                 }
                                 (false, Some(n)) if (0..=MAX_BULK as i64).contains(&n) => {
                                     self.cur.clear();
-                                    self.mode = CMode::ArgBody {
-                                        remaining: n as usize + 2,
-                                    };
+                                    self.mode = CMode::ArgBody { remaining: n as usize + 2 };
                                 }
                                 _ => {
                                     stats.parse_errors += 1;
@@ -1011,10 +1278,7 @@ impl CmdParser {
 }
 
 fn starts_with_known_inline(data: &[u8]) -> bool {
-    let end = data
-        .iter()
-        .position(|&c| c == b' ' || c == b'\r' || c == b'\n')
-        .unwrap_or(data.len());
+    let end = data.iter().position(|&c| c == b' ' || c == b'\r' || c == b'\n').unwrap_or(data.len());
     if end == data.len() && data.len() > 16 {
         return false;
     }
@@ -1062,6 +1326,7 @@ fn trial_command(data: &[u8]) -> bool {
     let mut p = CmdParser::new();
     p.mode = CMode::Idle;
     p.fresh = false;
+    p.trial = true;
     let mut stats = ParserStats::default();
     let mut sink = Vec::new();
     let lost = p.feed(data, 0, 0, &mut stats, &mut sink);
@@ -1077,6 +1342,7 @@ pub fn looks_like_resp(data: &[u8]) -> bool {
             let mut p = CmdParser::new();
             p.mode = CMode::Idle;
             p.fresh = false;
+            p.trial = true;
             let mut stats = ParserStats::default();
             let mut sink = Vec::new();
             let lost = p.feed(data, 0, 0, &mut stats, &mut sink);
@@ -1160,14 +1426,7 @@ impl fmt::Debug for RedisConn {
     }
 }
 
-const SUB_CMDS: &[&str] = &[
-    "SUBSCRIBE",
-    "PSUBSCRIBE",
-    "SSUBSCRIBE",
-    "UNSUBSCRIBE",
-    "PUNSUBSCRIBE",
-    "SUNSUBSCRIBE",
-];
+const SUB_CMDS: &[&str] = &["SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"];
 
 fn is_confirmation(elems: &[Small]) -> Option<i64> {
     match elems {
@@ -1181,9 +1440,7 @@ fn is_confirmation(elems: &[Small]) -> Option<i64> {
 
 fn is_pubsub_message(len: i64, elems: &[Small]) -> bool {
     match elems.first() {
-        Some(Small::Str(k)) => {
-            (len == 3 && (k == b"message" || k == b"smessage")) || (len == 4 && k == b"pmessage")
-        }
+        Some(Small::Str(k)) => (len == 3 && (k == b"message" || k == b"smessage")) || (len == 4 && k == b"pmessage"),
         _ => false,
     }
 }
@@ -1232,10 +1489,7 @@ impl RedisConn {
                 for cmd in cmds.drain(..) {
                     if !self.first_cmd_done {
                         self.first_cmd_done = true;
-                        let handshake = matches!(
-                            cmd.name.as_deref(),
-                            Some("HELLO" | "AUTH" | "CLIENT" | "SELECT")
-                        );
+                        let handshake = matches!(cmd.name.as_deref(), Some("HELLO" | "AUTH" | "CLIENT" | "SELECT"));
                         if self.cmds.started_clean && !cmd.after_resync && handshake {
                             self.namespace = Some("0".into());
                         }
@@ -1250,9 +1504,7 @@ impl RedisConn {
                     return; // see on_command
                 }
                 let mut replies = std::mem::take(&mut self.reply_buf);
-                let lost = self
-                    .replies
-                    .feed(c.data, gap, c.ts_ns, &mut self.stats, &mut replies);
+                let lost = self.replies.feed(c.data, gap, c.ts_ns, &mut self.stats, &mut replies);
                 for r in replies.drain(..) {
                     if self.monitor {
                         break;
@@ -1274,11 +1526,7 @@ impl RedisConn {
     }
 
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<DbCall>) {
-        let end = if self.reply_suspect {
-            self.last_reply_ts
-        } else {
-            ts_ns
-        };
+        let end = if self.reply_suspect { self.last_reply_ts } else { ts_ns };
         self.flush_all(end, out);
         self.monitor = true; // ignore anything after close
     }
@@ -1312,16 +1560,8 @@ impl RedisConn {
             return;
         }
         let is_sub = cmd.name.as_deref().is_some_and(|n| SUB_CMDS.contains(&n));
-        let confirms = if is_sub {
-            (cmd.args > 0).then_some(cmd.args)
-        } else {
-            Some(1)
-        };
-        self.pending.push_back(Pending::Cmd(Box::new(PendingCmd {
-            cmd,
-            confirms,
-            is_sub,
-        })));
+        let confirms = if is_sub { (cmd.args > 0).then_some(cmd.args) } else { Some(1) };
+        self.pending.push_back(Pending::Cmd(Box::new(PendingCmd { cmd, confirms, is_sub })));
     }
 
     fn on_reply(&mut self, r: Reply, out: &mut Vec<DbCall>) {
@@ -1354,9 +1594,7 @@ impl RedisConn {
         }
         match &r.kind {
             ReplyKind::Agg { ty: b'>', .. } => return, // out-of-band push
-            ReplyKind::Agg { ty: b'*', len, elems }
-                if self.subscribed && is_pubsub_message(*len, elems) =>
-            {
+            ReplyKind::Agg { ty: b'*', len, elems } if self.subscribed && is_pubsub_message(*len, elems) => {
                 return;
             }
             _ => {}
@@ -1385,10 +1623,7 @@ impl RedisConn {
         let mut call = make_call(&pc.cmd, ns_before, r.end_ts, self.uncertain);
         match &r.kind {
             ReplyKind::Error(text) => {
-                let word_end = text
-                    .iter()
-                    .position(|c| !c.is_ascii_uppercase())
-                    .unwrap_or(text.len());
+                let word_end = text.iter().position(|c| !c.is_ascii_uppercase()).unwrap_or(text.len());
                 let word = &text[..word_end.min(32)];
                 if !word.is_empty() {
                     call.status_code = Some(String::from_utf8_lossy(word).into_owned());
@@ -1407,24 +1642,18 @@ impl RedisConn {
                     self.tx_select = None;
                 }
             }
-            ReplyKind::Simple(s) => {
-                match (pc.cmd.name.as_deref(), s.as_slice()) {
-                    (Some("SELECT"), b"OK") => {
-                        if pc.cmd.db.is_some() {
-                            self.namespace = pc.cmd.db.clone();
-                        }
-                    }
-                    (Some("SELECT"), b"QUEUED") => self.tx_select = pc.cmd.db.clone(),
-                    (Some("DISCARD"), _) => self.tx_select = None,
-                    (Some("MONITOR"), b"OK") => self.monitor = true,
-                    (Some("RESET"), b"RESET") => {
-                        self.namespace = Some("0".into());
-                        self.subscribed = false;
-                        self.tx_select = None;
-                    }
-                    _ => {}
+            ReplyKind::Simple(s) => match (pc.cmd.name.as_deref(), s.as_slice()) {
+                (Some("SELECT"), b"OK") if pc.cmd.db.is_some() => self.namespace = pc.cmd.db.clone(),
+                (Some("SELECT"), b"QUEUED") => self.tx_select = pc.cmd.db.clone(),
+                (Some("DISCARD"), _) => self.tx_select = None,
+                (Some("MONITOR"), b"OK") => self.monitor = true,
+                (Some("RESET"), b"RESET") => {
+                    self.namespace = Some("0".into());
+                    self.subscribed = false;
+                    self.tx_select = None;
                 }
-            }
+                _ => {}
+            },
             ReplyKind::Agg { ty: b'*', len, .. } if pc.cmd.name.as_deref() == Some("EXEC") => {
                 call.batch_size = Some((*len).clamp(0, u32::MAX as i64) as u32);
                 if let Some(db) = self.tx_select.take() {

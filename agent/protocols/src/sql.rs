@@ -173,8 +173,7 @@ fn lex(sql: &str) -> Vec<Tok> {
                 i += 1;
                 kind = Kind::Punct;
             }
-        } else if b.is_ascii_digit() || (b == b'.' && s.get(i + 1).is_some_and(u8::is_ascii_digit))
-        {
+        } else if b.is_ascii_digit() || (b == b'.' && s.get(i + 1).is_some_and(u8::is_ascii_digit)) {
             if b == b'0' && s.get(i + 1).is_some_and(|c| matches!(c | 0x20, b'x' | b'o' | b'b')) {
                 i += 2;
                 while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == b'_') {
@@ -204,8 +203,7 @@ fn lex(sql: &str) -> Vec<Tok> {
             if s.get(i + 1) == Some(&b'\'') && matches!(lower, b'e' | b'b' | b'x' | b'n') {
                 i = scan_quoted(s, i + 1, lower == b'e');
                 kind = Kind::Str;
-            } else if lower == b'u' && s.get(i + 1) == Some(&b'&') && s.get(i + 2) == Some(&b'\'')
-            {
+            } else if lower == b'u' && s.get(i + 1) == Some(&b'&') && s.get(i + 2) == Some(&b'\'') {
                 i = scan_quoted(s, i + 2, false);
                 kind = Kind::Str;
             } else if lower == b'u' && s.get(i + 1) == Some(&b'&') && s.get(i + 2) == Some(&b'"') {
@@ -225,10 +223,7 @@ fn lex(sql: &str) -> Vec<Tok> {
         while i < s.len() && !sql.is_char_boundary(i) {
             i += 1;
         }
-        out.push(Tok {
-            kind,
-            span: start..i,
-        });
+        out.push(Tok { kind, span: start..i });
     }
     out
 }
@@ -251,14 +246,10 @@ pub fn redact(sql: &str) -> String {
                 continue;
             }
             Kind::Str | Kind::Num => "?",
-            Kind::Word
-                if word_is(sql, t, "true") || word_is(sql, t, "false") =>
-            {
+            Kind::Word if word_is(sql, t, "true") || word_is(sql, t, "false") => {
                 let n = sig.len();
                 let after_is = (n >= 1 && word_is(sql, sig[n - 1], "is"))
-                    || (n >= 2
-                        && word_is(sql, sig[n - 1], "not")
-                        && word_is(sql, sig[n - 2], "is"));
+                    || (n >= 2 && word_is(sql, sig[n - 1], "not") && word_is(sql, sig[n - 2], "is"));
                 if after_is { &sql[t.span.clone()] } else { "?" }
             }
             _ => &sql[t.span.clone()],
@@ -330,19 +321,80 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
 /// Keywords accepted as the first word of a statement (anything else yields no operation, so
 /// garbage or a mistyped secret never becomes a span name).
 const COMMANDS: &[&str] = &[
-    "ABORT", "ALTER", "ANALYZE", "ANALYSE", "BEGIN", "CALL", "CHECKPOINT", "CLOSE", "CLUSTER",
-    "COMMENT", "COMMIT", "COPY", "CREATE", "DEALLOCATE", "DECLARE", "DELETE", "DISCARD", "DO",
-    "DROP", "END", "EXECUTE", "EXPLAIN", "FETCH", "GRANT", "IMPORT", "INSERT", "LISTEN", "LOAD",
-    "LOCK", "MERGE", "MOVE", "NOTIFY", "PREPARE", "REASSIGN", "REFRESH", "REINDEX", "RELEASE",
-    "RESET", "REVOKE", "ROLLBACK", "SAVEPOINT", "SECURITY", "SELECT", "SET", "SHOW", "START",
-    "TABLE", "TRUNCATE", "UNLISTEN", "UPDATE", "VACUUM", "VALUES", "WITH", "REPLACE", "UPSERT",
-    "USE", "DESCRIBE",
+    "ABORT",
+    "ALTER",
+    "ANALYZE",
+    "ANALYSE",
+    "BEGIN",
+    "CALL",
+    "CHECKPOINT",
+    "CLOSE",
+    "CLUSTER",
+    "COMMENT",
+    "COMMIT",
+    "COPY",
+    "CREATE",
+    "DEALLOCATE",
+    "DECLARE",
+    "DELETE",
+    "DISCARD",
+    "DO",
+    "DROP",
+    "END",
+    "EXECUTE",
+    "EXPLAIN",
+    "FETCH",
+    "GRANT",
+    "IMPORT",
+    "INSERT",
+    "LISTEN",
+    "LOAD",
+    "LOCK",
+    "MERGE",
+    "MOVE",
+    "NOTIFY",
+    "PREPARE",
+    "REASSIGN",
+    "REFRESH",
+    "REINDEX",
+    "RELEASE",
+    "RESET",
+    "REVOKE",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "SECURITY",
+    "SELECT",
+    "SET",
+    "SHOW",
+    "START",
+    "TABLE",
+    "TRUNCATE",
+    "UNLISTEN",
+    "UPDATE",
+    "VACUUM",
+    "VALUES",
+    "WITH",
+    "REPLACE",
+    "UPSERT",
+    "USE",
+    "DESCRIBE",
 ];
 
 /// Words skipped between `CREATE`/`ALTER`/`DROP` and the object type.
 const DDL_MODIFIERS: &[&str] = &[
-    "OR", "REPLACE", "GLOBAL", "LOCAL", "TEMP", "TEMPORARY", "UNLOGGED", "UNIQUE", "RECURSIVE",
-    "TRUSTED", "PROCEDURAL", "DEFAULT", "CONSTRAINT",
+    "OR",
+    "REPLACE",
+    "GLOBAL",
+    "LOCAL",
+    "TEMP",
+    "TEMPORARY",
+    "UNLOGGED",
+    "UNIQUE",
+    "RECURSIVE",
+    "TRUSTED",
+    "PROCEDURAL",
+    "DEFAULT",
+    "CONSTRAINT",
 ];
 
 /// Object types whose name is reported as the collection.
@@ -350,8 +402,8 @@ const DDL_TABLE_LIKE: &[&str] = &["TABLE", "VIEW", "SEQUENCE", "FOREIGN"];
 
 /// Words that may not be taken for a table name.
 const NOT_A_NAME: &[&str] = &[
-    "SELECT", "LATERAL", "ONLY", "VALUES", "WITH", "IF", "NOT", "EXISTS", "TABLE", "ON", "WHERE",
-    "SET", "AS", "USING", "DEFAULT", "INTO", "FROM", "JOIN",
+    "SELECT", "LATERAL", "ONLY", "VALUES", "WITH", "IF", "NOT", "EXISTS", "TABLE", "ON", "WHERE", "SET", "AS", "USING",
+    "DEFAULT", "INTO", "FROM", "JOIN",
 ];
 
 struct Sig<'a> {
@@ -383,9 +435,7 @@ impl<'a> Sig<'a> {
         self.toks.get(i).map_or("", |t| &self.sql[t.1.clone()])
     }
     fn is_kw(&self, i: usize, kw: &str) -> bool {
-        self.toks
-            .get(i)
-            .is_some_and(|t| t.0 == Kind::Word && self.sql[t.1.clone()].eq_ignore_ascii_case(kw))
+        self.toks.get(i).is_some_and(|t| t.0 == Kind::Word && self.sql[t.1.clone()].eq_ignore_ascii_case(kw))
     }
     fn is_any(&self, i: usize, kws: &[&str]) -> bool {
         kws.iter().any(|k| self.is_kw(i, k))
@@ -397,9 +447,7 @@ impl<'a> Sig<'a> {
         self.toks.get(i).map_or(0, |t| t.2)
     }
     fn is_punct(&self, i: usize, p: &str) -> bool {
-        self.toks
-            .get(i)
-            .is_some_and(|t| t.0 == Kind::Punct && &self.sql[t.1.clone()] == p)
+        self.toks.get(i).is_some_and(|t| t.0 == Kind::Punct && &self.sql[t.1.clone()] == p)
     }
 
     /// A (possibly qualified) table name starting at `i`, skipping `ONLY`/`LATERAL`/`IF [NOT]
@@ -421,9 +469,7 @@ impl<'a> Sig<'a> {
             }
         }
         let part = |i: usize| -> bool {
-            self.toks.get(i).is_some_and(|t| {
-                t.0 == Kind::QIdent || (t.0 == Kind::Word && !self.is_any(i, NOT_A_NAME))
-            })
+            self.toks.get(i).is_some_and(|t| t.0 == Kind::QIdent || (t.0 == Kind::Word && !self.is_any(i, NOT_A_NAME)))
         };
         if !part(i) {
             return None;
@@ -446,14 +492,10 @@ impl<'a> Sig<'a> {
 
     /// First table following one of `kws` at or after `from`, shallowest nesting first.
     fn table_after(&self, from: usize, kws: &[&str], allow_paren: bool) -> Option<String> {
-        let mut cands: Vec<(u32, usize)> = (from..self.toks.len())
-            .filter(|&i| self.is_any(i, kws))
-            .map(|i| (self.depth(i), i))
-            .collect();
+        let mut cands: Vec<(u32, usize)> =
+            (from..self.toks.len()).filter(|&i| self.is_any(i, kws)).map(|i| (self.depth(i), i)).collect();
         cands.sort();
-        cands
-            .into_iter()
-            .find_map(|(_, i)| self.name_at(i + 1, allow_paren))
+        cands.into_iter().find_map(|(_, i)| self.name_at(i + 1, allow_paren))
     }
 }
 
@@ -484,9 +526,8 @@ pub fn describe(sql: &str) -> (Option<String>, Option<String>, String) {
     if op == "WITH" {
         // The main statement is the first DML verb at the WITH's own depth.
         let d = s.depth(i);
-        let main = (i + 1..s.toks.len()).find(|&j| {
-            s.depth(j) == d && s.is_any(j, &["SELECT", "INSERT", "UPDATE", "DELETE", "MERGE"])
-        });
+        let main = (i + 1..s.toks.len())
+            .find(|&j| s.depth(j) == d && s.is_any(j, &["SELECT", "INSERT", "UPDATE", "DELETE", "MERGE"]));
         match main {
             Some(j) => {
                 i = j;
@@ -581,19 +622,39 @@ mod tests {
     fn describe_table() {
         let cases: &[(&str, Option<&str>, Option<&str>, &str)] = &[
             ("SELECT * FROM users WHERE id = 1", Some("SELECT"), Some("users"), "SELECT users"),
-            ("select a from public.users u join orders o on true", Some("SELECT"), Some("public.users"), "SELECT public.users"),
+            (
+                "select a from public.users u join orders o on true",
+                Some("SELECT"),
+                Some("public.users"),
+                "SELECT public.users",
+            ),
             ("SELECT 1", Some("SELECT"), None, "SELECT"),
             ("SELECT (SELECT 1 FROM inner_t) FROM outer_t", Some("SELECT"), Some("outer_t"), "SELECT outer_t"),
             ("SELECT * FROM (SELECT * FROM deep) x", Some("SELECT"), Some("deep"), "SELECT deep"),
             ("INSERT INTO orders (a) VALUES (1)", Some("INSERT"), Some("orders"), "INSERT orders"),
             ("UPDATE ONLY accounts SET x = 1", Some("UPDATE"), Some("accounts"), "UPDATE accounts"),
             ("DELETE FROM \"Weird\" WHERE 1=1", Some("DELETE"), Some("\"Weird\""), "DELETE \"Weird\""),
-            ("WITH x AS (SELECT * FROM a), y AS (DELETE FROM b RETURNING *) INSERT INTO c SELECT * FROM x", Some("INSERT"), Some("c"), "INSERT c"),
-            ("WITH RECURSIVE r(n) AS (VALUES (1) UNION ALL SELECT n+1 FROM r) SELECT * FROM r", Some("SELECT"), Some("r"), "SELECT r"),
+            (
+                "WITH x AS (SELECT * FROM a), y AS (DELETE FROM b RETURNING *) INSERT INTO c SELECT * FROM x",
+                Some("INSERT"),
+                Some("c"),
+                "INSERT c",
+            ),
+            (
+                "WITH RECURSIVE r(n) AS (VALUES (1) UNION ALL SELECT n+1 FROM r) SELECT * FROM r",
+                Some("SELECT"),
+                Some("r"),
+                "SELECT r",
+            ),
             ("CREATE TABLE IF NOT EXISTS t1 (id int)", Some("CREATE TABLE"), Some("t1"), "CREATE TABLE t1"),
             ("create unique index i on only t2 (a)", Some("CREATE INDEX"), Some("t2"), "CREATE INDEX t2"),
             ("DROP TABLE IF EXISTS s.t3", Some("DROP TABLE"), Some("s.t3"), "DROP TABLE s.t3"),
-            ("CREATE MATERIALIZED VIEW mv AS SELECT 1", Some("CREATE MATERIALIZED VIEW"), Some("mv"), "CREATE MATERIALIZED VIEW mv"),
+            (
+                "CREATE MATERIALIZED VIEW mv AS SELECT 1",
+                Some("CREATE MATERIALIZED VIEW"),
+                Some("mv"),
+                "CREATE MATERIALIZED VIEW mv",
+            ),
             ("BEGIN", Some("BEGIN"), None, "BEGIN"),
             ("COPY items (a, b) FROM STDIN", Some("COPY"), Some("items"), "COPY items"),
             ("COPY (SELECT * FROM items) TO STDOUT", Some("COPY"), Some("items"), "COPY items"),
@@ -617,6 +678,9 @@ mod tests {
     fn split_table() {
         assert_eq!(split_statements("SELECT 1; SELECT ';' ; -- x\n ;"), vec!["SELECT 1", "SELECT ';'"]);
         assert_eq!(split_statements(""), Vec::<&str>::new());
-        assert_eq!(split_statements("BEGIN;INSERT INTO t VALUES ($$;$$);COMMIT"), vec!["BEGIN", "INSERT INTO t VALUES ($$;$$)", "COMMIT"]);
+        assert_eq!(
+            split_statements("BEGIN;INSERT INTO t VALUES ($$;$$);COMMIT"),
+            vec!["BEGIN", "INSERT INTO t VALUES ($$;$$)", "COMMIT"]
+        );
     }
 }

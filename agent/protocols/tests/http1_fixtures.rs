@@ -12,9 +12,7 @@ use waybill_protocols::{Chunk, FlowDir};
 type Record = (FlowDir, Vec<u8>);
 
 fn load(name: &str) -> Vec<Record> {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "http1", name]
-        .iter()
-        .collect();
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "http1", name].iter().collect();
     let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut recs = Vec::new();
     let mut i = 0;
@@ -35,10 +33,7 @@ fn load(name: &str) -> Vec<Record> {
 type Piece = (FlowDir, Vec<u8>, usize, u64);
 
 fn whole(recs: &[Record]) -> Vec<Piece> {
-    recs.iter()
-        .enumerate()
-        .map(|(i, (d, b))| (*d, b.clone(), b.len(), i as u64 + 1))
-        .collect()
+    recs.iter().enumerate().map(|(i, (d, b))| (*d, b.clone(), b.len(), i as u64 + 1)).collect()
 }
 
 fn replay(pieces: &[Piece]) -> (Vec<HttpExchange>, Http1Conn) {
@@ -46,15 +41,7 @@ fn replay(pieces: &[Piece]) -> (Vec<HttpExchange>, Http1Conn) {
     let mut out = Vec::new();
     let mut last = 0;
     for (dir, data, total, ts) in pieces {
-        conn.feed(
-            Chunk {
-                dir: *dir,
-                data,
-                total: *total,
-                ts_ns: *ts,
-            },
-            &mut out,
-        );
+        conn.feed(Chunk { dir: *dir, data, total: *total, ts_ns: *ts }, &mut out);
         last = *ts;
     }
     conn.close(last + 1, &mut out);
@@ -85,12 +72,7 @@ fn with_query(mut r: HttpRequest, q: &str) -> HttpRequest {
 }
 
 fn status(s: u16, cl: Option<u64>) -> HttpResponse {
-    HttpResponse {
-        status: s,
-        version_minor: 1,
-        content_length: cl,
-        ..Default::default()
-    }
+    HttpResponse { status: s, version_minor: 1, content_length: cl, ..Default::default() }
 }
 
 fn ex(request: HttpRequest, response: HttpResponse, ts: [u64; 4]) -> HttpExchange {
@@ -129,10 +111,7 @@ fn fixtures() -> Vec<Fixture> {
             file: "pyhttp_get.bin",
             want: vec![ex(
                 with_query(curl_get("/hello.txt", 38857), "utm=1"),
-                HttpResponse {
-                    version_minor: 0,
-                    ..status(200, Some(3))
-                },
+                HttpResponse { version_minor: 0, ..status(200, Some(3)) },
                 [1, 1, 2, 3],
             )],
         },
@@ -140,10 +119,7 @@ fn fixtures() -> Vec<Fixture> {
             file: "pyhttp_404.bin",
             want: vec![ex(
                 curl_get("/missing", 45445),
-                HttpResponse {
-                    version_minor: 0,
-                    ..status(404, Some(335))
-                },
+                HttpResponse { version_minor: 0, ..status(404, Some(335)) },
                 [1, 1, 2, 2],
             )],
         },
@@ -153,10 +129,7 @@ fn fixtures() -> Vec<Fixture> {
                 ex(curl_get("/api/users/42", 33125), status(200, Some(12)), [1, 1, 2, 3]),
                 ex(
                     with_query(curl_get("/chunked", 33125), "stream=1"),
-                    HttpResponse {
-                        chunked: true,
-                        ..status(200, None)
-                    },
+                    HttpResponse { chunked: true, ..status(200, None) },
                     [4, 4, 5, 7],
                 ),
                 ex(curl_get("/empty", 33125), status(204, None), [8, 8, 9, 9]),
@@ -177,10 +150,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             file: "py11_post_form.bin",
             want: vec![ex(
-                HttpRequest {
-                    content_length: Some(25),
-                    ..with_method(curl_get("/login", 40927), "POST")
-                },
+                HttpRequest { content_length: Some(25), ..with_method(curl_get("/login", 40927), "POST") },
                 status(201, Some(13)),
                 [1, 1, 2, 3],
             )],
@@ -193,11 +163,7 @@ fn fixtures() -> Vec<Fixture> {
             file: "nginx_keepalive.bin",
             want: vec![
                 ex(tp(curl_get("/index.html", 42377)), status(200, Some(885)), [1, 1, 2, 2]),
-                ex(
-                    tp(curl_get("/missing.png", 42377)),
-                    status(404, Some(153)),
-                    [3, 3, 4, 4],
-                ),
+                ex(tp(curl_get("/missing.png", 42377)), status(404, Some(153)), [3, 3, 4, 4]),
                 ex(
                     tp(with_query(curl_get("/data.json", 42377), "api_key=REDACTED&page=2")),
                     status(200, Some(21)),
@@ -208,26 +174,15 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             file: "nginx_head.bin",
             want: vec![
-                ex(
-                    with_method(curl_get("/index.html", 33579), "HEAD"),
-                    status(200, Some(885)),
-                    [1, 1, 2, 2],
-                ),
-                ex(
-                    with_method(curl_get("/data.json", 33579), "HEAD"),
-                    status(200, Some(21)),
-                    [3, 3, 4, 4],
-                ),
+                ex(with_method(curl_get("/index.html", 33579), "HEAD"), status(200, Some(885)), [1, 1, 2, 2]),
+                ex(with_method(curl_get("/data.json", 33579), "HEAD"), status(200, Some(21)), [3, 3, 4, 4]),
             ],
         },
         Fixture {
             file: "nginx_gzip_chunked.bin",
             want: vec![ex(
                 curl_get("/index.html", 44333),
-                HttpResponse {
-                    chunked: true,
-                    ..status(200, None)
-                },
+                HttpResponse { chunked: true, ..status(200, None) },
                 [1, 1, 2, 2],
             )],
         },
@@ -238,10 +193,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             file: "nginx_post_405.bin",
             want: vec![ex(
-                HttpRequest {
-                    content_length: Some(7),
-                    ..with_method(curl_get("/index.html", 41033), "POST")
-                },
+                HttpRequest { content_length: Some(7), ..with_method(curl_get("/index.html", 41033), "POST") },
                 status(405, Some(157)),
                 [1, 1, 2, 2],
             )],
@@ -262,9 +214,7 @@ fn fixtures() -> Vec<Fixture> {
 
 #[test]
 fn fixtures_are_small_and_all_listed() {
-    let dir: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "http1"]
-        .iter()
-        .collect();
+    let dir: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "http1"].iter().collect();
     let listed: Vec<&str> = fixtures().iter().map(|f| f.file).collect();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
@@ -319,10 +269,7 @@ fn replay_one_byte_per_chunk() {
 
 /// Keep only the first `window` bytes of every record, as the kernel capture would.
 fn windowed(recs: &[Record], window: usize) -> Vec<Piece> {
-    whole(recs)
-        .into_iter()
-        .map(|(d, b, total, ts)| (d, b[..b.len().min(window)].to_vec(), total, ts))
-        .collect()
+    whole(recs).into_iter().map(|(d, b, total, ts)| (d, b[..b.len().min(window)].to_vec(), total, ts)).collect()
 }
 
 #[test]
@@ -354,24 +301,10 @@ fn replay_capture_window_64() {
         }
         for (got, want) in out.iter().zip(&f.want) {
             let r = &got.request;
-            assert_eq!(
-                (&r.method, &r.path, &r.query),
-                (&want.request.method, &want.request.path, &want.request.query)
-            );
-            assert_eq!(
-                r.head_truncated,
-                !matches!(f.file, "nginx_pipelined.bin") || r.path != "/hello.txt"
-            );
-            assert_eq!(
-                got.response.as_ref().map(|s| s.status),
-                want.response.as_ref().map(|s| s.status),
-                "{}",
-                f.file
-            );
-            assert_eq!(
-                (got.request_start_ns, got.response_start_ns),
-                (want.request_start_ns, want.response_start_ns)
-            );
+            assert_eq!((&r.method, &r.path, &r.query), (&want.request.method, &want.request.path, &want.request.query));
+            assert_eq!(r.head_truncated, !matches!(f.file, "nginx_pipelined.bin") || r.path != "/hello.txt");
+            assert_eq!(got.response.as_ref().map(|s| s.status), want.response.as_ref().map(|s| s.status), "{}", f.file);
+            assert_eq!((got.request_start_ns, got.response_start_ns), (want.request_start_ns, want.response_start_ns));
             assert!(got.response_end_ns >= got.response_start_ns);
         }
     }
@@ -384,12 +317,8 @@ fn replay_joined_mid_connection() {
         let pieces = whole(&load(f.file));
         for start in 1..pieces.len() {
             let (out, conn) = replay(&pieces[start..]);
-            let want: Vec<HttpExchange> = f
-                .want
-                .iter()
-                .filter(|e| e.request_start_ns > start as u64)
-                .cloned()
-                .collect();
+            let want: Vec<HttpExchange> =
+                f.want.iter().filter(|e| e.request_start_ns > start as u64).cloned().collect();
             assert_eq!(out, want, "{} from record {}", f.file, start + 1);
             assert_eq!(conn.stats().parse_errors, 0, "{} from record {}", f.file, start + 1);
         }

@@ -16,22 +16,12 @@ struct Step {
 }
 
 fn st(dir: FlowDir, data: &[u8], ts: u64) -> Step {
-    Step {
-        dir,
-        data: data.to_vec(),
-        total: data.len(),
-        ts,
-    }
+    Step { dir, data: data.to_vec(), total: data.len(), ts }
 }
 
 /// A chunk of which only `data` was captured out of `total` bytes.
 fn tr(dir: FlowDir, data: &[u8], total: usize, ts: u64) -> Step {
-    Step {
-        dir,
-        data: data.to_vec(),
-        total,
-        ts,
-    }
+    Step { dir, data: data.to_vec(), total, ts }
 }
 
 struct Run {
@@ -43,15 +33,7 @@ fn feed_all(steps: &[Step]) -> Run {
     let mut conn = Http1Conn::new();
     let mut out = Vec::new();
     for s in steps {
-        conn.feed(
-            Chunk {
-                dir: s.dir,
-                data: &s.data,
-                total: s.total,
-                ts_ns: s.ts,
-            },
-            &mut out,
-        );
+        conn.feed(Chunk { dir: s.dir, data: &s.data, total: s.total, ts_ns: s.ts }, &mut out);
     }
     Run { out, conn }
 }
@@ -73,12 +55,7 @@ fn bytewise(steps: &[Step]) -> Vec<Step> {
         let n = s.data.len();
         for (i, &b) in s.data.iter().enumerate() {
             let total = if i + 1 == n { 1 + s.total - n } else { 1 };
-            v.push(Step {
-                dir: s.dir,
-                data: vec![b],
-                total,
-                ts: s.ts,
-            });
+            v.push(Step { dir: s.dir, data: vec![b], total, ts: s.ts });
         }
     }
     v
@@ -89,42 +66,17 @@ fn split_at(steps: &[Step], idx: usize, at: usize) -> Vec<Step> {
     let mut v = steps.to_vec();
     let s = v.remove(idx);
     let rest_total = s.total - at;
-    v.insert(
-        idx,
-        Step {
-            dir: s.dir,
-            data: s.data[at..].to_vec(),
-            total: rest_total,
-            ts: s.ts,
-        },
-    );
-    v.insert(
-        idx,
-        Step {
-            dir: s.dir,
-            data: s.data[..at].to_vec(),
-            total: at,
-            ts: s.ts,
-        },
-    );
+    v.insert(idx, Step { dir: s.dir, data: s.data[at..].to_vec(), total: rest_total, ts: s.ts });
+    v.insert(idx, Step { dir: s.dir, data: s.data[..at].to_vec(), total: at, ts: s.ts });
     v
 }
 
 fn req(method: &str, path: &str) -> HttpRequest {
-    HttpRequest {
-        method: method.into(),
-        path: path.into(),
-        version_minor: 1,
-        ..Default::default()
-    }
+    HttpRequest { method: method.into(), path: path.into(), version_minor: 1, ..Default::default() }
 }
 
 fn resp(status: u16) -> HttpResponse {
-    HttpResponse {
-        status,
-        version_minor: 1,
-        ..Default::default()
-    }
+    HttpResponse { status, version_minor: 1, ..Default::default() }
 }
 
 fn ex(request: HttpRequest, response: Option<HttpResponse>, ts: [u64; 4]) -> HttpExchange {
@@ -156,17 +108,11 @@ fn host(mut r: HttpRequest) -> HttpRequest {
 }
 
 fn ok2() -> HttpResponse {
-    HttpResponse {
-        content_length: Some(2),
-        ..resp(200)
-    }
+    HttpResponse { content_length: Some(2), ..resp(200) }
 }
 
 fn nf0() -> HttpResponse {
-    HttpResponse {
-        content_length: Some(0),
-        ..resp(404)
-    }
+    HttpResponse { content_length: Some(0), ..resp(404) }
 }
 
 #[test]
@@ -238,12 +184,7 @@ fn request_targets_and_headers() {
     ];
     for c in cases {
         let r = feed_all(&[st(C, c.head, 1), st(S, NF_0, 2)]);
-        assert_eq!(
-            r.out,
-            vec![ex(c.want, Some(nf0()), [1, 1, 2, 2])],
-            "{:?}",
-            String::from_utf8_lossy(c.head)
-        );
+        assert_eq!(r.out, vec![ex(c.want, Some(nf0()), [1, 1, 2, 2])], "{:?}", String::from_utf8_lossy(c.head));
         assert_eq!(r.conn.stats().parse_errors, 0);
     }
 }
@@ -258,14 +199,8 @@ fn content_length_bodies_split() {
         st(S, b"cde", 5),
     ];
     let want = vec![ex(
-        HttpRequest {
-            content_length: Some(10),
-            ..req("POST", "/up")
-        },
-        Some(HttpResponse {
-            content_length: Some(5),
-            ..resp(201)
-        }),
+        HttpRequest { content_length: Some(10), ..req("POST", "/up") },
+        Some(HttpResponse { content_length: Some(5), ..resp(201) }),
         [1, 3, 4, 5],
     )];
     assert_eq!(feed_all(&steps).out, want);
@@ -283,39 +218,21 @@ fn chunked_request_with_extensions_and_trailers() {
         st(S, OK_2, 6),
     ];
     let want = vec![
-        ex(
-            HttpRequest {
-                chunked: true,
-                ..req("POST", "/c")
-            },
-            Some(nf0()),
-            [1, 3, 5, 5],
-        ),
+        ex(HttpRequest { chunked: true, ..req("POST", "/c") }, Some(nf0()), [1, 3, 5, 5]),
         ex(host(req("GET", "/b")), Some(ok2()), [4, 4, 6, 6]),
     ];
     assert_eq!(feed_all(&steps).out, want);
     assert_eq!(feed_all(&bytewise(&steps)).out, want);
     for idx in 0..steps.len() {
         for at in 1..steps[idx].data.len() {
-            assert_eq!(
-                feed_all(&split_at(&steps, idx, at)).out,
-                want,
-                "step {idx} split at {at}"
-            );
+            assert_eq!(feed_all(&split_at(&steps, idx, at)).out, want, "step {idx} split at {at}");
         }
     }
 }
 
 #[test]
 fn keep_alive_sequence() {
-    let steps = [
-        st(C, GET_A, 1),
-        st(S, OK_2, 2),
-        st(C, GET_B, 3),
-        st(S, NF_0, 4),
-        st(C, GET_C, 5),
-        st(S, OK_2, 6),
-    ];
+    let steps = [st(C, GET_A, 1), st(S, OK_2, 2), st(C, GET_B, 3), st(S, NF_0, 4), st(C, GET_C, 5), st(S, OK_2, 6)];
     let want = vec![
         ex(host(req("GET", "/a")), Some(ok2()), [1, 1, 2, 2]),
         ex(host(req("GET", "/b")), Some(nf0()), [3, 3, 4, 4]),
@@ -331,35 +248,11 @@ fn keep_alive_sequence() {
 fn exchanges_are_emitted_as_soon_as_complete() {
     let mut conn = Http1Conn::new();
     let mut out = Vec::new();
-    conn.feed(
-        Chunk {
-            dir: C,
-            data: GET_A,
-            total: GET_A.len(),
-            ts_ns: 1,
-        },
-        &mut out,
-    );
+    conn.feed(Chunk { dir: C, data: GET_A, total: GET_A.len(), ts_ns: 1 }, &mut out);
     assert_eq!(conn.in_flight(), 1);
-    conn.feed(
-        Chunk {
-            dir: S,
-            data: &OK_2[..OK_2.len() - 1],
-            total: OK_2.len() - 1,
-            ts_ns: 2,
-        },
-        &mut out,
-    );
+    conn.feed(Chunk { dir: S, data: &OK_2[..OK_2.len() - 1], total: OK_2.len() - 1, ts_ns: 2 }, &mut out);
     assert!(out.is_empty());
-    conn.feed(
-        Chunk {
-            dir: S,
-            data: b"k",
-            total: 1,
-            ts_ns: 3,
-        },
-        &mut out,
-    );
+    conn.feed(Chunk { dir: S, data: b"k", total: 1, ts_ns: 3 }, &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(conn.in_flight(), 0);
 }
@@ -374,31 +267,13 @@ fn pipelining() {
     let steps = [st(C, &reqs, 1), st(S, &resps, 2)];
     let want = vec![
         ex(host(req("GET", "/a")), Some(ok2()), [1, 1, 2, 2]),
-        ex(
-            req("HEAD", "/b"),
-            Some(HttpResponse {
-                content_length: Some(1000),
-                ..resp(200)
-            }),
-            [1, 1, 2, 2],
-        ),
-        ex(
-            HttpRequest {
-                content_length: Some(3),
-                ..req("POST", "/c")
-            },
-            Some(nf0()),
-            [1, 1, 2, 2],
-        ),
+        ex(req("HEAD", "/b"), Some(HttpResponse { content_length: Some(1000), ..resp(200) }), [1, 1, 2, 2]),
+        ex(HttpRequest { content_length: Some(3), ..req("POST", "/c") }, Some(nf0()), [1, 1, 2, 2]),
     ];
     assert_eq!(feed_all(&steps).out, want);
     for idx in 0..2 {
         for at in 1..steps[idx].data.len() {
-            assert_eq!(
-                feed_all(&split_at(&steps, idx, at)).out,
-                want,
-                "step {idx} split at {at}"
-            );
+            assert_eq!(feed_all(&split_at(&steps, idx, at)).out, want, "step {idx} split at {at}");
         }
     }
     // Responses interleaved with later requests.
@@ -424,14 +299,8 @@ fn request_body_larger_than_capture() {
     ];
     let want = vec![
         ex(
-            HttpRequest {
-                content_length: Some(100_000),
-                ..req("POST", "/big")
-            },
-            Some(HttpResponse {
-                content_length: Some(4),
-                ..resp(413)
-            }),
+            HttpRequest { content_length: Some(100_000), ..req("POST", "/big") },
+            Some(HttpResponse { content_length: Some(4), ..resp(413) }),
             [1, 3, 5, 5],
         ),
         ex(host(req("GET", "/b")), Some(ok2()), [4, 4, 6, 6]),
@@ -455,14 +324,7 @@ fn response_body_larger_than_capture() {
         st(S, OK_2, 6),
     ];
     let want = vec![
-        ex(
-            host(req("GET", "/a")),
-            Some(HttpResponse {
-                content_length: Some(1_048_576),
-                ..resp(200)
-            }),
-            [1, 1, 2, 4],
-        ),
+        ex(host(req("GET", "/a")), Some(HttpResponse { content_length: Some(1_048_576), ..resp(200) }), [1, 1, 2, 4]),
         ex(host(req("GET", "/b")), Some(ok2()), [5, 5, 6, 6]),
     ];
     assert_eq!(feed_all(&steps).out, want);
@@ -482,11 +344,7 @@ fn huge_total_is_only_arithmetic() {
     // An absurd chunk size in a chunked body is only a counter too.
     let steps = [
         st(C, GET_A, 1),
-        st(
-            S,
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffff\r\n",
-            2,
-        ),
+        st(S, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffff\r\n", 2),
         tr(S, b"", usize::MAX / 2, 3),
     ];
     let r = feed_all(&steps);
@@ -497,29 +355,17 @@ fn huge_total_is_only_arithmetic() {
 #[test]
 fn interim_responses_are_skipped() {
     let steps = [
-        st(
-            C,
-            b"PUT /f HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
-            1,
-        ),
+        st(C, b"PUT /f HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n", 1),
         st(S, b"HTTP/1.1 100 Continue\r\n\r\n", 2),
         st(C, b"data", 3),
-        st(
-            S,
-            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
-            4,
-        ),
+        st(S, b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n", 4),
         st(S, b"HTTP/1.1 204 No Content\r\n\r\n", 5),
         st(C, GET_B, 6),
         st(S, OK_2, 7),
     ];
     let want = vec![
         ex(
-            HttpRequest {
-                content_length: Some(4),
-                expect_continue: true,
-                ..req("PUT", "/f")
-            },
+            HttpRequest { content_length: Some(4), expect_continue: true, ..req("PUT", "/f") },
             Some(resp(204)),
             [1, 3, 5, 5],
         ),
@@ -543,30 +389,9 @@ fn bodiless_responses() {
         st(S, OK_2, 8),
     ];
     let want = vec![
-        ex(
-            req("HEAD", "/a"),
-            Some(HttpResponse {
-                content_length: Some(500),
-                ..resp(200)
-            }),
-            [1, 1, 2, 2],
-        ),
-        ex(
-            req("GET", "/b"),
-            Some(HttpResponse {
-                content_length: Some(500),
-                ..resp(304)
-            }),
-            [3, 3, 4, 4],
-        ),
-        ex(
-            req("DELETE", "/c"),
-            Some(HttpResponse {
-                chunked: true,
-                ..resp(204)
-            }),
-            [5, 5, 6, 6],
-        ),
+        ex(req("HEAD", "/a"), Some(HttpResponse { content_length: Some(500), ..resp(200) }), [1, 1, 2, 2]),
+        ex(req("GET", "/b"), Some(HttpResponse { content_length: Some(500), ..resp(304) }), [3, 3, 4, 4]),
+        ex(req("DELETE", "/c"), Some(HttpResponse { chunked: true, ..resp(204) }), [5, 5, 6, 6]),
         ex(host(req("GET", "/a")), Some(ok2()), [7, 7, 8, 8]),
     ];
     assert_eq!(feed_all(&steps).out, want);
@@ -584,22 +409,13 @@ fn close_delimited_response() {
     assert_eq!(r.conn.in_flight(), 1);
     let r = run_closed(&steps, 9);
     let want = vec![ex(
-        HttpRequest {
-            version_minor: 0,
-            ..req("GET", "/old")
-        },
-        Some(HttpResponse {
-            version_minor: 0,
-            ..resp(200)
-        }),
+        HttpRequest { version_minor: 0, ..req("GET", "/old") },
+        Some(HttpResponse { version_minor: 0, ..resp(200) }),
         [1, 1, 2, 3],
     )];
     assert_eq!(r.out, want);
     // Transfer-Encoding without chunked on a response also means "until close".
-    let steps = [
-        st(C, GET_A, 1),
-        st(S, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz", 2),
-    ];
+    let steps = [st(C, GET_A, 1), st(S, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz", 2)];
     let r = run_closed(&steps, 3);
     assert_eq!(r.out[0].response_end_ns, 2);
     assert!(!r.out[0].approximate);
@@ -609,10 +425,7 @@ const CHUNKED_RESP: &[u8] =
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nMozilla\r\n9;x=y\r\nDeveloper\r\n7\r\nNetwork\r\n0\r\nExpires: never\r\n\r\n";
 
 fn chunked_resp() -> HttpResponse {
-    HttpResponse {
-        chunked: true,
-        ..resp(200)
-    }
+    HttpResponse { chunked: true, ..resp(200) }
 }
 
 #[test]
@@ -662,41 +475,23 @@ fn lost_chunked_framing_resyncs_on_status_line() {
 fn lost_chunked_framing_ends_on_last_chunk() {
     let mut first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n".to_vec();
     first.extend_from_slice(&[b'a'; 16]);
-    let steps = [
-        st(C, GET_A, 1),
-        tr(S, &first, 70_000, 2),
-        tr(S, b"zzzz", 5_000, 3),
-        st(S, b"tail of data\r\n0\r\n\r\n", 4),
-    ];
+    let steps =
+        [st(C, GET_A, 1), tr(S, &first, 70_000, 2), tr(S, b"zzzz", 5_000, 3), st(S, b"tail of data\r\n0\r\n\r\n", 4)];
     let r = feed_all(&steps);
-    assert_eq!(
-        r.out,
-        vec![approx(ex(host(req("GET", "/a")), Some(chunked_resp()), [1, 1, 2, 4]))]
-    );
+    assert_eq!(r.out, vec![approx(ex(host(req("GET", "/a")), Some(chunked_resp()), [1, 1, 2, 4]))]);
     // The stream is at a boundary again.
     let mut steps = steps.to_vec();
     steps.push(st(C, GET_B, 5));
     steps.push(st(S, OK_2, 6));
-    assert_eq!(
-        feed_all(&steps).out[1],
-        ex(host(req("GET", "/b")), Some(ok2()), [5, 5, 6, 6])
-    );
+    assert_eq!(feed_all(&steps).out[1], ex(host(req("GET", "/b")), Some(ok2()), [5, 5, 6, 6]));
 }
 
 #[test]
 fn lost_response_ends_when_client_sends_next_request() {
     let first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789";
-    let steps = [
-        st(C, GET_A, 1),
-        tr(S, first, 50_000, 2),
-        tr(S, b"more", 10_000, 3),
-        st(C, GET_B, 4),
-    ];
+    let steps = [st(C, GET_A, 1), tr(S, first, 50_000, 2), tr(S, b"more", 10_000, 3), st(C, GET_B, 4)];
     let r = feed_all(&steps);
-    assert_eq!(
-        r.out,
-        vec![approx(ex(host(req("GET", "/a")), Some(chunked_resp()), [1, 1, 2, 3]))]
-    );
+    assert_eq!(r.out, vec![approx(ex(host(req("GET", "/a")), Some(chunked_resp()), [1, 1, 2, 3]))]);
     // The rest of that body is skipped; the next status line answers /b.
     let mut steps = steps.to_vec();
     steps.push(tr(S, b"rest of body", 3_000, 5));
@@ -709,22 +504,9 @@ fn lost_response_ends_when_client_sends_next_request() {
 fn lost_chunked_request_framing() {
     let mut first = b"POST /stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".to_vec();
     first.extend_from_slice(&[b'q'; 100]);
-    let steps = [
-        tr(C, &first, 40_000, 1),
-        tr(C, b"qqqq", 4_000, 2),
-        st(S, NF_0, 3),
-        st(C, GET_B, 4),
-        st(S, OK_2, 5),
-    ];
+    let steps = [tr(C, &first, 40_000, 1), tr(C, b"qqqq", 4_000, 2), st(S, NF_0, 3), st(C, GET_B, 4), st(S, OK_2, 5)];
     let want = vec![
-        approx(ex(
-            HttpRequest {
-                chunked: true,
-                ..req("POST", "/stream")
-            },
-            Some(nf0()),
-            [1, 2, 3, 3],
-        )),
+        approx(ex(HttpRequest { chunked: true, ..req("POST", "/stream") }, Some(nf0()), [1, 2, 3, 3])),
         ex(host(req("GET", "/b")), Some(ok2()), [4, 4, 5, 5]),
     ];
     let r = feed_all(&steps);
@@ -752,21 +534,11 @@ fn stream_joined_mid_message() {
 
 #[test]
 fn first_chunk_may_be_a_prefix_of_a_start_line() {
-    let steps = [
-        st(C, b"G", 1),
-        st(C, &GET_A[1..], 2),
-        st(S, b"HTT", 3),
-        st(S, &OK_2[3..], 4),
-    ];
+    let steps = [st(C, b"G", 1), st(C, &GET_A[1..], 2), st(S, b"HTT", 3), st(S, &OK_2[3..], 4)];
     let r = feed_all(&steps);
     assert_eq!(r.out, vec![ex(host(req("GET", "/a")), Some(ok2()), [1, 2, 3, 4])]);
     // …but a prefix that turns out not to be one is skipped quietly.
-    let steps = [
-        st(C, b"GE", 1),
-        st(C, b"NERAL KENOBI\r\n\r\n", 2),
-        st(C, GET_A, 3),
-        st(S, OK_2, 4),
-    ];
+    let steps = [st(C, b"GE", 1), st(C, b"NERAL KENOBI\r\n\r\n", 2), st(C, GET_A, 3), st(S, OK_2, 4)];
     let r = feed_all(&steps);
     assert_eq!(r.out.len(), 1);
     assert_eq!(r.conn.stats().parse_errors, 0);
@@ -783,14 +555,7 @@ fn long_garbage_without_newline_is_rejected_early() {
     // At a known boundary: one parse error, and the blob is not buffered as a head.
     let mut long = b"GET /".to_vec();
     long.extend_from_slice(&blob);
-    let steps = [
-        st(C, GET_A, 1),
-        st(S, OK_2, 2),
-        st(C, b"GE", 3),
-        st(C, b"Tx", 4),
-        st(C, &blob, 5),
-        st(C, &long, 6),
-    ];
+    let steps = [st(C, GET_A, 1), st(S, OK_2, 2), st(C, b"GE", 3), st(C, b"Tx", 4), st(C, &blob, 5), st(C, &long, 6)];
     let r = run_closed(&steps, 7);
     assert_eq!(r.conn.stats().parse_errors, 1);
     assert_eq!(r.conn.stats().resyncs, 1);
@@ -860,11 +625,7 @@ impl Rng {
 #[test]
 fn mutated_streams_never_panic() {
     let base: Vec<Step> = vec![
-        st(
-            C,
-            b"POST /c?x=1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
-            1,
-        ),
+        st(C, b"POST /c?x=1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n", 1),
         st(S, b"HTTP/1.1 100 Continue\r\n\r\n", 2),
         st(C, b"4\r\nWiki\r\n0\r\n\r\nHEAD / HTTP/1.1\r\n\r\n", 3),
         st(S, CHUNKED_RESP, 4),
@@ -873,14 +634,9 @@ fn mutated_streams_never_panic() {
         st(S, b"HTTP/1.0 200 OK\r\n\r\n", 7),
     ];
     // WAYBILL_MUTATION_ITERS / WAYBILL_MUTATION_SEED widen the sweep when run by hand.
-    let iters = std::env::var("WAYBILL_MUTATION_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
-    let seed = std::env::var("WAYBILL_MUTATION_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let iters = std::env::var("WAYBILL_MUTATION_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let seed =
+        std::env::var("WAYBILL_MUTATION_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15);
     let mut rng = Rng(seed);
     for _ in 0..iters {
         let mut steps = base.clone();
@@ -905,9 +661,7 @@ fn mutated_streams_never_panic() {
                 2 => s.total += rng.below(100_000),
                 _ => {
                     let n = rng.below(40);
-                    let bytes: Vec<u8> = (0..n)
-                        .map(|_| b"\r\n0123456789abcdefHTTP/1. GET;:"[rng.below(30)])
-                        .collect();
+                    let bytes: Vec<u8> = (0..n).map(|_| b"\r\n0123456789abcdefHTTP/1. GET;:"[rng.below(30)]).collect();
                     s.data.extend_from_slice(&bytes);
                     s.total = s.total.max(s.data.len());
                 }
@@ -918,10 +672,7 @@ fn mutated_streams_never_panic() {
             s.ts = k as u64 + 1;
         }
         // Mutations may well write new request lines; count what could be one.
-        let gets: usize = steps
-            .iter()
-            .map(|s| s.data.windows(5).filter(|w| w == b"GET /").count())
-            .sum();
+        let gets: usize = steps.iter().map(|s| s.data.windows(5).filter(|w| w == b"GET /").count()).sum();
         for r in [run_closed(&steps, 99), run_closed(&bytewise(&steps), 99)] {
             let dump = || {
                 steps
@@ -1016,12 +767,7 @@ fn oversized_head_is_truncated_but_framed() {
 fn head_cut_by_capture_window() {
     // The client wrote 9000 bytes of head (big cookie), only 60 were captured.
     let captured = b"GET /profile?session=abc HTTP/1.1\r\nHost: app\r\nCookie: aaaa";
-    let steps = [
-        tr(C, captured, 9_000, 1),
-        st(S, OK_2, 2),
-        st(C, GET_B, 3),
-        st(S, NF_0, 4),
-    ];
+    let steps = [tr(C, captured, 9_000, 1), st(S, OK_2, 2), st(C, GET_B, 3), st(S, NF_0, 4)];
     let want = vec![
         ex(
             HttpRequest {
@@ -1049,14 +795,7 @@ fn head_cut_by_capture_window() {
     ];
     let r = feed_all(&steps);
     let want = vec![
-        approx(ex(
-            HttpRequest {
-                head_truncated: true,
-                ..req("POST", "/upload/fi")
-            },
-            Some(nf0()),
-            [1, 2, 4, 4],
-        )),
+        approx(ex(HttpRequest { head_truncated: true, ..req("POST", "/upload/fi") }, Some(nf0()), [1, 2, 4, 4])),
         ex(host(req("GET", "/b")), Some(ok2()), [3, 3, 5, 5]),
     ];
     assert_eq!(r.out, want);
@@ -1070,14 +809,7 @@ fn head_cut_by_capture_window() {
     ];
     let r = feed_all(&steps);
     let want = vec![
-        approx(ex(
-            host(req("GET", "/a")),
-            Some(HttpResponse {
-                head_truncated: true,
-                ..resp(302)
-            }),
-            [1, 1, 2, 2],
-        )),
+        approx(ex(host(req("GET", "/a")), Some(HttpResponse { head_truncated: true, ..resp(302) }), [1, 1, 2, 2])),
         ex(host(req("GET", "/b")), Some(ok2()), [3, 3, 4, 4]),
     ];
     assert_eq!(r.out, want);
@@ -1092,38 +824,14 @@ fn close_flushes_unanswered_requests() {
     ];
     let r = run_closed(&steps, 50);
     let want = vec![
-        approx(ex(
-            host(req("GET", "/a")),
-            Some(HttpResponse {
-                content_length: Some(9),
-                ..resp(200)
-            }),
-            [1, 1, 3, 3],
-        )),
-        approx(ex(
-            HttpRequest {
-                content_length: Some(10),
-                ..req("POST", "/p")
-            },
-            None,
-            [2, 2, 0, 0],
-        )),
+        approx(ex(host(req("GET", "/a")), Some(HttpResponse { content_length: Some(9), ..resp(200) }), [1, 1, 3, 3])),
+        approx(ex(HttpRequest { content_length: Some(10), ..req("POST", "/p") }, None, [2, 2, 0, 0])),
     ];
     assert_eq!(r.out, want);
     assert_eq!(r.conn.in_flight(), 0);
     // A head still being received at close is flushed as truncated.
     let r = run_closed(&[st(C, b"GET /half HTTP/1.1\r\nHost: h\r\nAcc", 7)], 8);
-    assert_eq!(
-        r.out,
-        vec![ex(
-            HttpRequest {
-                head_truncated: true,
-                ..host(req("GET", "/half"))
-            },
-            None,
-            [7, 7, 0, 0]
-        )]
-    );
+    assert_eq!(r.out, vec![ex(HttpRequest { head_truncated: true, ..host(req("GET", "/half")) }, None, [7, 7, 0, 0])]);
     // Nothing at all: nothing out.
     let r = run_closed(&[], 1);
     assert!(r.out.is_empty());
@@ -1133,50 +841,18 @@ fn close_flushes_unanswered_requests() {
 fn close_resets_for_reuse() {
     let mut conn = Http1Conn::new();
     let mut out = Vec::new();
-    conn.feed(
-        Chunk {
-            dir: C,
-            data: b"junk junk",
-            total: 9,
-            ts_ns: 1,
-        },
-        &mut out,
-    );
+    conn.feed(Chunk { dir: C, data: b"junk junk", total: 9, ts_ns: 1 }, &mut out);
     conn.close(2, &mut out);
-    conn.feed(
-        Chunk {
-            dir: C,
-            data: GET_A,
-            total: GET_A.len(),
-            ts_ns: 3,
-        },
-        &mut out,
-    );
-    conn.feed(
-        Chunk {
-            dir: S,
-            data: OK_2,
-            total: OK_2.len(),
-            ts_ns: 4,
-        },
-        &mut out,
-    );
+    conn.feed(Chunk { dir: C, data: GET_A, total: GET_A.len(), ts_ns: 3 }, &mut out);
+    conn.feed(Chunk { dir: S, data: OK_2, total: OK_2.len(), ts_ns: 4 }, &mut out);
     assert_eq!(out.len(), 1);
 }
 
 #[test]
 fn upgrade_and_connect_tunnel() {
     let steps = [
-        st(
-            C,
-            b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            1,
-        ),
-        st(
-            S,
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
-            2,
-        ),
+        st(C, b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 1),
+        st(S, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello", 2),
         st(C, b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58", 3),
         st(S, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 4),
     ];
@@ -1187,34 +863,16 @@ fn upgrade_and_connect_tunnel() {
     // CONNECT refused with 407 keeps HTTP going; accepted with 200 starts a tunnel.
     let steps = [
         st(C, b"CONNECT h:443 HTTP/1.1\r\n\r\n", 1),
-        st(
-            S,
-            b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n",
-            2,
-        ),
-        st(
-            C,
-            b"CONNECT h:443 HTTP/1.1\r\nProxy-Authorization: Basic eA==\r\n\r\n",
-            3,
-        ),
+        st(S, b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n", 2),
+        st(C, b"CONNECT h:443 HTTP/1.1\r\nProxy-Authorization: Basic eA==\r\n\r\n", 3),
         st(S, b"HTTP/1.1 200 Connection established\r\n\r\n", 4),
         st(C, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 5),
         st(S, b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03", 6),
     ];
     let r = run_closed(&steps, 7);
-    let connect = HttpRequest {
-        authority: Some("h:443".into()),
-        ..req("CONNECT", "")
-    };
+    let connect = HttpRequest { authority: Some("h:443".into()), ..req("CONNECT", "") };
     let want = vec![
-        ex(
-            connect.clone(),
-            Some(HttpResponse {
-                content_length: Some(0),
-                ..resp(407)
-            }),
-            [1, 1, 2, 2],
-        ),
+        ex(connect.clone(), Some(HttpResponse { content_length: Some(0), ..resp(407) }), [1, 1, 2, 2]),
         ex(connect, Some(resp(200)), [3, 3, 4, 4]),
     ];
     assert_eq!(r.out, want);
@@ -1234,10 +892,7 @@ fn overdue_body_sent_without_capture() {
     let want = vec![
         approx(ex(
             host(req("GET", "/a")),
-            Some(HttpResponse {
-                content_length: Some(5000),
-                ..resp(200)
-            }),
+            Some(HttpResponse { content_length: Some(5000), ..resp(200) }),
             [1, 1, 2, 2],
         )),
         ex(host(req("GET", "/b")), Some(ok2()), [3, 3, 4, 4]),
@@ -1258,11 +913,7 @@ fn overdue_body_sent_without_capture() {
     // Without a next request, a body that begins like a status line is still body.
     let steps = [
         st(C, GET_A, 1),
-        st(
-            S,
-            b"HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: 38\r\n\r\n",
-            2,
-        ),
+        st(S, b"HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: 38\r\n\r\n", 2),
         st(S, NF_0, 3),
     ];
     let r = feed_all(&steps);
@@ -1270,11 +921,7 @@ fn overdue_body_sent_without_capture() {
     assert!(!r.out[0].approximate);
     // Request body abandoned after a final response (expect-continue refused).
     let steps = [
-        st(
-            C,
-            b"PUT /f HTTP/1.1\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n",
-            1,
-        ),
+        st(C, b"PUT /f HTTP/1.1\r\nContent-Length: 99\r\nExpect: 100-continue\r\n\r\n", 1),
         st(S, b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n", 2),
         st(C, GET_B, 3),
         st(S, OK_2, 4),
@@ -1298,14 +945,8 @@ fn early_response_waits_for_request_body() {
     assert_eq!(
         r.out,
         vec![ex(
-            HttpRequest {
-                content_length: Some(6),
-                ..req("POST", "/p")
-            },
-            Some(HttpResponse {
-                content_length: Some(0),
-                ..resp(401)
-            }),
+            HttpRequest { content_length: Some(6), ..req("POST", "/p") },
+            Some(HttpResponse { content_length: Some(0), ..resp(401) }),
             [1, 3, 2, 2],
         )]
     );
@@ -1381,12 +1022,7 @@ fn detection() {
     ];
     for (d, rq, rs) in cases {
         assert_eq!(looks_like_request(d), *rq, "request? {:?}", String::from_utf8_lossy(d));
-        assert_eq!(
-            looks_like_response(d),
-            *rs,
-            "response? {:?}",
-            String::from_utf8_lossy(d)
-        );
+        assert_eq!(looks_like_response(d), *rs, "response? {:?}", String::from_utf8_lossy(d));
     }
 }
 
@@ -1399,10 +1035,7 @@ fn route_templates() {
         ("/users/123", "/users/{id}"),
         ("/users/123/", "/users/{id}/"),
         ("/users/123?x=1", "/users/{id}"),
-        (
-            "/api/v1/orders/550e8400-e29b-41d4-a716-446655440000/items",
-            "/api/v1/orders/{id}/items",
-        ),
+        ("/api/v1/orders/550e8400-e29b-41d4-a716-446655440000/items", "/api/v1/orders/{id}/items"),
         ("/blob/3f786850e387550fdab836ed7e6dc881de23001b", "/blob/{id}"),
         ("/commit/a1b2c3d4", "/commit/{id}"),
         ("/deadbeef", "/deadbeef"),

@@ -8,17 +8,8 @@ use waybill_protocols::db::{DbCall, PgConn};
 use waybill_protocols::{Chunk, FlowDir};
 
 /// Secrets and literal values present in the recorded bytes that must never come out.
-const FORBIDDEN: &[&str] = &[
-    "Al1ce-S3cret-pw",
-    "B0b-Scram-pw",
-    "Wr0ng-Guess-pw",
-    "SCRAM",
-    "apple",
-    "cherry",
-    "kiwi",
-    "after-error",
-    "9.99",
-];
+const FORBIDDEN: &[&str] =
+    &["Al1ce-S3cret-pw", "B0b-Scram-pw", "Wr0ng-Guess-pw", "SCRAM", "apple", "cherry", "kiwi", "after-error", "9.99"];
 
 struct Recorded {
     to_server: Vec<u8>,
@@ -36,11 +27,7 @@ fn load(case: &str) -> Recorded {
     let to_server = std::fs::read(d.join(format!("{case}.to_server.bin"))).unwrap();
     let to_client = std::fs::read(d.join(format!("{case}.to_client.bin"))).unwrap();
     let json = std::fs::read_to_string(d.join(format!("{case}.chunks.json"))).unwrap();
-    Recorded {
-        to_server,
-        to_client,
-        chunks: parse_chunks(&json),
-    }
+    Recorded { to_server, to_client, chunks: parse_chunks(&json) }
 }
 
 /// `[["s"|"c", offset, len(, total)], ...]` without a JSON dependency.
@@ -154,10 +141,7 @@ fn psql_simple() {
     assert_eq!(batch.operation.as_deref(), Some("BATCH"));
     let missing = &calls[4];
     assert_eq!(missing.status_code.as_deref(), Some("42P01"));
-    assert_eq!(
-        missing.error_message.as_deref(),
-        Some("ERROR 42P01: relation ? does not exist")
-    );
+    assert_eq!(missing.error_message.as_deref(), Some("ERROR 42P01: relation ? does not exist"));
     assert!(calls.iter().all(|c| !c.approximate));
 }
 

@@ -1,7 +1,5 @@
 //! PostgreSQL parser: message types, pairing, splits, truncation, resync, garbage, secrets.
-use waybill_protocols::db::{
-    DbCall, PgConn, looks_like_postgres_frontend, looks_like_postgres_startup,
-};
+use waybill_protocols::db::{DbCall, PgConn, looks_like_postgres_frontend, looks_like_postgres_startup};
 use waybill_protocols::{Chunk, FlowDir};
 
 // ---- message builders -------------------------------------------------------------------
@@ -141,10 +139,7 @@ struct T {
 
 impl T {
     fn new() -> Self {
-        T {
-            conn: PgConn::new(),
-            out: Vec::new(),
-        }
+        T { conn: PgConn::new(), out: Vec::new() }
     }
     fn s(&mut self, ts: u64, data: &[u8]) -> &mut Self {
         self.conn.feed(chunk(FlowDir::ToServer, data, data.len(), ts), &mut self.out);
@@ -169,12 +164,7 @@ impl T {
 }
 
 fn chunk(dir: FlowDir, data: &[u8], total: usize, ts_ns: u64) -> Chunk<'_> {
-    Chunk {
-        dir,
-        data,
-        total,
-        ts_ns,
-    }
+    Chunk { dir, data, total, ts_ns }
 }
 
 fn login(t: &mut T) {
@@ -196,10 +186,7 @@ fn simple_query_rows_and_namespace() {
     assert_eq!(c.operation.as_deref(), Some("SELECT"));
     assert_eq!(c.collection.as_deref(), Some("users"));
     assert_eq!(c.summary.as_deref(), Some("SELECT users"));
-    assert_eq!(
-        c.query_text.as_deref(),
-        Some("SELECT * FROM users WHERE id = ? AND name = ?")
-    );
+    assert_eq!(c.query_text.as_deref(), Some("SELECT * FROM users WHERE id = ? AND name = ?"));
     assert_eq!(c.namespace.as_deref(), Some("shop"));
     assert_eq!((c.start_ns, c.end_ns, c.rows), (10, 20, Some(1)));
     assert!(!c.approximate && c.error_message.is_none());
@@ -313,15 +300,7 @@ fn extended_unnamed_and_describe() {
     );
     t.c(
         9,
-        &cat(&[
-            simple(b'1'),
-            simple(b'2'),
-            rowdesc(&["a"]),
-            row(&[b"x"]),
-            row(&[b"y"]),
-            complete("SELECT 2"),
-            ready(),
-        ]),
+        &cat(&[simple(b'1'), simple(b'2'), rowdesc(&["a"]), row(&[b"x"]), row(&[b"y"]), complete("SELECT 2"), ready()]),
     );
     let calls = t.calls();
     assert_eq!(calls.len(), 1);
@@ -467,7 +446,19 @@ fn extended_copy_out_and_in() {
     let mut t = T::new();
     t.s(1, &cat(&[parse("", "COPY t TO STDOUT"), bind("", "", &[]), execute("", 0), sync()]));
     let copy_resp = msg(b'H', &[0, 0, 1, 0, 0]);
-    t.c(2, &cat(&[simple(b'1'), simple(b'2'), copy_resp, msg(b'd', b"1\tx\n"), msg(b'd', b"2\ty\n"), simple(b'c'), complete("COPY 2"), ready()]));
+    t.c(
+        2,
+        &cat(&[
+            simple(b'1'),
+            simple(b'2'),
+            copy_resp,
+            msg(b'd', b"1\tx\n"),
+            msg(b'd', b"2\ty\n"),
+            simple(b'c'),
+            complete("COPY 2"),
+            ready(),
+        ]),
+    );
     t.s(3, &q("COPY t FROM STDIN"));
     t.c(4, &msg(b'G', &[0, 0, 1, 0, 0]));
     t.s(5, &cat(&[msg(b'd', b"Q\0\0\0\x05garbage-looking copy data"), simple(b'c')]));

@@ -40,11 +40,7 @@ fn load(case: &str) -> Recorded {
     let to_server = std::fs::read(d.join(format!("{case}.to_server.bin"))).unwrap();
     let to_client = std::fs::read(d.join(format!("{case}.to_client.bin"))).unwrap();
     let json = std::fs::read_to_string(d.join(format!("{case}.chunks.json"))).unwrap();
-    Recorded {
-        to_server,
-        to_client,
-        chunks: parse_chunks(&json),
-    }
+    Recorded { to_server, to_client, chunks: parse_chunks(&json) }
 }
 
 /// `[["s"|"c", offset, len(, total)], ...]` without a JSON dependency.
@@ -154,8 +150,23 @@ fn cli_basic() {
     assert_eq!(
         ops,
         [
-            "AUTH", "COMMAND DOCS", "SET", "GET", "HSET", "LPUSH", "GET", "-", "SELECT", "SET",
-            "CONFIG SET", "INCR", "MULTI", "INCR", "SELECT", "EXEC", "GET"
+            "AUTH",
+            "COMMAND DOCS",
+            "SET",
+            "GET",
+            "HSET",
+            "LPUSH",
+            "GET",
+            "-",
+            "SELECT",
+            "SET",
+            "CONFIG SET",
+            "INCR",
+            "MULTI",
+            "INCR",
+            "SELECT",
+            "EXEC",
+            "GET"
         ]
     );
     assert_eq!(calls[0].query_text.as_deref(), Some("AUTH ?"));

@@ -22,10 +22,7 @@ struct T {
 
 impl T {
     fn new() -> Self {
-        T {
-            conn: RedisConn::new(),
-            out: Vec::new(),
-        }
+        T { conn: RedisConn::new(), out: Vec::new() }
     }
     fn s(&mut self, ts: u64, data: &[u8]) -> &mut Self {
         self.feed(FlowDir::ToServer, ts, data, data.len())
@@ -34,25 +31,14 @@ impl T {
         self.feed(FlowDir::ToClient, ts, data, data.len())
     }
     fn feed(&mut self, dir: FlowDir, ts: u64, data: &[u8], total: usize) -> &mut Self {
-        self.conn.feed(
-            Chunk {
-                dir,
-                data,
-                total,
-                ts_ns: ts,
-            },
-            &mut self.out,
-        );
+        self.conn.feed(Chunk { dir, data, total, ts_ns: ts }, &mut self.out);
         self
     }
     fn calls(&mut self) -> Vec<DbCall> {
         std::mem::take(&mut self.out)
     }
     fn ops(&mut self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .map(|c| c.operation.clone().unwrap_or_else(|| "-".into()))
-            .collect()
+        self.calls().iter().map(|c| c.operation.clone().unwrap_or_else(|| "-".into())).collect()
     }
 }
 
@@ -128,7 +114,11 @@ fn every_reply_type() {
 #[test]
 fn error_replies() {
     let cases: &[(&[u8], &str, &str)] = &[
-        (b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n", "WRONGTYPE", "WRONGTYPE Operation against a key holding the wrong kind of value"),
+        (
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            "WRONGTYPE",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ),
         (b"-ERR value is not an integer or out of range\r\n", "ERR", "ERR value is not an integer or out of range"),
         (b"-MOVED 3999 10.0.0.1:6381\r\n", "MOVED", "MOVED ? ?.?.?.?:?"),
         (b"-ERR Unknown option 'hunter2' for CONFIG\r\n", "ERR", "ERR Unknown option ? for CONFIG"),
@@ -151,13 +141,7 @@ fn error_replies() {
 
 #[test]
 fn pipelining_and_split_at_every_byte() {
-    let req = cmds(&[
-        &["SET", "a", "1"],
-        &["INCR", "n"],
-        &["MGET", "a", "b"],
-        &["HGETALL", "h"],
-        &["DEL", "a"],
-    ]);
+    let req = cmds(&[&["SET", "a", "1"], &["INCR", "n"], &["MGET", "a", "b"], &["HGETALL", "h"], &["DEL", "a"]]);
     let resp: &[u8] = b"+OK\r\n:5\r\n*2\r\n$1\r\n1\r\n$-1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n:1\r\n";
     let mut whole = T::new();
     whole.s(1, &req).c(2, resp);
@@ -230,10 +214,7 @@ fn pubsub_resp2_and_resp3() {
     t.c(11, b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nb\r\n"); // a list that looks like a message
     let calls = t.calls();
     let spans: Vec<_> = calls.iter().map(|c| (c.operation.clone().unwrap(), c.end_ns)).collect();
-    assert_eq!(
-        spans,
-        [("SUBSCRIBE".into(), 3), ("PING".into(), 6), ("UNSUBSCRIBE".into(), 9), ("LRANGE".into(), 11)]
-    );
+    assert_eq!(spans, [("SUBSCRIBE".into(), 3), ("PING".into(), 6), ("UNSUBSCRIBE".into(), 9), ("LRANGE".into(), 11)]);
     // RESP3: everything pub/sub is a push; confirmations still answer the command.
     let mut t = T::new();
     t.s(1, &cmd(&["SSUBSCRIBE", "c"]));

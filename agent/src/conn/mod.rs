@@ -7,6 +7,14 @@
 //! 2. HTTP/1.x status line (`HTTP/1.1 200`): a connection adopted mid-stream (opened before
 //!    Waybill attached); the role follows from the direction, and the parser resynchronises on the
 //!    next request.
+//! 3. PostgreSQL StartupMessage / SSLRequest / CancelRequest: a fixed length + protocol code,
+//!    unambiguous.
+//! 4. Redis RESP command (`*<n>\r\n$<len>\r\n…` or a known inline command).
+//! 5. PostgreSQL typed frontend messages (`Q`, `P`, `B`…) whose chain validates: a pooled
+//!    connection adopted mid-stream. Last, because a tag byte + length is the weakest signal.
+//!
+//! In every case the side that sent the request bytes is the client: if the traced process read
+//! them, it is the server.
 //!
 //! A connection that shows none of these in its first `DETECT_CHUNKS` chunks with payload is
 //! marked unknown and counted (`waybill_connections_unknown_protocol_total`), never guessed.
@@ -19,6 +27,7 @@ use std::collections::HashMap;
 use waybill_common::{CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple};
 use waybill_protocols::{
     Chunk, FlowDir,
+    db::{self, DbCall, PgConn, RedisConn},
     http1::{self, Http1Conn, HttpExchange, HttpRequest},
 };
 
@@ -66,9 +75,37 @@ pub enum Finished {
     HttpStart { meta: ConnMeta, seq: u64, traceparent: Option<String>, tracestate: Option<String>, start_ns: u64 },
     /// The exchange of request `seq` on this connection finished.
     Http(ConnMeta, u64, HttpExchange),
+    /// A PostgreSQL or Redis call finished (`meta.tid`: the thread that sent it).
+    Db(ConnMeta, DbCall),
+}
+
+/// Protocol detection (order and reasons in the module docs). `read`: the traced process read
+/// these bytes. Returns the process's role and a parser.
+fn detect(payload: &[u8], read: bool) -> Option<(Role, L7)> {
+    let sent_by_client = |client_sent: bool| if client_sent != read { Role::Client } else { Role::Server };
+    if http1::looks_like_request(payload) {
+        return Some((sent_by_client(true), L7::Http(Box::new(Http1Conn::new()))));
+    }
+    if http1::looks_like_response(payload) {
+        return Some((sent_by_client(false), L7::Http(Box::new(Http1Conn::new()))));
+    }
+    if db::looks_like_postgres_startup(payload) {
+        return Some((sent_by_client(true), L7::Pg(Box::new(PgConn::new()))));
+    }
+    if db::looks_like_resp(payload) {
+        return Some((sent_by_client(true), L7::Redis(Box::new(RedisConn::new()))));
+    }
+    // A pooled PostgreSQL connection adopted mid-stream: a chain of typed frontend messages whose
+    // lengths and contents validate (a lone tag + length is not enough).
+    if db::looks_like_postgres_frontend(payload) {
+        return Some((sent_by_client(true), L7::Pg(Box::new(PgConn::new()))));
+    }
+    None
 }
 
 enum L7 {
+    Pg(Box<PgConn>),
+    Redis(Box<RedisConn>),
     Undecided { chunks: u8 },
     Http(Box<Http1Conn>),
     Unknown,
@@ -107,17 +144,12 @@ pub struct ConnTable {
     idle_ns: u64,
     next_conn_id: u64,
     scratch: Vec<(u64, HttpExchange)>,
+    db_scratch: Vec<DbCall>,
 }
 
 impl ConnTable {
     pub fn new(max_conns: usize, idle_ns: u64) -> Self {
-        Self {
-            conns: HashMap::new(),
-            max_conns,
-            idle_ns,
-            next_conn_id: 1,
-            scratch: Vec::new(),
-        }
+        Self { conns: HashMap::new(), max_conns, idle_ns, next_conn_id: 1, scratch: Vec::new(), db_scratch: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -128,11 +160,24 @@ impl ConnTable {
         self.conns.is_empty()
     }
 
-    fn finish(conn: &mut Conn, ts_ns: u64, m: &Metrics, scratch: &mut Vec<(u64, HttpExchange)>, out: &mut Vec<Finished>) {
-        if let L7::Http(p) = &mut conn.l7 {
-            p.close_seq(ts_ns, &mut |seq, ex| scratch.push((seq, ex)));
-            Self::drain(conn, m, scratch, out);
+    fn finish(
+        conn: &mut Conn,
+        ts_ns: u64,
+        m: &Metrics,
+        scratch: &mut Vec<(u64, HttpExchange)>,
+        out: &mut Vec<Finished>,
+    ) {
+        let mut calls = Vec::new();
+        match &mut conn.l7 {
+            L7::Http(p) => {
+                p.close_seq(ts_ns, &mut |seq, ex| scratch.push((seq, ex)));
+                Self::drain(conn, m, scratch, out);
+            }
+            L7::Pg(p) => p.close(ts_ns, &mut calls),
+            L7::Redis(p) => p.close(ts_ns, &mut calls),
+            _ => {}
         }
+        Self::drain_db(conn, m, &mut calls, out);
     }
 
     /// Announces request heads seen since the last call, then hands out finished exchanges.
@@ -170,6 +215,22 @@ impl ConnTable {
         }
     }
 
+    fn drain_db(conn: &mut Conn, m: &Metrics, scratch: &mut Vec<DbCall>, out: &mut Vec<Finished>) {
+        let s = match &conn.l7 {
+            L7::Pg(p) => p.stats(),
+            L7::Redis(p) => p.stats(),
+            _ => return,
+        };
+        let errs = s.parse_errors + s.dropped;
+        if errs > conn.reported_errors {
+            m.parse_errors.add(errs - conn.reported_errors);
+            conn.reported_errors = errs;
+        }
+        for call in scratch.drain(..) {
+            out.push(Finished::Db(conn.meta, call));
+        }
+    }
+
     fn make_room(&mut self, ts_ns: u64, m: &Metrics, out: &mut Vec<Finished>) {
         if self.conns.len() < self.max_conns {
             return;
@@ -201,7 +262,16 @@ impl ConnTable {
         self.next_conn_id += 1;
         self.conns.insert(
             key,
-            Conn::new(self.next_conn_id, ev.hdr.tgid, ev.fd, ev.tuple, Role::from_kernel(ev.role), ev.hdr.tid, ev.sk, ev.hdr.ts_ns),
+            Conn::new(
+                self.next_conn_id,
+                ev.hdr.tgid,
+                ev.fd,
+                ev.tuple,
+                Role::from_kernel(ev.role),
+                ev.hdr.tid,
+                ev.sk,
+                ev.hdr.ts_ns,
+            ),
         );
         m.connections_tracked.set(self.conns.len() as u64);
     }
@@ -219,7 +289,16 @@ impl ConnTable {
             self.next_conn_id += 1;
             self.conns.insert(
                 key,
-                Conn::new(self.next_conn_id, head.hdr.tgid, head.fd, Tuple::default(), Role::Unknown, head.hdr.tid, head.sk, head.hdr.ts_ns),
+                Conn::new(
+                    self.next_conn_id,
+                    head.hdr.tgid,
+                    head.fd,
+                    Tuple::default(),
+                    Role::Unknown,
+                    head.hdr.tid,
+                    head.sk,
+                    head.hdr.ts_ns,
+                ),
             );
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
@@ -229,17 +308,10 @@ impl ConnTable {
             if payload.is_empty() {
                 return;
             }
-            let role = if http1::looks_like_request(payload) {
-                Some(if read { Role::Server } else { Role::Client })
-            } else if http1::looks_like_response(payload) {
-                Some(if read { Role::Client } else { Role::Server })
-            } else {
-                None
-            };
-            match role {
-                Some(r) => {
+            match detect(payload, read) {
+                Some((r, l7)) => {
                     conn.meta.role = r;
-                    conn.l7 = L7::Http(Box::new(Http1Conn::new()));
+                    conn.l7 = l7;
                 }
                 None => {
                     *chunks += 1;
@@ -252,21 +324,29 @@ impl ConnTable {
             }
         }
         let to_server = read == (conn.meta.role == Role::Server);
-        let dir = if to_server {
-            FlowDir::ToServer
-        } else {
-            FlowDir::ToClient
-        };
+        let dir = if to_server { FlowDir::ToServer } else { FlowDir::ToClient };
+        if to_server && matches!(conn.l7, L7::Pg(_) | L7::Redis(_)) {
+            // The thread that sends a database command is the one waiting for its reply.
+            conn.meta.tid = head.hdr.tid;
+        }
+        let chunk = Chunk { dir, data: payload, total: head.total as usize, ts_ns: head.hdr.ts_ns };
+        match &mut conn.l7 {
+            L7::Pg(p) => {
+                p.feed(chunk, &mut self.db_scratch);
+                Self::drain_db(conn, m, &mut self.db_scratch, out);
+                return;
+            }
+            L7::Redis(p) => {
+                p.feed(chunk, &mut self.db_scratch);
+                Self::drain_db(conn, m, &mut self.db_scratch, out);
+                return;
+            }
+            _ => {}
+        }
         if let L7::Http(p) = &mut conn.l7 {
             if to_server && p.in_flight() == 0 {
                 conn.meta.tid = head.hdr.tid;
             }
-            let chunk = Chunk {
-                dir,
-                data: payload,
-                total: head.total as usize,
-                ts_ns: head.hdr.ts_ns,
-            };
             let scratch = &mut self.scratch;
             p.feed_seq(chunk, &mut |seq, ex| scratch.push((seq, ex)));
             Self::drain(conn, m, &mut self.scratch, out);
@@ -294,12 +374,8 @@ impl ConnTable {
     /// Expires connections idle for longer than the idle timeout.
     pub fn sweep(&mut self, now_ns: u64, m: &Metrics, out: &mut Vec<Finished>) {
         let idle = self.idle_ns;
-        let keys: Vec<_> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| now_ns.saturating_sub(c.last_ns) > idle)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys: Vec<_> =
+            self.conns.iter().filter(|(_, c)| now_ns.saturating_sub(c.last_ns) > idle).map(|(k, _)| *k).collect();
         for k in keys {
             if let Some(mut c) = self.conns.remove(&k) {
                 Self::finish(&mut c, now_ns, m, &mut self.scratch, out);
@@ -318,13 +394,7 @@ mod tests {
 
     fn conn_ev(pid: u32, fd: u32, role: u32, ts: u64) -> ConnEvent {
         ConnEvent {
-            hdr: EventHeader {
-                kind: KIND_CONN,
-                tgid: pid,
-                tid: pid,
-                _pad: 0,
-                ts_ns: ts,
-            },
+            hdr: EventHeader { kind: KIND_CONN, tgid: pid, tid: pid, _pad: 0, ts_ns: ts },
             fd,
             role,
             sk: 0xabc,
@@ -341,13 +411,7 @@ mod tests {
 
     fn data(pid: u32, fd: u32, dir: u32, ts: u64, bytes: &[u8]) -> DataHeader {
         DataHeader {
-            hdr: EventHeader {
-                kind: KIND_DATA,
-                tgid: pid,
-                tid: pid + 1,
-                _pad: 0,
-                ts_ns: ts,
-            },
+            hdr: EventHeader { kind: KIND_DATA, tgid: pid, tid: pid + 1, _pad: 0, ts_ns: ts },
             fd,
             dir,
             total: bytes.len() as u64,
@@ -419,13 +483,7 @@ mod tests {
         t.on_data(&data(1, 3, DIR_READ, 5, req), req, &m, &mut out);
         t.on_close(
             &CloseEvent {
-                hdr: EventHeader {
-                    kind: 202,
-                    tgid: 1,
-                    tid: 1,
-                    _pad: 0,
-                    ts_ns: 9,
-                },
+                hdr: EventHeader { kind: 202, tgid: 1, tid: 1, _pad: 0, ts_ns: 9 },
                 fd: 3,
                 _pad: 0,
                 sk: 0xabc,

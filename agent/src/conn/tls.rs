@@ -62,13 +62,7 @@ mod tests {
 
     fn data(dir: u32, syscall: u32, ts: u64, bytes: &[u8]) -> DataHeader {
         DataHeader {
-            hdr: EventHeader {
-                kind: KIND_DATA,
-                tgid: 1,
-                tid: 2,
-                _pad: 0,
-                ts_ns: ts,
-            },
+            hdr: EventHeader { kind: KIND_DATA, tgid: 1, tid: 2, _pad: 0, ts_ns: ts },
             fd: 3,
             dir,
             total: bytes.len() as u64,
@@ -84,13 +78,7 @@ mod tests {
         let mut t = ConnTable::new(16, u64::MAX);
         let mut out = Vec::new();
         let ev = ConnEvent {
-            hdr: EventHeader {
-                kind: KIND_CONN,
-                tgid: 1,
-                tid: 2,
-                _pad: 0,
-                ts_ns: 1,
-            },
+            hdr: EventHeader { kind: KIND_CONN, tgid: 1, tid: 2, _pad: 0, ts_ns: 1 },
             fd: 3,
             role: ROLE_SERVER,
             sk: 0xabc,

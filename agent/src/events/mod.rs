@@ -41,10 +41,7 @@ pub fn decode(buf: &[u8]) -> Option<Record<'_>> {
             if end > buf.len() || head.captured as u64 > head.total {
                 return None;
             }
-            Record::Data {
-                head,
-                payload: &buf[start..end],
-            }
+            Record::Data { head, payload: &buf[start..end] }
         }
         KIND_CLOSE => Record::Close(read(buf)?),
         KIND_PROC_EXEC => Record::Exec(read(buf)?),
@@ -73,13 +70,7 @@ mod tests {
     #[test]
     fn decodes_data_with_payload_and_rejects_lies() {
         let head = DataHeader {
-            hdr: EventHeader {
-                kind: KIND_DATA,
-                tgid: 7,
-                tid: 8,
-                _pad: 0,
-                ts_ns: 99,
-            },
+            hdr: EventHeader { kind: KIND_DATA, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 },
             fd: 3,
             dir: 0,
             total: 10,

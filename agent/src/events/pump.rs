@@ -67,12 +67,7 @@ impl Pipeline {
         self.traced.insert(pid);
         self.metrics.processes_attached.set(self.traced.len() as u64);
         let names = process::names(pid);
-        tracing::info!(
-            pid,
-            exe = names.first().map(String::as_str).unwrap_or("?"),
-            why,
-            "tracing process"
-        );
+        tracing::info!(pid, exe = names.first().map(String::as_str).unwrap_or("?"), why, "tracing process");
         self.probes.attach_tls(pid);
         true
     }
@@ -177,9 +172,7 @@ impl Pipeline {
     fn refresh_lost(&self) {
         let l = self.probes.lost_counters();
         self.metrics.lost_ringbuf_full.set(l[LOST_RINGBUF_FULL as usize]);
-        self.metrics
-            .lost_payload_truncated
-            .set(l[LOST_PAYLOAD_TRUNCATED as usize]);
+        self.metrics.lost_payload_truncated.set(l[LOST_PAYLOAD_TRUNCATED as usize]);
         self.metrics.lost_stash_full.set(l[LOST_STASH_FULL as usize]);
         self.metrics.lost_read_user.set(l[LOST_READ_USER as usize]);
     }

@@ -205,13 +205,10 @@ impl OtlpConfig {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<OtlpConfig>, ExportError> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let millis = |var: &'static str, v: String| {
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| ExportError::Config {
-                    var,
-                    message: format!("'{v}' is not a whole number of milliseconds"),
-                })
+            v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| ExportError::Config {
+                var,
+                message: format!("'{v}' is not a whole number of milliseconds"),
+            })
         };
         let Some(t) = signal_transport(
             &get,
@@ -230,13 +227,7 @@ impl OtlpConfig {
         else {
             return Ok(None);
         };
-        let Transport {
-            endpoint,
-            protocol,
-            compression,
-            timeout,
-            tls,
-        } = t;
+        let Transport { endpoint, protocol, compression, timeout, tls } = t;
         let mut cfg = OtlpConfig::new(protocol, "");
         cfg.endpoint = endpoint;
         cfg.compression = compression;
@@ -276,7 +267,13 @@ pub fn is_retryable(e: &OTelSdkError) -> bool {
         let code: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
         return matches!(
             code.as_str(),
-            "Cancelled" | "DeadlineExceeded" | "ResourceExhausted" | "Aborted" | "OutOfRange" | "Unavailable" | "DataLoss"
+            "Cancelled"
+                | "DeadlineExceeded"
+                | "ResourceExhausted"
+                | "Aborted"
+                | "OutOfRange"
+                | "Unavailable"
+                | "DataLoss"
         );
     }
     if let Some(rest) = msg.split("status code: ").nth(1) {
@@ -287,9 +284,7 @@ pub fn is_retryable(e: &OTelSdkError) -> bool {
 }
 
 fn has_scheme(endpoint: &str) -> bool {
-    endpoint
-        .split_once("://")
-        .is_some_and(|(scheme, _)| !scheme.contains(['/', '?', '#']))
+    endpoint.split_once("://").is_some_and(|(scheme, _)| !scheme.contains(['/', '?', '#']))
 }
 
 fn append_traces_path(base: &str) -> String {
@@ -352,15 +347,17 @@ pub struct TlsFiles {
     pub client_key: Option<(&'static str, String)>,
 }
 
+/// PEM bytes: the CA bundle, and the client (certificate, key) pair.
+type TlsPem = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+
 impl TlsFiles {
-    fn read(&self) -> Result<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>), ExportError> {
+    fn read(&self) -> Result<TlsPem, ExportError> {
         let load = |f: &Option<(&'static str, String)>| -> Result<Option<Vec<u8>>, ExportError> {
             match f {
                 None => Ok(None),
-                Some((var, path)) => std::fs::read(path).map(Some).map_err(|e| ExportError::Config {
-                    var,
-                    message: format!("cannot read '{path}': {e}"),
-                }),
+                Some((var, path)) => std::fs::read(path)
+                    .map(Some)
+                    .map_err(|e| ExportError::Config { var, message: format!("cannot read '{path}': {e}") }),
             }
         };
         let ca = load(&self.ca)?;
@@ -415,10 +412,7 @@ macro_rules! build_otlp {
                         message: format!("gRPC endpoint '{}' needs a scheme (http:// or https://)", t.endpoint),
                     });
                 }
-                let mut b = $builder
-                    .with_tonic()
-                    .with_endpoint(t.endpoint.clone())
-                    .with_retry_policy(retry);
+                let mut b = $builder.with_tonic().with_endpoint(t.endpoint.clone()).with_retry_policy(retry);
                 if let Some(d) = t.timeout {
                     b = b.with_timeout(d);
                 }
@@ -540,11 +534,8 @@ impl MetricsConfig {
         let Some(transport) = t else {
             return Ok(None);
         };
-        let mut cfg = MetricsConfig {
-            transport,
-            interval: Duration::from_secs(60),
-            export_timeout: Duration::from_secs(30),
-        };
+        let mut cfg =
+            MetricsConfig { transport, interval: Duration::from_secs(60), export_timeout: Duration::from_secs(30) };
         if let Some(v) = get(OTEL_METRIC_EXPORT_INTERVAL) {
             cfg.interval = positive_millis(OTEL_METRIC_EXPORT_INTERVAL, &v)?;
         }
@@ -558,10 +549,7 @@ impl MetricsConfig {
 fn positive_millis(var: &'static str, v: &str) -> Result<Duration, ExportError> {
     match v.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_millis(n)),
-        _ => Err(ExportError::Config {
-            var,
-            message: format!("'{v}' is not a positive whole number of milliseconds"),
-        }),
+        _ => Err(ExportError::Config { var, message: format!("'{v}' is not a positive whole number of milliseconds") }),
     }
 }
 
@@ -584,9 +572,7 @@ struct SignalVars {
 fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Result<Option<Transport>, ExportError> {
     let first = |a: &'static str, b: &'static str| get(a).map(|v| (a, v)).or_else(|| get(b).map(|v| (b, v)));
     let protocol = match first(s.protocol, OTEL_EXPORTER_OTLP_PROTOCOL) {
-        Some((var, v)) => v
-            .parse::<Protocol>()
-            .map_err(|message| ExportError::Config { var, message })?,
+        Some((var, v)) => v.parse::<Protocol>().map_err(|message| ExportError::Config { var, message })?,
         None => Protocol::HttpProtobuf,
     };
     let (endpoint_var, endpoint) = if let Some(v) = get(s.endpoint) {
@@ -609,7 +595,8 @@ fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Res
     }
     let endpoint = match protocol {
         Protocol::Grpc if !has_scheme(&endpoint) => {
-            let insecure = first(s.insecure, OTEL_EXPORTER_OTLP_INSECURE).is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
+            let insecure = first(s.insecure, OTEL_EXPORTER_OTLP_INSECURE)
+                .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("true"));
             let scheme = if insecure { "http" } else { "https" };
             format!("{scheme}://{endpoint}")
         }
@@ -629,9 +616,8 @@ fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Res
         },
     };
     let timeout = match first(s.timeout, OTEL_EXPORTER_OTLP_TIMEOUT) {
-        Some((var, v)) => Some(v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| ExportError::Config {
-            var,
-            message: format!("'{v}' is not a whole number of milliseconds"),
+        Some((var, v)) => Some(v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| {
+            ExportError::Config { var, message: format!("'{v}' is not a whole number of milliseconds") }
         })?),
         None => None,
     };
@@ -640,13 +626,7 @@ fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Res
         client_cert: first(s.client_certificate, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE),
         client_key: first(s.client_key, OTEL_EXPORTER_OTLP_CLIENT_KEY),
     };
-    Ok(Some(Transport {
-        endpoint,
-        protocol,
-        compression,
-        timeout,
-        tls,
-    }))
+    Ok(Some(Transport { endpoint, protocol, compression, timeout, tls }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -654,9 +634,7 @@ fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Res
 
 /// The instrumentation scope of every exported span.
 pub fn scope() -> InstrumentationScope {
-    InstrumentationScope::builder(SCOPE_NAME)
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build()
+    InstrumentationScope::builder(SCOPE_NAME).with_version(env!("CARGO_PKG_VERSION")).build()
 }
 
 fn otel_value(v: &AttrValue) -> Value {
@@ -669,29 +647,12 @@ fn otel_value(v: &AttrValue) -> Value {
 
 /// `SpanRecord` → SDK `SpanData`, field for field.
 pub fn to_span_data(r: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
-    let trace_state = r
-        .trace_state
-        .as_deref()
-        .and_then(|s| TraceState::from_str(s).ok())
-        .unwrap_or_default();
-    let flags = if r.sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    let span_context = SpanContext::new(
-        TraceId::from_bytes(r.trace_id),
-        SpanId::from_bytes(r.span_id),
-        flags,
-        false,
-        trace_state,
-    );
+    let trace_state = r.trace_state.as_deref().and_then(|s| TraceState::from_str(s).ok()).unwrap_or_default();
+    let flags = if r.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let span_context =
+        SpanContext::new(TraceId::from_bytes(r.trace_id), SpanId::from_bytes(r.span_id), flags, false, trace_state);
     let mut attributes: Vec<KeyValue> = Vec::with_capacity(r.attributes.len() + 1);
-    attributes.extend(
-        r.attributes
-            .iter()
-            .map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))),
-    );
+    attributes.extend(r.attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))));
     attributes.push(KeyValue::new(PARENT_SOURCE_ATTR, r.parent_source.as_str()));
     SpanData {
         span_context,
@@ -732,22 +693,12 @@ pub fn to_resource(p: &ProcessResource, host_name: Option<&str>) -> Resource {
     if !has("service.name") {
         kvs.push(KeyValue::new("service.name", p.service_name.clone()));
     }
-    kvs.extend(
-        p.attributes
-            .iter()
-            .map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))),
-    );
-    Resource::builder_empty()
-        .with_detector(Box::new(TelemetryResourceDetector))
-        .with_attributes(kvs)
-        .build()
+    kvs.extend(p.attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))));
+    Resource::builder_empty().with_detector(Box::new(TelemetryResourceDetector)).with_attributes(kvs).build()
 }
 
 pub(crate) fn host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// Splits a batch by process, keeping arrival order within each group. Groups are keyed by the
@@ -830,18 +781,9 @@ async fn run<E: SpanExporter>(
     let host = host_name();
     let max_batch = cfg.max_batch_size.max(1);
     let mut health = Health::default();
-    let mut intake = Intake {
-        rx: &mut rx,
-        backlog: VecDeque::new(),
-        max_backlog: cfg.max_backlog,
-        closed: false,
-        stats: &stats,
-    };
-    let ctx = BatchCtx {
-        cfg: &cfg,
-        scope: &scope,
-        host: host.as_deref(),
-    };
+    let mut intake =
+        Intake { rx: &mut rx, backlog: VecDeque::new(), max_backlog: cfg.max_backlog, closed: false, stats: &stats };
+    let ctx = BatchCtx { cfg: &cfg, scope: &scope, host: host.as_deref() };
 
     while !intake.closed {
         if intake.backlog.is_empty() {
@@ -1006,9 +948,7 @@ mod tests {
 
     #[test]
     fn from_env_http_default_appends_path() {
-        let cfg = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318/")]))
-            .unwrap()
-            .unwrap();
+        let cfg = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318/")])).unwrap().unwrap();
         assert_eq!(cfg.protocol, Protocol::HttpProtobuf);
         assert_eq!(cfg.endpoint, "http://c:4318/v1/traces");
         assert_eq!(cfg.max_batch_size, 512);
@@ -1070,10 +1010,7 @@ mod tests {
         ]))
         .unwrap_err()
         .to_string();
-        assert_eq!(
-            err,
-            "OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol 'http/json' (allowed: grpc, http/protobuf)"
-        );
+        assert_eq!(err, "OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol 'http/json' (allowed: grpc, http/protobuf)");
         let err = OtlpConfig::from_lookup(env(&[
             (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
             (OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, "zstd"),
@@ -1081,9 +1018,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: "), "{err}");
-        let err = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "c:4318")]))
-            .unwrap_err()
-            .to_string();
+        let err = OtlpConfig::from_lookup(env(&[(OTEL_EXPORTER_OTLP_ENDPOINT, "c:4318")])).unwrap_err().to_string();
         assert!(err.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT: "), "{err}");
         let err = OtlpConfig::from_lookup(env(&[
             (OTEL_EXPORTER_OTLP_ENDPOINT, "http://c:4318"),
@@ -1112,10 +1047,7 @@ mod tests {
         assert!(d.parent_span_is_remote);
         assert_eq!(d.span_kind, OtelSpanKind::Client);
         assert_eq!(d.status, Status::error("boom"));
-        assert_eq!(
-            d.end_time.duration_since(d.start_time).unwrap(),
-            Duration::from_millis(5)
-        );
+        assert_eq!(d.end_time.duration_since(d.start_time).unwrap(), Duration::from_millis(5));
         assert_eq!(d.attributes.last(), Some(&KeyValue::new(PARENT_SOURCE_ATTR, "header")));
         assert_eq!(d.instrumentation_scope.name(), "waybill");
         assert_eq!(d.instrumentation_scope.version(), Some(env!("CARGO_PKG_VERSION")));
@@ -1182,10 +1114,10 @@ mod tests {
                     return Err(error());
                 }
             }
-            self.calls.lock().unwrap().push((
-                self.resource_service.clone(),
-                batch.iter().map(|s| s.name.to_string()).collect(),
-            ));
+            self.calls
+                .lock()
+                .unwrap()
+                .push((self.resource_service.clone(), batch.iter().map(|s| s.name.to_string()).collect()));
             Ok(())
         }
         fn set_resource(&mut self, resource: &Resource) {
@@ -1235,10 +1167,7 @@ mod tests {
     async fn retries_then_succeeds_and_flushes_on_close() {
         let (tx, rx) = mpsc::channel(100);
         let stats = Arc::new(ExportStats::default());
-        let mock = Mock {
-            fail_first: Arc::new(Mutex::new(2)),
-            ..Default::default()
-        };
+        let mock = Mock { fail_first: Arc::new(Mutex::new(2)), ..Default::default() };
         let calls = Arc::clone(&mock.calls);
         let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
         let a = process(1, "a");
@@ -1286,10 +1215,7 @@ mod tests {
     async fn shutdown_flush_is_bounded() {
         let (tx, rx) = mpsc::channel(100);
         let stats = Arc::new(ExportStats::default());
-        let mock = Mock {
-            delay: Duration::from_secs(60),
-            ..Default::default()
-        };
+        let mock = Mock { delay: Duration::from_secs(60), ..Default::default() };
         let mut cfg = test_cfg();
         cfg.shutdown_timeout = Duration::from_secs(2);
         let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
@@ -1357,10 +1283,7 @@ mod tests {
     async fn backlog_overflow_drops_oldest_exactly() {
         let (tx, rx) = mpsc::channel(16);
         let stats = Arc::new(ExportStats::default());
-        let mock = Mock {
-            fail_until: Some(Instant::now() + Duration::from_secs(30)),
-            ..Default::default()
-        };
+        let mock = Mock { fail_until: Some(Instant::now() + Duration::from_secs(30)), ..Default::default() };
         let calls = Arc::clone(&mock.calls);
         let mut cfg = test_cfg();
         cfg.max_batch_size = 10;

@@ -51,9 +51,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::stitch::span::{AttrValue, ProcessResource, SpanKind, SpanRecord};
 
 /// `http.server.request.duration` and `http.client.request.duration` buckets (seconds).
-pub const HTTP_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-];
+pub const HTTP_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
 /// `db.client.operation.duration` buckets (seconds).
 pub const DB_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
 
@@ -200,10 +198,7 @@ pub struct Red {
 
 impl std::fmt::Debug for Red {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Red")
-            .field("series_limit", &self.series_limit)
-            .field("stats", &self.stats)
-            .finish()
+        f.debug_struct("Red").field("series_limit", &self.series_limit).field("stats", &self.stats).finish()
     }
 }
 
@@ -221,9 +216,7 @@ impl Red {
     }
 
     fn process_metrics(&self, p: &Arc<ProcessResource>) -> ProcessMetrics {
-        let reader = SharedReader(Arc::new(
-            ManualReader::builder().with_temporality(Temporality::Cumulative).build(),
-        ));
+        let reader = SharedReader(Arc::new(ManualReader::builder().with_temporality(Temporality::Cumulative).build()));
         let provider = SdkMeterProvider::builder()
             .with_resource(super::otlp::to_resource(p, self.host.as_deref()))
             .with_reader(reader.clone())
@@ -267,10 +260,7 @@ impl Red {
         let series = &mut pm.series[metric.index()];
         let kvs: Vec<KeyValue> = if series.contains(&key) || series.len() < self.series_limit {
             series.insert(key);
-            attrs
-                .into_iter()
-                .map(|(k, v)| KeyValue::new(k, otel_value(v)))
-                .collect()
+            attrs.into_iter().map(|(k, v)| KeyValue::new(k, otel_value(v))).collect()
         } else {
             self.stats.overflow.fetch_add(1, Relaxed);
             vec![KeyValue::new(OVERFLOW_ATTR, true)]
@@ -353,8 +343,7 @@ impl Red {
                         for dp in h.data_points() {
                             let mut labels = base.clone();
                             labels.extend(
-                                dp.attributes()
-                                    .map(|kv| (kv.key.as_str().replace('.', "_"), kv.value.to_string())),
+                                dp.attributes().map(|kv| (kv.key.as_str().replace('.', "_"), kv.value.to_string())),
                             );
                             let mut cumulative = 0u64;
                             let counts: Vec<u64> = dp.bucket_counts().collect();
@@ -590,11 +579,7 @@ mod tests {
             get(&d),
             (
                 RedMetric::DbClient,
-                kv(&[
-                    ("db.operation.name", "SELECT"),
-                    ("db.system.name", "postgresql"),
-                    ("server.address", "db")
-                ])
+                kv(&[("db.operation.name", "SELECT"), ("db.system.name", "postgresql"), ("server.address", "db")])
             )
         );
         assert!(measurement(&span(&p, SpanKind::Server, 1, &[])).is_none());
@@ -662,10 +647,8 @@ mod tests {
         assert_eq!(red.stats.overflow.load(Relaxed), 2);
         let mut text = String::new();
         red.render_prometheus(&mut text);
-        let counts: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("http_server_request_duration_seconds_count"))
-            .collect();
+        let counts: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("http_server_request_duration_seconds_count")).collect();
         assert_eq!(counts.len(), 3, "{text}");
         assert!(
             counts.contains(&"http_server_request_duration_seconds_count{service_name=\"shop\",process_pid=\"21\",otel_metric_overflow=\"true\"} 2"),

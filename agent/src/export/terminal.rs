@@ -76,11 +76,7 @@ impl Unit {
         };
         let sign = if ns < 0 { "-" } else { "" };
         let q = (ns.unsigned_abs() + div / 2) / div;
-        if tenths {
-            format!("{sign}{}.{}", q / 10, q % 10)
-        } else {
-            format!("{sign}{q}")
-        }
+        if tenths { format!("{sign}{}.{}", q / 10, q % 10) } else { format!("{sign}{q}") }
     }
 }
 
@@ -104,13 +100,10 @@ fn protocol(s: &SpanRecord) -> String {
 }
 
 fn status_code(s: &SpanRecord) -> Option<String> {
-    ["http.response.status_code", "rpc.grpc.status_code"]
-        .iter()
-        .find_map(|k| s.attr(k))
-        .map(|v| match v {
-            AttrValue::Str(s) => s.clone(),
-            other => other.to_string(),
-        })
+    ["http.response.status_code", "rpc.grpc.status_code"].iter().find_map(|k| s.attr(k)).map(|v| match v {
+        AttrValue::Str(s) => s.clone(),
+        other => other.to_string(),
+    })
 }
 
 fn is_error(s: &SpanRecord) -> bool {
@@ -145,11 +138,8 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         return String::new();
     };
     let ids: HashMap<[u8; 8], usize> = spans.iter().enumerate().map(|(i, s)| (s.span_id, i)).collect();
-    let parent_of = |s: &SpanRecord| {
-        s.parent_span_id
-            .and_then(|p| ids.get(&p).copied())
-            .filter(|&p| spans[p].span_id != s.span_id)
-    };
+    let parent_of =
+        |s: &SpanRecord| s.parent_span_id.and_then(|p| ids.get(&p).copied()).filter(|&p| spans[p].span_id != s.span_id);
     let root = spans
         .iter()
         .enumerate()
@@ -227,9 +217,8 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
             continue;
         }
         let s = &spans[i];
-        let parent_pid = parent_of(s).map_or(root.map_or(first.resource.pid, |r| spans[r].resource.pid), |p| {
-            spans[p].resource.pid
-        });
+        let parent_pid =
+            parent_of(s).map_or(root.map_or(first.resource.pid, |r| spans[r].resource.pid), |p| spans[p].resource.pid);
         let mut right = protocol(s);
         if s.resource.pid != parent_pid {
             let _ = write!(right, "  {} (pid {})", s.resource.service_name, s.resource.pid);
@@ -243,10 +232,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         let name_room = MAX_NAME_COLUMN.saturating_sub(line_prefix.chars().count()).max(8);
         rows.push(Row {
             left: format!("{line_prefix}{}", cut(&s.name, name_room)),
-            range: format_range(
-                s.start_unix_ns as i128 - base as i128,
-                s.end_unix_ns as i128 - base as i128,
-            ),
+            range: format_range(s.start_unix_ns as i128 - base as i128, s.end_unix_ns as i128 - base as i128),
             right,
         });
         push_children(&mut stack, children.get(&Some(i)).map_or(&[], |v| v), &child_prefix);
@@ -256,10 +242,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
         if !visited[i] && Some(i) != root {
             rows.push(Row {
                 left: format!("?  {}", cut(&s.name, MAX_NAME_COLUMN - 3)),
-                range: format_range(
-                    s.start_unix_ns as i128 - base as i128,
-                    s.end_unix_ns as i128 - base as i128,
-                ),
+                range: format_range(s.start_unix_ns as i128 - base as i128, s.end_unix_ns as i128 - base as i128),
                 right: protocol(s),
             });
         }
@@ -270,15 +253,7 @@ pub fn render_trace(spans: &[SpanRecord]) -> String {
     for r in rows {
         let pad_l = left_w - r.left.chars().count();
         let pad_r = range_w - r.range.chars().count();
-        let _ = writeln!(
-            out,
-            "{}{}  {}{}  {}",
-            r.left,
-            " ".repeat(pad_l),
-            " ".repeat(pad_r),
-            r.range,
-            r.right
-        );
+        let _ = writeln!(out, "{}{}  {}{}  {}", r.left, " ".repeat(pad_l), " ".repeat(pad_r), r.range, r.right);
     }
     out
 }
@@ -296,11 +271,7 @@ pub struct GroupingConfig {
 
 impl Default for GroupingConfig {
     fn default() -> Self {
-        GroupingConfig {
-            settle: Duration::from_millis(300),
-            max_wait: Duration::from_secs(5),
-            max_pending: 10_000,
-        }
+        GroupingConfig { settle: Duration::from_millis(300), max_wait: Duration::from_secs(5), max_pending: 10_000 }
     }
 }
 
@@ -323,12 +294,7 @@ pub struct TraceGrouper {
 
 impl TraceGrouper {
     pub fn new(cfg: GroupingConfig) -> TraceGrouper {
-        TraceGrouper {
-            cfg,
-            pending: HashMap::new(),
-            order: VecDeque::new(),
-            next_seq: 0,
-        }
+        TraceGrouper { cfg, pending: HashMap::new(), order: VecDeque::new(), next_seq: 0 }
     }
 
     pub fn pending(&self) -> usize {
@@ -350,13 +316,7 @@ impl TraceGrouper {
             self.order.push_back((seq, span.trace_id));
             self.pending.insert(
                 span.trace_id,
-                Pending {
-                    spans: Vec::new(),
-                    seq,
-                    first_seen: now,
-                    last_seen: now,
-                    has_root: false,
-                },
+                Pending { spans: Vec::new(), seq, first_seen: now, last_seen: now, has_root: false },
             );
         }
         let p = self.pending.get_mut(&span.trace_id).expect("inserted above");
@@ -388,14 +348,10 @@ impl TraceGrouper {
             .map(|(id, p)| (p.seq, *id))
             .collect();
         ready.sort_unstable();
-        let out: Vec<_> = ready
-            .into_iter()
-            .filter_map(|(_, id)| self.pending.remove(&id).map(|p| p.spans))
-            .collect();
+        let out: Vec<_> = ready.into_iter().filter_map(|(_, id)| self.pending.remove(&id).map(|p| p.spans)).collect();
         if self.order.len() > 2 * self.pending.len() + 64 {
             let pending = &self.pending;
-            self.order
-                .retain(|(seq, id)| pending.get(id).is_some_and(|p| p.seq == *seq));
+            self.order.retain(|(seq, id)| pending.get(id).is_some_and(|p| p.seq == *seq));
         }
         out
     }
@@ -513,18 +469,7 @@ mod tests {
         attrs: &[(&str, AttrValue)],
         p: &Arc<ProcessResource>,
     ) -> SpanRecord {
-        span(
-            1,
-            id,
-            Some(parent),
-            ParentSource::None,
-            name,
-            SpanKind::Client,
-            start_ms,
-            end_ms,
-            attrs,
-            p,
-        )
+        span(1, id, Some(parent), ParentSource::None, name, SpanKind::Client, start_ms, end_ms, attrs, p)
     }
 
     fn shop_trace() -> Vec<SpanRecord> {
@@ -538,42 +483,15 @@ mod tests {
             SpanKind::Server,
             0.0,
             847.0,
-            &[
-                ("http.request.method", "POST".into()),
-                ("http.response.status_code", AttrValue::Int(201)),
-            ],
+            &[("http.request.method", "POST".into()), ("http.response.status_code", AttrValue::Int(201))],
             &shop,
         );
         root.attributes.push(("url.path".into(), "/orders".into()));
         vec![
-            child(
-                4,
-                1,
-                "SET order:42",
-                755.0,
-                757.0,
-                &[("db.system.name", "redis".into())],
-                &shop,
-            ),
+            child(4, 1, "SET order:42", 755.0, 757.0, &[("db.system.name", "redis".into())], &shop),
             root,
-            child(
-                2,
-                1,
-                "SELECT cards",
-                5.0,
-                25.0,
-                &[("db.system.name", "postgresql".into())],
-                &shop,
-            ),
-            child(
-                3,
-                1,
-                "POST api.stripe.com/charges",
-                25.0,
-                755.0,
-                &[("http.request.method", "POST".into())],
-                &shop,
-            ),
+            child(2, 1, "SELECT cards", 5.0, 25.0, &[("db.system.name", "postgresql".into())], &shop),
+            child(3, 1, "POST api.stripe.com/charges", 25.0, 755.0, &[("http.request.method", "POST".into())], &shop),
         ]
     }
 
@@ -618,10 +536,7 @@ Trace 4bf92f35…  POST /orders  847 ms  shop (pid 4121)  201
             SpanKind::Server,
             0.0,
             12_400.0,
-            &[
-                ("http.request.method", "GET".into()),
-                ("http.response.status_code", AttrValue::Int(502)),
-            ],
+            &[("http.request.method", "GET".into()), ("http.response.status_code", AttrValue::Int(502))],
             &front,
         );
         root.status = SpanStatus::Error("502".into());
@@ -646,10 +561,7 @@ Trace 4bf92f35…  POST /orders  847 ms  shop (pid 4121)  201
             SpanKind::Server,
             0.5,
             3.5,
-            &[
-                ("http.request.method", "GET".into()),
-                ("http.response.status_code", AttrValue::Int(500)),
-            ],
+            &[("http.request.method", "GET".into()), ("http.response.status_code", AttrValue::Int(500))],
             &api,
         );
         served.status = SpanStatus::Error("500".into());
@@ -692,18 +604,7 @@ Trace 4bf92f35…  GET /checkout  12.4 s  front (pid 100)  502  [ERROR]
     fn render_incomplete_and_long_names() {
         let p = proc_(7, "worker");
         let long = "x".repeat(80);
-        let a = span(
-            3,
-            2,
-            Some(1),
-            ParentSource::None,
-            &long,
-            SpanKind::Client,
-            10.0,
-            30.0,
-            &[],
-            &p,
-        );
+        let a = span(3, 2, Some(1), ParentSource::None, &long, SpanKind::Client, 10.0, 30.0, &[], &p);
         let b = span(
             3,
             3,
@@ -736,10 +637,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
     }
 
     fn names(traces: &[Vec<SpanRecord>]) -> Vec<Vec<String>> {
-        traces
-            .iter()
-            .map(|t| t.iter().map(|s| s.name.clone()).collect())
-            .collect()
+        traces.iter().map(|t| t.iter().map(|s| s.name.clone()).collect()).collect()
     }
 
     #[test]
@@ -747,34 +645,8 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         let p = proc_(1, "svc");
         let base = Instant::now();
         let mut g = TraceGrouper::new(GroupingConfig::default());
-        let c = |id, tid| {
-            span(
-                tid,
-                id,
-                Some(1),
-                ParentSource::None,
-                "child",
-                SpanKind::Client,
-                1.0,
-                2.0,
-                &[],
-                &p,
-            )
-        };
-        let r = |tid| {
-            span(
-                tid,
-                1,
-                None,
-                ParentSource::None,
-                "root",
-                SpanKind::Server,
-                0.0,
-                3.0,
-                &[],
-                &p,
-            )
-        };
+        let c = |id, tid| span(tid, id, Some(1), ParentSource::None, "child", SpanKind::Client, 1.0, 2.0, &[], &p);
+        let r = |tid| span(tid, 1, None, ParentSource::None, "root", SpanKind::Server, 0.0, 3.0, &[], &p);
         assert!(g.push(c(2, 1), at(base, 0)).is_empty());
         // No root yet: not ready however quiet.
         assert!(g.poll(at(base, 1000)).is_empty());
@@ -792,20 +664,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         let p = proc_(1, "svc");
         let base = Instant::now();
         let mut g = TraceGrouper::new(GroupingConfig::default());
-        let c = |tid, name: &str| {
-            span(
-                tid,
-                2,
-                Some(1),
-                ParentSource::None,
-                name,
-                SpanKind::Client,
-                1.0,
-                2.0,
-                &[],
-                &p,
-            )
-        };
+        let c = |tid, name: &str| span(tid, 2, Some(1), ParentSource::None, name, SpanKind::Client, 1.0, 2.0, &[], &p);
         g.push(c(1, "a"), at(base, 0));
         g.push(c(2, "b"), at(base, 10));
         g.push(c(1, "a2"), at(base, 4000));
@@ -822,24 +681,8 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
     fn grouping_bounded_oldest_first() {
         let p = proc_(1, "svc");
         let base = Instant::now();
-        let mut g = TraceGrouper::new(GroupingConfig {
-            max_pending: 2,
-            ..Default::default()
-        });
-        let c = |tid, name: &str| {
-            span(
-                tid,
-                2,
-                Some(1),
-                ParentSource::None,
-                name,
-                SpanKind::Client,
-                1.0,
-                2.0,
-                &[],
-                &p,
-            )
-        };
+        let mut g = TraceGrouper::new(GroupingConfig { max_pending: 2, ..Default::default() });
+        let c = |tid, name: &str| span(tid, 2, Some(1), ParentSource::None, name, SpanKind::Client, 1.0, 2.0, &[], &p);
         assert!(g.push(c(1, "a"), at(base, 0)).is_empty());
         assert!(g.push(c(2, "b"), at(base, 1)).is_empty());
         // Same trace: no eviction.
@@ -877,20 +720,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         assert_eq!(text, format!("{}\n", render_trace(&shop_trace())));
         // A rootless trace is flushed at shutdown.
         let p = proc_(9, "late");
-        tx.send(span(
-            9,
-            2,
-            Some(1),
-            ParentSource::None,
-            "orphan",
-            SpanKind::Client,
-            0.0,
-            1.0,
-            &[],
-            &p,
-        ))
-        .await
-        .unwrap();
+        tx.send(span(9, 2, Some(1), ParentSource::None, "orphan", SpanKind::Client, 0.0, 1.0, &[], &p)).await.unwrap();
         drop(tx);
         task.await.unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();

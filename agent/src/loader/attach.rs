@@ -90,12 +90,7 @@ const ATTACH: &[(&str, &str, &str)] = &[
 ];
 
 /// Hooks that are not essential: the agent runs without them (and says so).
-const OPTIONAL: &[&str] = &[
-    "sys_exit_accept",
-    "sys_enter_listen",
-    "sched_process_exec",
-    "task_newtask",
-];
+const OPTIONAL: &[&str] = &["sys_exit_accept", "sys_enter_listen", "sched_process_exec", "task_newtask"];
 
 /// Options for loading.
 #[derive(Clone, Debug)]
@@ -152,15 +147,9 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             .program_mut(prog)
             .ok_or(LoadError::MissingMap("program"))?
             .try_into()
-            .map_err(|e| LoadError::Program {
-                program: prog.to_string(),
-                source: e,
-            })?;
+            .map_err(|e| LoadError::Program { program: prog.to_string(), source: e })?;
         if p.fd().is_err() {
-            p.load().map_err(|e| LoadError::Program {
-                program: prog.to_string(),
-                source: e,
-            })?;
+            p.load().map_err(|e| LoadError::Program { program: prog.to_string(), source: e })?;
         }
         match p.attach(category, name) {
             Ok(_) => attached.push(format!("{category}/{name}")),
@@ -169,10 +158,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
                 skipped.push((format!("{category}/{name}"), e.to_string()));
             }
             Err(e) => {
-                return Err(LoadError::Program {
-                    program: format!("{prog} ({category}/{name})"),
-                    source: e,
-                });
+                return Err(LoadError::Program { program: format!("{prog} ({category}/{name})"), source: e });
             }
         }
     }
@@ -184,43 +170,16 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             false
         }
     };
-    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?).map_err(|e| {
-        LoadError::Map {
-            name: "EVENTS",
-            source: e,
-        }
-    })?;
-    let targets =
-        BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?).map_err(|e| {
-            LoadError::Map {
-                name: "TARGETS",
-                source: e,
-            }
-        })?;
-    let watch_ports = BpfHashMap::try_from(
-        ebpf.take_map("WATCH_PORTS")
-            .ok_or(LoadError::MissingMap("WATCH_PORTS"))?,
-    )
-    .map_err(|e| LoadError::Map {
-        name: "WATCH_PORTS",
-        source: e,
-    })?;
-    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?).map_err(|e| {
-        LoadError::Map {
-            name: "LOST",
-            source: e,
-        }
-    })?;
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
+        .map_err(|e| LoadError::Map { name: "EVENTS", source: e })?;
+    let targets = BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?)
+        .map_err(|e| LoadError::Map { name: "TARGETS", source: e })?;
+    let watch_ports = BpfHashMap::try_from(ebpf.take_map("WATCH_PORTS").ok_or(LoadError::MissingMap("WATCH_PORTS"))?)
+        .map_err(|e| LoadError::Map { name: "WATCH_PORTS", source: e })?;
+    let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
+        .map_err(|e| LoadError::Map { name: "LOST", source: e })?;
     Ok((
-        Probes {
-            ebpf,
-            targets,
-            watch_ports,
-            lost,
-            attached,
-            skipped,
-            tls: super::uprobes::TlsProbes::new(tls_ok),
-        },
+        Probes { ebpf, targets, watch_ports, lost, attached, skipped, tls: super::uprobes::TlsProbes::new(tls_ok) },
         events,
     ))
 }

@@ -129,11 +129,7 @@ pub enum BtfError {
     #[error(
         "kernel BTF: struct {struct_name}: member {path} is a {kind}, not a struct or union, so the path cannot go through it; {REPORT}"
     )]
-    NotAStruct {
-        struct_name: String,
-        path: String,
-        kind: &'static str,
-    },
+    NotAStruct { struct_name: String, path: String, kind: &'static str },
     #[error(
         "kernel BTF: struct {struct_name}: member {path} is a bitfield, which the probes cannot read by byte offset; {REPORT}"
     )]
@@ -141,34 +137,16 @@ pub enum BtfError {
     #[error(
         "kernel BTF: struct {struct_name}: member {path} starts at bit {bit_offset}, not on a byte boundary; {REPORT}"
     )]
-    NotByteAligned {
-        struct_name: String,
-        path: String,
-        bit_offset: u32,
-    },
+    NotByteAligned { struct_name: String, path: String, bit_offset: u32 },
     #[error("kernel BTF: struct {struct_name}: member {path} has a type of unknown size ({kind}); {REPORT}")]
-    UnknownSize {
-        struct_name: String,
-        path: String,
-        kind: &'static str,
-    },
+    UnknownSize { struct_name: String, path: String, kind: &'static str },
     #[error("kernel BTF: struct {struct_name}: member {path} is {size} bytes, expected {expected}; {REPORT}")]
-    SizeMismatch {
-        struct_name: String,
-        path: String,
-        size: u32,
-        expected: u32,
-    },
+    SizeMismatch { struct_name: String, path: String, size: u32, expected: u32 },
     #[error(
         "kernel BTF has several different definitions of struct {struct_name} that disagree on \
          member {path} ({first:?} vs {second:?}); {REPORT}"
     )]
-    Ambiguous {
-        struct_name: String,
-        path: String,
-        first: Member,
-        second: Member,
-    },
+    Ambiguous { struct_name: String, path: String, first: Member, second: Member },
 }
 
 fn malformed(msg: impl Into<String>) -> BtfError {
@@ -219,14 +197,7 @@ struct Ty {
     size_or_type: u32,
 }
 
-const VOID: Ty = Ty {
-    pos: 0,
-    name_off: 0,
-    kind: KIND_VOID,
-    vlen: 0,
-    kind_flag: false,
-    size_or_type: 0,
-};
+const VOID: Ty = Ty { pos: 0, name_off: 0, kind: KIND_VOID, vlen: 0, kind_flag: false, size_or_type: 0 };
 
 /// One `struct btf_member`, decoded.
 #[derive(Clone, Copy)]
@@ -256,14 +227,10 @@ impl Btf {
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
         match std::fs::read(path) {
             Ok(data) => Self::from_vec(data),
-            Err(source) if source.kind() == io::ErrorKind::NotFound => Err(BtfError::NotAvailable {
-                path: path.to_owned(),
-                source,
-            }),
-            Err(source) => Err(BtfError::Io {
-                path: path.to_owned(),
-                source,
-            }),
+            Err(source) if source.kind() == io::ErrorKind::NotFound => {
+                Err(BtfError::NotAvailable { path: path.to_owned(), source })
+            }
+            Err(source) => Err(BtfError::Io { path: path.to_owned(), source }),
         }
     }
 
@@ -314,20 +281,12 @@ impl Btf {
             return Err(malformed("the string section must start and end with a NUL byte"));
         }
 
-        let mut btf = Btf {
-            data,
-            str_start,
-            str_end,
-            type_pos: vec![0],
-            by_name: OnceLock::new(),
-        };
+        let mut btf = Btf { data, str_start, str_end, type_pos: vec![0], by_name: OnceLock::new() };
         let mut pos = type_start;
         while pos < type_end {
             let id = btf.type_pos.len() as u32;
             if pos + TYPE_LEN > type_end {
-                return Err(malformed(format!(
-                    "type [{id}] is cut off at the end of the type section"
-                )));
+                return Err(malformed(format!("type [{id}] is cut off at the end of the type section")));
             }
             let ty = btf.decode(pos);
             let vlen = ty.vlen as usize;
@@ -387,9 +346,7 @@ impl Btf {
         match (found, first_err) {
             (Some(m), _) => Ok(m),
             (None, Some(e)) => Err(e),
-            (None, None) => Err(BtfError::StructNotFound {
-                name: struct_name.to_owned(),
-            }),
+            (None, None) => Err(BtfError::StructNotFound { name: struct_name.to_owned() }),
         }
     }
 
@@ -397,23 +354,15 @@ impl Btf {
     fn resolve(&self, id: u32, struct_name: &str, path: &[&str]) -> Result<Member, BtfError> {
         let mut ty = self.ty(id)?;
         if path.is_empty() {
-            return Ok(Member {
-                offset: 0,
-                size: ty.size_or_type,
-            });
+            return Ok(Member { offset: 0, size: ty.size_or_type });
         }
         let err_path = |upto: usize| path[..=upto].join(".");
         let mut bits: u32 = 0;
         for (i, name) in path.iter().enumerate() {
             let f = self
                 .find_member(&ty, name.as_bytes(), 0)?
-                .ok_or_else(|| BtfError::MemberNotFound {
-                    struct_name: struct_name.to_owned(),
-                    path: err_path(i),
-                })?;
-            bits = bits
-                .checked_add(f.bit_offset)
-                .ok_or_else(|| malformed("member offset overflows"))?;
+                .ok_or_else(|| BtfError::MemberNotFound { struct_name: struct_name.to_owned(), path: err_path(i) })?;
+            bits = bits.checked_add(f.bit_offset).ok_or_else(|| malformed("member offset overflows"))?;
             let mty = self.strip(f.type_id)?;
             if i + 1 < path.len() {
                 if !matches!(mty.kind, KIND_STRUCT | KIND_UNION) {
@@ -427,10 +376,7 @@ impl Btf {
                 continue;
             }
             if f.bitfield_size != 0 || self.is_int_bitfield(&mty) {
-                return Err(BtfError::Bitfield {
-                    struct_name: struct_name.to_owned(),
-                    path: err_path(i),
-                });
+                return Err(BtfError::Bitfield { struct_name: struct_name.to_owned(), path: err_path(i) });
             }
             if !bits.is_multiple_of(8) {
                 return Err(BtfError::NotByteAligned {
@@ -473,10 +419,8 @@ impl Btf {
                 continue;
             }
             if let Some(f) = self.find_member(&inner, name, depth + 1)? {
-                let bit_offset = m
-                    .bit_offset
-                    .checked_add(f.bit_offset)
-                    .ok_or_else(|| malformed("member offset overflows"))?;
+                let bit_offset =
+                    m.bit_offset.checked_add(f.bit_offset).ok_or_else(|| malformed("member offset overflows"))?;
                 return Ok(Some(Found { bit_offset, ..f }));
             }
         }
@@ -499,10 +443,7 @@ impl Btf {
                 let elem = self.word(ty.pos + TYPE_LEN);
                 let nelems = self.word(ty.pos + TYPE_LEN + 8);
                 match self.size_of(elem, depth + 1)? {
-                    Some(size) => Some(
-                        size.checked_mul(nelems)
-                            .ok_or_else(|| malformed("array size overflows"))?,
-                    ),
+                    Some(size) => Some(size.checked_mul(nelems).ok_or_else(|| malformed("array size overflows"))?),
                     None => None,
                 }
             }
@@ -530,9 +471,7 @@ impl Btf {
                 _ => return Ok(ty),
             }
         }
-        Err(malformed(format!(
-            "typedef/qualifier chain through type [{id}] is too long (a cycle?)"
-        )))
+        Err(malformed(format!("typedef/qualifier chain through type [{id}] is too long (a cycle?)")))
     }
 
     /// Ids of the STRUCT/UNION types called `name`.
@@ -551,10 +490,7 @@ impl Btf {
         let name = name.as_bytes();
         let type_name = |id: u32| self.str_at(self.decode(self.type_pos[id as usize] as usize).name_off);
         let start = index.partition_point(|&id| type_name(id) < name);
-        index[start..]
-            .iter()
-            .copied()
-            .take_while(move |&id| type_name(id) == name)
+        index[start..].iter().copied().take_while(move |&id| type_name(id) == name)
     }
 
     fn ty(&self, id: u32) -> Result<Ty, BtfError> {
@@ -562,10 +498,9 @@ impl Btf {
             0 => Ok(VOID),
             _ => match self.type_pos.get(id as usize) {
                 Some(&pos) => Ok(self.decode(pos as usize)),
-                None => Err(malformed(format!(
-                    "reference to type [{id}], but there are only {}",
-                    self.type_pos.len() - 1
-                ))),
+                None => {
+                    Err(malformed(format!("reference to type [{id}], but there are only {}", self.type_pos.len() - 1)))
+                }
             },
         }
     }
@@ -587,17 +522,8 @@ impl Btf {
     fn raw_member(&self, ty: &Ty, i: u32) -> RawMember {
         let pos = ty.pos + TYPE_LEN + i as usize * MEMBER_LEN;
         let offset = self.word(pos + 8);
-        let (bit_offset, bitfield_size) = if ty.kind_flag {
-            (offset & 0xff_ffff, offset >> 24)
-        } else {
-            (offset, 0)
-        };
-        RawMember {
-            name_off: self.word(pos),
-            type_id: self.word(pos + 4),
-            bit_offset,
-            bitfield_size,
-        }
+        let (bit_offset, bitfield_size) = if ty.kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
+        RawMember { name_off: self.word(pos), type_id: self.word(pos + 4), bit_offset, bitfield_size }
     }
 
     fn word(&self, pos: usize) -> u32 {
@@ -608,9 +534,7 @@ impl Btf {
         if (off as usize) < self.str_end - self.str_start {
             Ok(())
         } else {
-            Err(malformed(format!(
-                "type [{id}] has a name offset {off} outside the string section"
-            )))
+            Err(malformed(format!("type [{id}] has a name offset {off} outside the string section")))
         }
     }
 
@@ -683,11 +607,7 @@ mod tests {
 
     impl Builder {
         fn new() -> Self {
-            Builder {
-                types: Vec::new(),
-                strs: vec![0],
-                next_id: 1,
-            }
+            Builder { types: Vec::new(), strs: vec![0], next_id: 1 }
         }
 
         fn name(&mut self, name: &str) -> u32 {
@@ -870,10 +790,7 @@ mod tests {
         assert_eq!(get("un", &["b"]), m(0, 8));
         assert_eq!(get("dup2", &["x"]), m(0, 4));
         assert_eq!(get("dup2", &["y"]), m(4, 4));
-        assert_eq!(
-            format!("{btf:?}"),
-            format!("Btf {{ bytes: {}, types: 40, .. }}", fixture().len())
-        );
+        assert_eq!(format!("{btf:?}"), format!("Btf {{ bytes: {}, types: 40, .. }}", fixture().len()));
     }
 
     #[test]
@@ -882,10 +799,7 @@ mod tests {
         let err = |s: &str, p: &[&str]| btf.member(s, p).unwrap_err();
 
         let e = err("missing", &["x"]);
-        assert!(
-            matches!(&e, BtfError::StructNotFound { name } if name == "missing"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::StructNotFound { name } if name == "missing"), "{e:?}");
         assert!(e.to_string().contains("struct missing"), "{e}");
         // "opaque" exists only as a forward declaration
         assert!(matches!(err("opaque", &["x"]), BtfError::StructNotFound { .. }));
@@ -897,10 +811,7 @@ mod tests {
         assert!(e.to_string().contains("struct outer has no member nope"), "{e}");
         assert!(e.to_string().contains("uname -r"), "{e}");
         let e = err("outer", &["inner", "nope"]);
-        assert!(
-            matches!(&e, BtfError::MemberNotFound { path, .. } if path == "inner.nope"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::MemberNotFound { path, .. } if path == "inner.nope"), "{e:?}");
         assert!(e.to_string().contains("inner.nope"), "{e}");
 
         let e = err("outer", &["bits"]);
@@ -909,27 +820,15 @@ mod tests {
         assert!(matches!(&e, BtfError::Bitfield { path, .. } if path == "b"), "{e:?}");
 
         let e = err("outer", &["odd"]);
-        assert!(
-            matches!(&e, BtfError::NotByteAligned { path, bit_offset: 84, .. } if path == "odd"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::NotByteAligned { path, bit_offset: 84, .. } if path == "odd"), "{e:?}");
 
         let e = err("outer", &["flags", "x"]);
-        assert!(
-            matches!(&e, BtfError::NotAStruct { path, kind: "int", .. } if path == "flags"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::NotAStruct { path, kind: "int", .. } if path == "flags"), "{e:?}");
         let e = err("outer", &["ptr", "a"]);
-        assert!(
-            matches!(&e, BtfError::NotAStruct { path, kind: "pointer", .. } if path == "ptr"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::NotAStruct { path, kind: "pointer", .. } if path == "ptr"), "{e:?}");
 
         let e = err("outer", &["opaque"]);
-        assert!(
-            matches!(&e, BtfError::UnknownSize { path, .. } if path == "opaque"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::UnknownSize { path, .. } if path == "opaque"), "{e:?}");
 
         let e = err("dup", &["x"]);
         assert!(
@@ -959,10 +858,7 @@ mod tests {
         assert!(matches!(with(&|v| set_word(v, 4, 8)), BtfError::Malformed(_)));
         // string section longer than the data
         let e = with(&|v| set_word(v, 20, 1 << 20));
-        assert!(
-            matches!(&e, BtfError::Malformed(msg) if msg.contains("string section")),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::Malformed(msg) if msg.contains("string section")), "{e:?}");
         // data cut short
         assert!(matches!(with(&|v| v.truncate(v.len() - 1)), BtfError::Malformed(_)));
         // the type section ends inside a type (a gap before the string section is allowed)
@@ -980,10 +876,7 @@ mod tests {
         assert!(e.to_string().contains("upgrade Waybill"), "{e}");
         // a name offset outside the string section
         let e = with(&|v| set_word(v, HEADER_LEN, 1 << 20));
-        assert!(
-            matches!(&e, BtfError::Malformed(msg) if msg.contains("name offset")),
-            "{e:?}"
-        );
+        assert!(matches!(&e, BtfError::Malformed(msg) if msg.contains("name offset")), "{e:?}");
 
         // a dangling type reference only fails the lookup that follows it
         let mut b = Builder::new();
@@ -1020,11 +913,7 @@ mod tests {
         let imode_ty = if i_mode == 4 { u32_ } else { umode };
         let fwd_files = b.fwd("files_struct");
         let p_files = b.ptr(fwd_files);
-        b.strukt(
-            "task_struct",
-            4096,
-            &[("state", u32_, 0, 0), ("files", p_files, 8 * 1824, 0)],
-        );
+        b.strukt("task_struct", 4096, &[("state", u32_, 0, 0), ("files", p_files, 8 * 1824, 0)]);
         let fdtable_fwd = b.fwd("fdtable");
         let tag = b.type_tag("rcu", fdtable_fwd);
         let p_fdt = b.ptr(tag);
@@ -1034,22 +923,14 @@ mod tests {
         let anon = b.union("", 8, &[("f_inode", void_ptr, 0, 0), ("x", u32_, 0, 0)]);
         b.strukt("file", 256, &[("", anon, 256, 0), ("private_data", void_ptr, 192, 0)]);
         b.strukt("inode", 512, &[("i_mode", imode_ty, 0, 0)]);
-        b.strukt(
-            "socket",
-            128,
-            &[("state", u32_, 0, 0), ("type", short, 32, 0), ("sk", void_ptr, 192, 0)],
-        );
+        b.strukt("socket", 128, &[("state", u32_, 0, 0), ("type", short, 32, 0), ("sk", void_ptr, 192, 0)]);
         let addrs = b.strukt("", 8, &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)]);
         let addrpair = b.union("", 8, &[("skc_addrpair", u32_, 0, 0), ("", addrs, 0, 0)]);
         let ports = b.strukt("", 4, &[("skc_dport", be16, 0, 0), ("skc_num", u16_, 16, 0)]);
         let portpair = b.union("", 4, &[("skc_portpair", u32_, 0, 0), ("", ports, 0, 0)]);
         let in6 = b.strukt("in6_addr", 16, &[]);
-        let mut members = vec![
-            ("", addrpair, 0, 0),
-            ("", portpair, 96, 0),
-            ("skc_family", u16_, 128, 0),
-            ("skc_reuse", u8_, 152, 4),
-        ];
+        let mut members =
+            vec![("", addrpair, 0, 0), ("", portpair, 96, 0), ("skc_family", u16_, 128, 0), ("skc_reuse", u8_, 152, 4)];
         if ipv6 {
             members.extend([("skc_v6_daddr", in6, 448, 0), ("skc_v6_rcv_saddr", in6, 576, 0)]);
         }
@@ -1083,11 +964,7 @@ mod tests {
         assert_eq!(kernel_offsets(&btf).unwrap(), want);
 
         let btf = Btf::parse(&fake_kernel(false, 2)).unwrap();
-        let no_v6 = KernelOffsets {
-            skc_v6_daddr: 0,
-            skc_v6_rcv_saddr: 0,
-            ..want
-        };
+        let no_v6 = KernelOffsets { skc_v6_daddr: 0, skc_v6_rcv_saddr: 0, ..want };
         assert_eq!(kernel_offsets(&btf).unwrap(), no_v6);
 
         let btf = Btf::parse(&fake_kernel(true, 4)).unwrap();
@@ -1097,10 +974,7 @@ mod tests {
                 if struct_name == "inode" && path == "i_mode"),
             "{e:?}"
         );
-        assert!(
-            e.to_string().contains("inode: member i_mode is 4 bytes, expected 2"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("inode: member i_mode is 4 bytes, expected 2"), "{e}");
     }
 
     fn real_btf() -> Option<Btf> {
@@ -1136,9 +1010,7 @@ mod tests {
 
     /// Parses the STRUCT, UNION, TYPEDEF and qualifier lines of bpftool's raw dump.
     fn bpftool_dump() -> Option<(HashMap<u32, RawComposite>, HashMap<u32, u32>)> {
-        let out = match Command::new("bpftool")
-            .args(["btf", "dump", "file", SYS_FS_VMLINUX, "format", "raw"])
-            .output()
+        let out = match Command::new("bpftool").args(["btf", "dump", "file", SYS_FS_VMLINUX, "format", "raw"]).output()
         {
             Ok(out) if out.status.success() => out.stdout,
             Ok(out) => panic!("bpftool failed: {}", String::from_utf8_lossy(&out.stderr)),
@@ -1150,9 +1022,7 @@ mod tests {
         let (mut composites, mut aliases) = (HashMap::new(), HashMap::new());
         let mut current: Option<u32> = None;
         let field = |line: &str, key: &str| -> Option<u32> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .map(|v| v.parse().unwrap())
+            line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(|v| v.parse().unwrap())
         };
         for line in String::from_utf8(out).unwrap().lines() {
             if let Some(rest) = line.strip_prefix('[') {
@@ -1163,14 +1033,7 @@ mod tests {
                 let name = rest.split('\'').nth(1).unwrap().to_owned();
                 match kind {
                     "STRUCT" | "UNION" => {
-                        composites.insert(
-                            id,
-                            RawComposite {
-                                kind: kind.to_owned(),
-                                name,
-                                members: Vec::new(),
-                            },
-                        );
+                        composites.insert(id, RawComposite { kind: kind.to_owned(), name, members: Vec::new() });
                         current = Some(id);
                     }
                     "TYPEDEF" | "CONST" | "VOLATILE" | "RESTRICT" | "TYPE_TAG" => {
@@ -1230,11 +1093,8 @@ mod tests {
             return;
         };
         let struct_id = |name: &str| {
-            let ids: Vec<u32> = composites
-                .iter()
-                .filter(|(_, c)| c.kind == "STRUCT" && c.name == name)
-                .map(|(&id, _)| id)
-                .collect();
+            let ids: Vec<u32> =
+                composites.iter().filter(|(_, c)| c.kind == "STRUCT" && c.name == name).map(|(&id, _)| id).collect();
             assert_eq!(ids.len(), 1, "struct {name}");
             ids[0]
         };
@@ -1271,9 +1131,7 @@ mod tests {
                 if mname == "(anon)" || *bf != 0 || bits % 8 != 0 {
                     continue;
                 }
-                let ours = btf
-                    .member(&c.name, &[mname])
-                    .unwrap_or_else(|e| panic!("{}.{mname}: {e}", c.name));
+                let ours = btf.member(&c.name, &[mname]).unwrap_or_else(|e| panic!("{}.{mname}: {e}", c.name));
                 assert_eq!(ours.offset, bits / 8, "{}.{mname}", c.name);
                 checked += 1;
             }
@@ -1299,9 +1157,6 @@ mod tests {
         }
         times.sort();
         let (total, parsed) = times[times.len() / 2];
-        eprintln!(
-            "median over 20: read+parse {parsed:?}, read+parse+kernel_offsets {total:?}; min {:?}",
-            times[0].0
-        );
+        eprintln!("median over 20: read+parse {parsed:?}, read+parse+kernel_offsets {total:?}; min {:?}", times[0].0);
     }
 }

@@ -80,11 +80,8 @@ pub fn scan(path: &Path, want_openssl: bool) -> Result<TlsTargets, ElfError> {
         // Exported functions are in .dynsym (libssl, and node exports OpenSSL for addons); fall back
         // to .symtab for executables that link it without exporting.
         for pass in 0..2 {
-            let iter: Box<dyn Iterator<Item = _>> = if pass == 0 {
-                Box::new(obj.dynamic_symbols())
-            } else {
-                Box::new(obj.symbols())
-            };
+            let iter: Box<dyn Iterator<Item = _>> =
+                if pass == 0 { Box::new(obj.dynamic_symbols()) } else { Box::new(obj.symbols()) };
             for s in iter {
                 if !s.is_definition() || s.kind() != object::SymbolKind::Text {
                     continue;
@@ -94,10 +91,7 @@ pub fn scan(path: &Path, want_openssl: bool) -> Result<TlsTargets, ElfError> {
                     continue;
                 }
                 if let Some(offset) = file_offset(&obj, s.address()) {
-                    out.openssl.push(Location {
-                        func: name.to_string(),
-                        offset,
-                    });
+                    out.openssl.push(Location { func: name.to_string(), offset });
                 }
             }
             if !out.openssl.is_empty() {
@@ -196,15 +190,9 @@ fn scan_go<'a, O: Object<'a>, R: ReadRef<'a>>(obj: &O, data: R, out: &mut TlsTar
         let (Some(off), Some(code)) = (file_offset(obj, addr), read_vaddr(obj, data, addr, size)) else {
             continue;
         };
-        out.go_entries.push(Location {
-            func: name.to_string(),
-            offset: off,
-        });
+        out.go_entries.push(Location { func: name.to_string(), offset: off });
         for ret in ret_offsets(code, addr) {
-            out.go_rets.push(Location {
-                func: name.to_string(),
-                offset: off + (ret - addr),
-            });
+            out.go_rets.push(Location { func: name.to_string(), offset: off + (ret - addr) });
         }
         if found == 2 {
             break;
@@ -245,9 +233,7 @@ mod tests {
     #[test]
     fn ret_inside_an_immediate_is_not_a_ret() {
         // mov eax, 0xc3c3c3c3 ; ret ; int3 ; add rsp, 0x18 ; ret
-        let code = [
-            0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xcc, 0x48, 0x83, 0xc4, 0x18, 0xc3,
-        ];
+        let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xcc, 0x48, 0x83, 0xc4, 0x18, 0xc3];
         assert_eq!(ret_offsets(&code, 0x1000), vec![0x1005, 0x100b]);
     }
 

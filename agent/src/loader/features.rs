@@ -47,10 +47,7 @@ impl Features {
         };
         vec![
             ("socket data", data),
-            (
-                "fd → TCP 4-tuple",
-                "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time".to_string(),
-            ),
+            ("fd → TCP 4-tuple", "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time".to_string()),
             ("accelerators", accel),
             (
                 "process lifecycle",
@@ -66,13 +63,7 @@ impl Features {
         let _ = writeln!(s, "lockdown    {}", self.lockdown);
         let _ = writeln!(s, "\nhook family / feature            available  evidence");
         for p in &self.probes {
-            let _ = writeln!(
-                s,
-                "  {:<32} {:<10} {}",
-                p.name,
-                if p.available { "yes" } else { "no" },
-                p.detail
-            );
+            let _ = writeln!(s, "  {:<32} {:<10} {}", p.name, if p.available { "yes" } else { "no" }, p.detail);
         }
         let _ = writeln!(s, "\nhooks Waybill will use");
         for (job, how) in self.plan() {
@@ -83,9 +74,7 @@ impl Features {
 }
 
 fn tracefs_root() -> Option<&'static str> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .find(|p| Path::new(p).join("events").exists())
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].into_iter().find(|p| Path::new(p).join("events").exists())
 }
 
 /// The cgroup v2 mount point (the unified hierarchy), if any.
@@ -116,9 +105,7 @@ pub fn privileged() -> bool {
 }
 
 pub fn kernel_release() -> String {
-    fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// Tries to load the fentry probe program from the embedded object.
@@ -167,11 +154,7 @@ pub fn detect() -> Features {
         "euid {euid}, CAP_SYS_ADMIN {}, CAP_BPF+CAP_PERFMON {} (CapEff {eff:#x}){}",
         if admin { "yes" } else { "no" },
         if bpf_perfmon { "yes" } else { "no" },
-        if privileged {
-            ""
-        } else {
-            " — NOT ENOUGH: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE"
-        }
+        if privileged { "" } else { " — NOT ENOUGH: run as root or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE" }
     );
     let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
         .map(|s| s.trim().to_string())
@@ -203,31 +186,19 @@ pub fn detect() -> Features {
     probes.push(Probe {
         name: "kprobes",
         available: kp,
-        detail: if kp {
-            "kprobe PMU present".into()
-        } else {
-            "absent (kernel built without CONFIG_KPROBES)".into()
-        },
+        detail: if kp { "kprobe PMU present".into() } else { "absent (kernel built without CONFIG_KPROBES)".into() },
     });
     let (fe, fe_detail) = if privileged && btf {
         probe_fentry(super::attach::embedded_object())
     } else {
         (false, "not probed (needs privileges and BTF)".into())
     };
-    probes.push(Probe {
-        name: "fentry",
-        available: fe,
-        detail: fe_detail,
-    });
+    probes.push(Probe { name: "fentry", available: fe, detail: fe_detail });
     let up = Path::new("/sys/bus/event_source/devices/uprobe/type").exists();
     probes.push(Probe {
         name: "uprobes",
         available: up,
-        detail: if up {
-            "uprobe PMU present".into()
-        } else {
-            "absent (CONFIG_UPROBE_EVENTS)".into()
-        },
+        detail: if up { "uprobe PMU present".into() } else { "absent (CONFIG_UPROBE_EVENTS)".into() },
     });
     let rb = aya::sys::is_map_supported(MapType::RingBuf).unwrap_or(false);
     probes.push(Probe {
@@ -262,12 +233,5 @@ pub fn detect() -> Features {
             "allowed by the kernel; Waybill never uses it".into()
         },
     });
-    Features {
-        kernel: kernel_release(),
-        arch: std::env::consts::ARCH,
-        privileged,
-        privilege_detail,
-        lockdown,
-        probes,
-    }
+    Features { kernel: kernel_release(), arch: std::env::consts::ARCH, privileged, privilege_detail, lockdown, probes }
 }

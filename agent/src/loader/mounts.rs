@@ -21,11 +21,7 @@ fn mount(fstype: &str, target: &str) -> Result<(), String> {
     let tgt = CString::new(target).expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
     let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().to_string())
-    }
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().to_string()) }
 }
 
 /// Makes sure tracefs is mounted; returns its path or a message saying how to mount it.

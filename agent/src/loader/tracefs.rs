@@ -33,11 +33,7 @@ pub enum TracefsError {
          (it needs CONFIG_TRACEPOINTS / a newer kernel)",
         path.display()
     )]
-    EventNotFound {
-        category: String,
-        name: String,
-        path: PathBuf,
-    },
+    EventNotFound { category: String, name: String, path: PathBuf },
     #[error("cannot read {}: {source}; run Waybill as root (tracefs needs root or CAP_SYS_ADMIN)", path.display())]
     Io {
         path: PathBuf,
@@ -48,22 +44,12 @@ pub enum TracefsError {
         "tracepoint {category}/{name} has no field `{field}`; its layout changed in this kernel, \
          please report it with the output of `uname -r`"
     )]
-    FieldNotFound {
-        category: String,
-        name: String,
-        field: String,
-    },
+    FieldNotFound { category: String, name: String, field: String },
     #[error(
         "tracepoint {category}/{name} field `{field}` is {size} bytes, expected {expected}; \
          please report this kernel with the output of `uname -r`"
     )]
-    UnexpectedSize {
-        category: String,
-        name: String,
-        field: String,
-        size: u32,
-        expected: &'static str,
-    },
+    UnexpectedSize { category: String, name: String, field: String, size: u32, expected: &'static str },
 }
 
 /// Parses the `field:` lines of a tracepoint `format` file into (name, field), in file order.
@@ -94,14 +80,7 @@ fn parse_field_line(line: &str) -> Option<(String, TpField)> {
         }
     }
     let name = field_name(decl?)?;
-    Some((
-        name.to_owned(),
-        TpField {
-            offset: offset?,
-            size: size?,
-            signed,
-        },
-    ))
+    Some((name.to_owned(), TpField { offset: offset?, size: size?, signed }))
 }
 
 /// The name in a C declaration such as `char comm[16]`, `const void * skaddr`,
@@ -156,35 +135,25 @@ fn tracepoint_offsets_in(roots: &[PathBuf]) -> Result<TracepointOffsets, Tracefs
 /// Reads `events/<category>/<name>/format` from the first root that has an `events` directory.
 fn fields_in(roots: &[PathBuf], category: &str, name: &str) -> Result<Vec<(String, TpField)>, TracefsError> {
     let Some(root) = roots.iter().find(|r| r.join("events").is_dir()) else {
-        let roots = roots
-            .iter()
-            .map(|r| r.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let roots = roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ");
         return Err(TracefsError::NotMounted { roots });
     };
     let path = root.join("events").join(category).join(name).join("format");
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(parse_format(&text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(TracefsError::EventNotFound {
-            category: category.to_owned(),
-            name: name.to_owned(),
-            path,
-        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(TracefsError::EventNotFound { category: category.to_owned(), name: name.to_owned(), path })
+        }
         Err(source) => Err(TracefsError::Io { path, source }),
     }
 }
 
 fn find(fields: &[(String, TpField)], category: &str, name: &str, field: &str) -> Result<TpField, TracefsError> {
-    fields
-        .iter()
-        .find(|(n, _)| n == field)
-        .map(|&(_, f)| f)
-        .ok_or_else(|| TracefsError::FieldNotFound {
-            category: category.to_owned(),
-            name: name.to_owned(),
-            field: field.to_owned(),
-        })
+    fields.iter().find(|(n, _)| n == field).map(|&(_, f)| f).ok_or_else(|| TracefsError::FieldNotFound {
+        category: category.to_owned(),
+        name: name.to_owned(),
+        field: field.to_owned(),
+    })
 }
 
 fn newtask_offsets(fields: &[(String, TpField)]) -> Result<TracepointOffsets, TracefsError> {
@@ -263,12 +232,7 @@ print fmt: \"pid=%d comm=%s clone_flags=%llx oom_score_adj=%hd\", REC->pid, REC-
         let offs = newtask_offsets(&fields).unwrap();
         assert_eq!(
             offs,
-            TracepointOffsets {
-                newtask_pid: 8,
-                newtask_clone_flags: 32,
-                newtask_clone_flags_size: 8,
-                _pad: 0
-            }
+            TracepointOffsets { newtask_pid: 8, newtask_clone_flags: 32, newtask_clone_flags_size: 8, _pad: 0 }
         );
     }
 
@@ -301,29 +265,18 @@ print fmt: \"field:int fake;\toffset:1;\"";
 
     #[test]
     fn newtask_size_checks() {
-        let four = NEWTASK.replace(
-            "u64 clone_flags;\toffset:32;\tsize:8",
-            "unsigned long clone_flags;\toffset:32;\tsize:4",
-        );
-        assert_eq!(
-            newtask_offsets(&parse_format(&four)).unwrap().newtask_clone_flags_size,
-            4
-        );
+        let four =
+            NEWTASK.replace("u64 clone_flags;\toffset:32;\tsize:8", "unsigned long clone_flags;\toffset:32;\tsize:4");
+        assert_eq!(newtask_offsets(&parse_format(&four)).unwrap().newtask_clone_flags_size, 4);
 
         let two = NEWTASK.replace("offset:32;\tsize:8", "offset:32;\tsize:2");
         let e = newtask_offsets(&parse_format(&two)).unwrap_err();
-        assert!(
-            matches!(&e, TracefsError::UnexpectedSize { field, size: 2, .. } if field == "clone_flags"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, TracefsError::UnexpectedSize { field, size: 2, .. } if field == "clone_flags"), "{e:?}");
         assert!(e.to_string().contains("expected 4 or 8"), "{e}");
 
         let no_pid = NEWTASK.replace("pid_t pid;", "pid_t tid;");
         let e = newtask_offsets(&parse_format(&no_pid)).unwrap_err();
-        assert!(
-            matches!(&e, TracefsError::FieldNotFound { field, .. } if field == "pid"),
-            "{e:?}"
-        );
+        assert!(matches!(&e, TracefsError::FieldNotFound { field, .. } if field == "pid"), "{e:?}");
         assert!(e.to_string().contains("task/task_newtask has no field `pid`"), "{e}");
     }
 

@@ -89,11 +89,7 @@ pub struct TlsProbes {
 
 impl TlsProbes {
     pub fn new(enabled: bool) -> Self {
-        Self {
-            enabled,
-            procs: HashMap::new(),
-            scanned: HashMap::new(),
-        }
+        Self { enabled, procs: HashMap::new(), scanned: HashMap::new() }
     }
 
     pub fn enabled(&self) -> bool {
@@ -167,13 +163,9 @@ fn attach_one(
         .ok_or_else(|| format!("program {prog} missing"))?
         .try_into()
         .map_err(|e| format!("{prog}: {e}"))?;
-    p.attach(
-        UProbeAttachLocation::AbsoluteOffset(loc.offset),
-        path,
-        UProbeScope::OneProcess(pid),
-    )
-    .map(|id| (prog, id))
-    .map_err(|e| format!("{prog} at {}+{:#x}: {e}", loc.func, loc.offset))
+    p.attach(UProbeAttachLocation::AbsoluteOffset(loc.offset), path, UProbeScope::OneProcess(pid))
+        .map(|id| (prog, id))
+        .map_err(|e| format!("{prog} at {}+{:#x}: {e}", loc.func, loc.offset))
 }
 
 impl Probes {
@@ -222,11 +214,7 @@ impl Probes {
             }
             if targets.go_problem.is_none() {
                 for loc in &targets.go_entries {
-                    let prog = if loc.func == GO_READ {
-                        "up_go_tls_read"
-                    } else {
-                        "up_go_tls_write"
-                    };
+                    let prog = if loc.func == GO_READ { "up_go_tls_read" } else { "up_go_tls_write" };
                     match attach_one(&mut self.ebpf, prog, loc, &m.host_path, nz) {
                         Ok(l) => links.push(l),
                         Err(e) => errors.push(e),
@@ -245,7 +233,7 @@ impl Probes {
                 tracing::info!(
                     pid,
                     file = %m.path,
-                    go = targets.go_version.as_deref().unwrap_or("-"),
+                    go = %targets.go_version.as_deref().unwrap_or("-"),
                     functions = %funcs.join(","),
                     probes = links.len(),
                     "TLS probes attached"

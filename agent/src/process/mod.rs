@@ -98,10 +98,7 @@ pub fn exe_matches(pid: u32, wanted: &[String]) -> bool {
     }
     let n = names(pid);
     // comm is truncated to 15 bytes by the kernel: compare a long wanted name by its prefix there.
-    wanted.iter().any(|w| {
-        n.iter()
-            .any(|x| x == w || (x.len() == 15 && w.len() > 15 && w.starts_with(x.as_str())))
-    })
+    wanted.iter().any(|w| n.iter().any(|x| x == w || (x.len() == 15 && w.len() > 15 && w.starts_with(x.as_str()))))
 }
 
 /// Socket inodes listening on any of `ports` (from /proc/net/tcp and tcp6).
@@ -150,11 +147,7 @@ pub fn scan(sel: &Selector, skip: &HashSet<u32>) -> Vec<u32> {
         return Vec::new();
     }
     let own = std::process::id();
-    let inodes = if sel.ports.is_empty() {
-        HashSet::new()
-    } else {
-        listening_inodes(&sel.ports)
-    };
+    let inodes = if sel.ports.is_empty() { HashSet::new() } else { listening_inodes(&sel.ports) };
     all_pids()
         .into_iter()
         .filter(|p| *p != own && !skip.contains(p))
@@ -180,9 +173,7 @@ fn environ(pid: u32, keys: &[&str]) -> HashMap<String, String> {
 }
 
 pub fn host_name() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Parses `OTEL_RESOURCE_ATTRIBUTES` (`k1=v1,k2=v2`, values percent-decoded).
@@ -233,9 +224,7 @@ pub fn default_service_name(argv: &[String], exe_name: &str) -> String {
         Some(_) => script_name(argv),
         None => None,
     };
-    from_args
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| exe_name.to_string())
+    from_args.filter(|s| !s.is_empty()).unwrap_or_else(|| exe_name.to_string())
 }
 
 /// `process.runtime.name` for the interpreters Waybill recognises from the executable name.
@@ -399,10 +388,7 @@ pub fn host_arch() -> &'static str {
 fn argv(pid: u32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
+            raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
         })
         .unwrap_or_default()
 }
@@ -424,41 +410,24 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// `OTEL_RESOURCE_ATTRIBUTES`, which win over everything but `process.pid`.
 pub fn resource(pid: u32, host: &str) -> ProcessResource {
     let env = environ(pid, &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"]);
-    let exe_path = fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.to_string_lossy().into_owned())
-        .ok();
+    let exe_path = fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).ok();
     let exe_name = exe_path
         .as_deref()
         .map(|p| file_name(p.trim_end_matches(" (deleted)")).to_string())
-        .or_else(|| {
-            fs::read_to_string(format!("/proc/{pid}/comm"))
-                .ok()
-                .map(|c| c.trim_end().to_string())
-        })
+        .or_else(|| fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_string()))
         .unwrap_or_else(|| "unknown".to_string());
     let args = argv(pid);
-    let from_attrs = env
-        .get("OTEL_RESOURCE_ATTRIBUTES")
-        .map(|s| parse_resource_attributes(s))
-        .unwrap_or_default();
+    let from_attrs = env.get("OTEL_RESOURCE_ATTRIBUTES").map(|s| parse_resource_attributes(s)).unwrap_or_default();
     let service_name = env
         .get("OTEL_SERVICE_NAME")
         .filter(|s| !s.is_empty())
         .cloned()
-        .or_else(|| {
-            from_attrs
-                .iter()
-                .find(|(k, _)| k == "service.name")
-                .map(|(_, v)| v.clone())
-        })
+        .or_else(|| from_attrs.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
         .unwrap_or_else(|| default_service_name(&args, &exe_name));
     let runtime = runtime_of(&exe_name);
     let mut attributes = vec![
         ("service.name".to_string(), AttrValue::Str(service_name.clone())),
-        (
-            "service.instance.id".to_string(),
-            AttrValue::Str(format!("{host}/{pid}/{}", start_ticks(pid).unwrap_or(0))),
-        ),
+        ("service.instance.id".to_string(), AttrValue::Str(format!("{host}/{pid}/{}", start_ticks(pid).unwrap_or(0)))),
         ("process.pid".to_string(), AttrValue::Int(pid as i64)),
         ("process.executable.name".to_string(), AttrValue::Str(exe_name)),
     ];
@@ -466,10 +435,7 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
         attributes.push(("process.executable.path".to_string(), AttrValue::Str(p)));
     }
     if !args.is_empty() {
-        attributes.push((
-            "process.command_line".to_string(),
-            AttrValue::Str(redact_command_line(&args)),
-        ));
+        attributes.push(("process.command_line".to_string(), AttrValue::Str(redact_command_line(&args))));
     }
     if let Some(r) = runtime {
         attributes.push(("process.runtime.name".to_string(), AttrValue::Str(r.to_string())));
@@ -479,10 +445,7 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
     }
     attributes.push(("host.arch".to_string(), AttrValue::Str(host_arch().to_string())));
     attributes.push(("os.type".to_string(), AttrValue::Str("linux".to_string())));
-    if let Some(id) = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()
-        .and_then(|c| container_id(&c))
-    {
+    if let Some(id) = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| container_id(&c)) {
         attributes.push(("container.id".to_string(), AttrValue::Str(id)));
     }
     for (k, v) in from_attrs {
@@ -494,11 +457,7 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
             None => attributes.push((k, AttrValue::Str(v))),
         }
     }
-    ProcessResource {
-        pid,
-        service_name,
-        attributes,
-    }
+    ProcessResource { pid, service_name, attributes }
 }
 
 /// Resources of traced processes, built once per process and dropped when it exits or execs.
@@ -510,10 +469,7 @@ pub struct Resources {
 
 impl Resources {
     pub fn new() -> Self {
-        Self {
-            host: host_name(),
-            by_pid: HashMap::new(),
-        }
+        Self { host: host_name(), by_pid: HashMap::new() }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {
@@ -582,10 +538,7 @@ mod tests {
         assert_eq!(r("app --password hunter2 --port 80"), "app --password REDACTED --port 80");
         assert_eq!(r("app --api-key=abc123 -v"), "app --api-key=REDACTED -v");
         assert_eq!(r("app DB_PASSWORD=x USER=bob"), "app DB_PASSWORD=REDACTED USER=bob");
-        assert_eq!(
-            r("worker postgres://app:s3cret@db:5432/shop"),
-            "worker postgres://app:REDACTED@db:5432/shop"
-        );
+        assert_eq!(r("worker postgres://app:s3cret@db:5432/shop"), "worker postgres://app:REDACTED@db:5432/shop");
         assert_eq!(r("curl http://host/a@b"), "curl http://host/a@b");
         assert_eq!(r("python3 app.py 8080"), "python3 app.py 8080");
         assert_eq!(r("app --token --verbose"), "app --token --verbose");
@@ -597,7 +550,9 @@ mod tests {
         for cg in [
             format!("0::/system.slice/docker-{id}.scope\n"),
             format!("12:pids:/docker/{id}\n0::/docker/{id}\n"),
-            format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope"),
+            format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope"
+            ),
             format!("0::/machine.slice/libpod-{id}.scope/container"),
             format!("0::/kubepods/burstable/pod7/crio-{id}.scope"),
         ] {
@@ -612,11 +567,7 @@ mod tests {
         let me = std::process::id();
         let r = resource(me, "h");
         assert_eq!(r.pid, me);
-        assert!(
-            r.attributes
-                .iter()
-                .any(|(k, v)| k == "process.pid" && *v == AttrValue::Int(me as i64))
-        );
+        assert!(r.attributes.iter().any(|(k, v)| k == "process.pid" && *v == AttrValue::Int(me as i64)));
         assert!(!r.service_name.is_empty());
         assert!(with_descendants(me).contains(&me));
         assert_eq!(ppid(me), Some(std::os::unix::process::parent_id()));
@@ -629,13 +580,7 @@ mod tests {
         assert!(with_descendants(std::process::id()).contains(&pid));
         assert!(exe_matches(pid, &["sleep".to_string()]));
         assert!(!exe_matches(pid, &["nginx".to_string()]));
-        let found = scan(
-            &Selector {
-                exes: vec!["sleep".into()],
-                ..Default::default()
-            },
-            &HashSet::new(),
-        );
+        let found = scan(&Selector { exes: vec!["sleep".into()], ..Default::default() }, &HashSet::new());
         assert!(found.contains(&pid));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -645,13 +590,7 @@ mod tests {
     fn listening_port_is_found() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let found = scan(
-            &Selector {
-                ports: vec![port],
-                ..Default::default()
-            },
-            &HashSet::new(),
-        );
+        let found = scan(&Selector { ports: vec![port], ..Default::default() }, &HashSet::new());
         // The test process itself is skipped as "own"; so check the inode lookup directly.
         assert!(found.is_empty() || !found.contains(&std::process::id()));
         let inodes = listening_inodes(&[port]);

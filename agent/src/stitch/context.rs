@@ -120,7 +120,10 @@ impl Correlator {
                 q.pop_front();
             }
         }
-        self.ctxs.insert(id, Ctx { start: s, span_id: ids::span_id(), thread_parent, uncertain, resolved: None, finished_ns: None });
+        self.ctxs.insert(
+            id,
+            Ctx { start: s, span_id: ids::span_id(), thread_parent, uncertain, resolved: None, finished_ns: None },
+        );
         id
     }
 
@@ -304,7 +307,15 @@ mod tests {
     fn header_then_thread_then_connection() {
         let mut c = Correlator::new();
         // Service A (pid 1) receives a request with a traceparent on thread 11…
-        let a = c.start(start(1, 11, true, 8080, 50000, 100, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")));
+        let a = c.start(start(
+            1,
+            11,
+            true,
+            8080,
+            50000,
+            100,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ));
         // …and calls service B (pid 2) from the same thread.
         let call = c.start(start(1, 11, false, 40000, 9090, 200, None));
         // B's server side sees the mirrored tuple, slightly later.

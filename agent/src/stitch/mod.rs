@@ -8,7 +8,10 @@ pub mod span;
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
-use waybill_protocols::http1::{self, HttpExchange};
+use waybill_protocols::{
+    db::DbCall,
+    http1::{self, HttpExchange},
+};
 
 use crate::{
     clock::Clock,
@@ -20,9 +23,8 @@ use context::{Correlator, Endpoint, RequestStart, Resolved};
 use span::{Attr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
 
 /// Methods named by the HTTP semantic conventions; others become `_OTHER`.
-const KNOWN_METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
-];
+const KNOWN_METHODS: &[&str] =
+    &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
 
 pub fn ip(t: &Tuple, local: bool) -> Option<IpAddr> {
     let a = if local { &t.laddr } else { &t.raddr };
@@ -54,7 +56,12 @@ fn attr(k: &str, v: impl Into<AttrValue>) -> Attr {
     (k.to_string(), v.into())
 }
 
-fn request_start(meta: &ConnMeta, start_ns: u64, traceparent: Option<String>, tracestate: Option<String>) -> RequestStart {
+fn request_start(
+    meta: &ConnMeta,
+    start_ns: u64,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+) -> RequestStart {
     RequestStart {
         pid: meta.pid,
         tid: meta.tid,
@@ -94,6 +101,131 @@ impl Stitcher {
                 None
             }
             Finished::Http(meta, seq, ex) => self.http_span(&meta, seq, ex, m),
+            Finished::Db(meta, call) => self.db_span(&meta, call, m),
+        }
+    }
+
+    /// Parent of a database call: the server request its thread is serving (client side), or
+    /// a new trace (server side, i.e. the traced process is PostgreSQL or Redis).
+    fn db_context(&mut self, meta: &ConnMeta) -> Resolved {
+        let (parent, uncertain) = match meta.role {
+            Role::Client => self.corr.current_server(meta.pid, meta.tid).map_or((None, false), |(p, u)| (Some(p), u)),
+            _ => (None, false),
+        };
+        let mut r = Resolved {
+            trace_id: crate::ids::trace_id(),
+            span_id: crate::ids::span_id(),
+            parent_span_id: None,
+            sampled: true,
+            trace_state: None,
+            source: ParentSource::None,
+            uncertain: false,
+            malformed_header: false,
+        };
+        if let Some(p) = parent.and_then(|p| self.corr.resolve(p)) {
+            r.trace_id = p.trace_id;
+            r.parent_span_id = Some(p.span_id);
+            r.sampled = p.sampled;
+            r.trace_state = p.trace_state;
+            r.source = ParentSource::Thread;
+            r.uncertain = uncertain;
+        }
+        r
+    }
+
+    fn db_span(&mut self, meta: &ConnMeta, call: DbCall, m: &Metrics) -> Option<SpanRecord> {
+        let server = meta.role == Role::Server;
+        let ctx = self.db_context(meta);
+        if !ctx.sampled {
+            m.spans_unsampled.inc();
+            return None;
+        }
+        self.count_source(&ctx, m);
+        let system = call.system.as_str();
+        let mut a: Vec<Attr> = Vec::with_capacity(14);
+        a.push(attr("db.system.name", system));
+        let opt = |a: &mut Vec<Attr>, k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                a.push(attr(k, v.as_str()));
+            }
+        };
+        opt(&mut a, "db.operation.name", &call.operation);
+        opt(&mut a, "db.collection.name", &call.collection);
+        opt(&mut a, "db.query.text", &call.query_text);
+        opt(&mut a, "db.query.summary", &call.summary);
+        opt(&mut a, "db.namespace", &call.namespace);
+        opt(&mut a, "db.response.status_code", &call.status_code);
+        if let Some(n) = call.rows {
+            a.push(attr("db.response.returned_rows", n as i64));
+        }
+        if let Some(n) = call.batch_size {
+            a.push(attr("db.operation.batch.size", n as i64));
+        }
+        // The server is the remote end for a client, this process for a server.
+        let (srv, srv_port, peer, peer_port) = if server {
+            (ip(&meta.tuple, true), meta.tuple.lport, ip(&meta.tuple, false), meta.tuple.rport)
+        } else {
+            (ip(&meta.tuple, false), meta.tuple.rport, ip(&meta.tuple, false), meta.tuple.rport)
+        };
+        if let Some(s) = srv {
+            a.push(attr("server.address", s.to_string()));
+            a.push(attr("server.port", srv_port as i64));
+        }
+        if let Some(p) = peer {
+            a.push(attr("network.peer.address", p.to_string()));
+            a.push(attr("network.peer.port", peer_port as i64));
+        }
+        if server {
+            if let Some(p) = ip(&meta.tuple, false) {
+                a.push(attr("client.address", p.to_string()));
+                a.push(attr("client.port", meta.tuple.rport as i64));
+            }
+        }
+        a.push(attr("network.transport", "tcp"));
+        if meta.tls {
+            a.push(attr("tls.protocol.name", "tls"));
+        }
+        if call.approximate {
+            a.push(attr("waybill.timing.approximate", true));
+        }
+        if ctx.uncertain {
+            m.parent_uncertain.inc();
+            a.push(attr("waybill.parent.uncertain", true));
+        }
+        let status = match (&call.status_code, &call.error_message) {
+            (Some(code), msg) => {
+                a.push(attr("error.type", code.as_str()));
+                SpanStatus::Error(msg.clone().unwrap_or_else(|| code.clone()))
+            }
+            (None, Some(msg)) => SpanStatus::Error(msg.clone()),
+            (None, None) => SpanStatus::Unset,
+        };
+        let name = call.summary.clone().or_else(|| call.operation.clone()).unwrap_or_else(|| system.to_string());
+        let resource = self.resources.get(meta.pid);
+        m.spans_created.inc();
+        Some(SpanRecord {
+            trace_id: ctx.trace_id,
+            span_id: ctx.span_id,
+            parent_span_id: ctx.parent_span_id,
+            trace_state: ctx.trace_state,
+            sampled: ctx.sampled,
+            name,
+            kind: if server { SpanKind::Server } else { SpanKind::Client },
+            start_unix_ns: self.clock.to_unix_ns(call.start_ns),
+            end_unix_ns: self.clock.to_unix_ns(call.end_ns.max(call.start_ns)),
+            attributes: a,
+            status,
+            parent_source: ctx.source,
+            resource,
+        })
+    }
+
+    fn count_source(&self, ctx: &Resolved, m: &Metrics) {
+        match ctx.source {
+            ParentSource::None => m.parent_source_none.inc(),
+            ParentSource::Header => m.parent_source_header.inc(),
+            ParentSource::Thread => m.parent_source_thread.inc(),
+            ParentSource::Connection => m.parent_source_connection.inc(),
         }
     }
 
@@ -134,17 +266,9 @@ impl Stitcher {
         let req = &ex.request;
         let server = meta.role != Role::Client;
         let method_known = KNOWN_METHODS.contains(&req.method.as_str());
-        let method = if method_known {
-            req.method.clone()
-        } else {
-            "_OTHER".to_string()
-        };
+        let method = if method_known { req.method.clone() } else { "_OTHER".to_string() };
         let template = http1::path_template(&req.path);
-        let name = if server {
-            format!("{method} {template}")
-        } else {
-            method.clone()
-        };
+        let name = if server { format!("{method} {template}") } else { method.clone() };
         let mut a: Vec<Attr> = Vec::with_capacity(16);
         a.push(attr("http.request.method", method.as_str()));
         if !method_known {
@@ -159,11 +283,8 @@ impl Stitcher {
                 a.push(attr("url.query", q.as_str()));
             }
             a.push(attr("url.scheme", if meta.tls { "https" } else { "http" }));
-            let server_addr = if host.is_empty() {
-                local.map(|i| i.to_string()).unwrap_or_default()
-            } else {
-                host.clone()
-            };
+            let server_addr =
+                if host.is_empty() { local.map(|i| i.to_string()).unwrap_or_default() } else { host.clone() };
             if !server_addr.is_empty() {
                 a.push(attr("server.address", server_addr));
             }
@@ -177,18 +298,10 @@ impl Stitcher {
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         } else {
-            let addr = if host.is_empty() {
-                remote.map(|i| i.to_string()).unwrap_or_default()
-            } else {
-                host.clone()
-            };
+            let addr = if host.is_empty() { remote.map(|i| i.to_string()).unwrap_or_default() } else { host.clone() };
             let port = host_port.unwrap_or(meta.tuple.rport);
             let default_port = if meta.tls { 443 } else { 80 };
-            let authority = if port == default_port || port == 0 {
-                addr.clone()
-            } else {
-                format!("{addr}:{port}")
-            };
+            let authority = if port == default_port || port == 0 { addr.clone() } else { format!("{addr}:{port}") };
             let scheme = if meta.tls { "https" } else { "http" };
             let mut full = format!("{scheme}://{authority}{}", req.path);
             if let Some(q) = &req.query {
@@ -213,10 +326,7 @@ impl Stitcher {
             a.push(attr("tls.protocol.name", "tls"));
         }
         a.push(attr("network.protocol.name", "http"));
-        a.push(attr(
-            "network.protocol.version",
-            if req.version_minor == 0 { "1.0" } else { "1.1" },
-        ));
+        a.push(attr("network.protocol.version", if req.version_minor == 0 { "1.0" } else { "1.1" }));
         if let Some(ua) = &req.user_agent {
             a.push(attr("user_agent.original", ua.as_str()));
         }
@@ -257,21 +367,12 @@ impl Stitcher {
             m.spans_unsampled.inc();
             return None;
         }
-        match ctx.source {
-            ParentSource::None => m.parent_source_none.inc(),
-            ParentSource::Header => m.parent_source_header.inc(),
-            ParentSource::Thread => m.parent_source_thread.inc(),
-            ParentSource::Connection => m.parent_source_connection.inc(),
-        }
+        self.count_source(&ctx, m);
         if ctx.uncertain {
             m.parent_uncertain.inc();
             a.push(attr("waybill.parent.uncertain", true));
         }
-        let end = if ex.response_end_ns != 0 {
-            ex.response_end_ns
-        } else {
-            ex.request_end_ns.max(ex.request_start_ns)
-        };
+        let end = if ex.response_end_ns != 0 { ex.response_end_ns } else { ex.request_end_ns.max(ex.request_start_ns) };
         let resource = self.resources.get(meta.pid);
         m.spans_created.inc();
         Some(SpanRecord {
@@ -301,34 +402,13 @@ mod tests {
     fn exchange(req: &[u8], resp: &[u8]) -> HttpExchange {
         let mut c = Http1Conn::new();
         let mut out = Vec::new();
-        c.feed(
-            Chunk {
-                dir: FlowDir::ToServer,
-                data: req,
-                total: req.len(),
-                ts_ns: 1_000_000,
-            },
-            &mut out,
-        );
-        c.feed(
-            Chunk {
-                dir: FlowDir::ToClient,
-                data: resp,
-                total: resp.len(),
-                ts_ns: 3_000_000,
-            },
-            &mut out,
-        );
+        c.feed(Chunk { dir: FlowDir::ToServer, data: req, total: req.len(), ts_ns: 1_000_000 }, &mut out);
+        c.feed(Chunk { dir: FlowDir::ToClient, data: resp, total: resp.len(), ts_ns: 3_000_000 }, &mut out);
         out.pop().expect("one exchange")
     }
 
     fn meta(role: Role) -> ConnMeta {
-        let mut t = Tuple {
-            family: AF_INET,
-            lport: 8080,
-            rport: 40000,
-            ..Default::default()
-        };
+        let mut t = Tuple { family: AF_INET, lport: 8080, rport: 40000, ..Default::default() };
         t.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
         t.raddr[..4].copy_from_slice(&[127, 0, 0, 2]);
         ConnMeta { conn_id: 1, pid: std::process::id(), fd: 3, tuple: t, role, tid: 1, tls: false }
@@ -372,10 +452,7 @@ mod tests {
         );
         let sp = s.span(Finished::Http(meta(Role::Server), 0, ex), &m).unwrap();
         assert_eq!(span::hex(&sp.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(
-            sp.parent_span_id.map(|p| span::hex(&p)).as_deref(),
-            Some("00f067aa0ba902b7")
-        );
+        assert_eq!(sp.parent_span_id.map(|p| span::hex(&p)).as_deref(), Some("00f067aa0ba902b7"));
         assert_eq!(sp.trace_state.as_deref(), Some("k=v"));
         assert_eq!(sp.parent_source, ParentSource::Header);
         let ex = exchange(

@@ -259,12 +259,7 @@ const _: () = assert!(size_of::<ProbeConfig>() == 16);
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self {
-            capture_bytes: DEFAULT_CAPTURE,
-            watch_exec: 0,
-            watch_ports: 0,
-            _pad: 0,
-        }
+        Self { capture_bytes: DEFAULT_CAPTURE, watch_exec: 0, watch_ports: 0, _pad: 0 }
     }
 }
 

@@ -1,0 +1,3 @@
+module waybill/tls_go_server
+
+go 1.19
