@@ -6,6 +6,7 @@
 //! (OTLP, terminal view, metrics). `process` selects targets and describes them as resources.
 
 pub mod clock;
+pub mod config;
 pub mod conn;
 pub mod events;
 pub mod export;

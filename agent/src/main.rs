@@ -5,6 +5,7 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
 use waybill::{
+    config,
     events::pump::{Pipeline, PipelineConfig},
     export,
     loader::{
@@ -43,33 +44,36 @@ struct RunArgs {
     /// Trace every process serving this TCP port, now and later (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     ports: Vec<u16>,
+    /// Read settings and per-service rules from this YAML file (flags and WAYBILL_* variables win
+    /// over it; see docs/configuration.md).
+    #[arg(long, value_name = "FILE", env = "WAYBILL_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Serve Prometheus /metrics and /healthz on this address.
     #[arg(long, value_name = "HOST:PORT", env = "WAYBILL_METRICS_ADDR")]
     metrics_addr: Option<String>,
-    /// Payload bytes copied per syscall (enough for the request and response heads).
-    #[arg(long, default_value_t = waybill_common::DEFAULT_CAPTURE, env = "WAYBILL_CAPTURE_BYTES",
-          value_parser = clap::value_parser!(u32).range(64..=MAX_CAPTURE as i64))]
-    capture_bytes: u32,
-    /// Size of the kernel → agent ring buffer in bytes (a power of two ≥ 4096).
-    #[arg(long, default_value_t = 8 * 1024 * 1024, env = "WAYBILL_RING_BUFFER_BYTES")]
-    ring_buffer_bytes: u32,
-    /// Connections tracked at once; the least recently active is evicted beyond it.
-    #[arg(long, default_value_t = 16384, env = "WAYBILL_MAX_CONNECTIONS")]
-    max_connections: usize,
-    /// Seconds after which an idle connection's state is dropped.
-    #[arg(long, default_value_t = 300, env = "WAYBILL_IDLE_TIMEOUT_SECS")]
-    idle_timeout_secs: u64,
-    /// Spans queued for export before new ones are dropped (and counted).
-    #[arg(long, default_value_t = 65536, env = "WAYBILL_SPAN_QUEUE")]
-    span_queue: usize,
+    /// Payload bytes copied per syscall, enough for the request and response heads [default: 4096].
+    #[arg(long, env = "WAYBILL_CAPTURE_BYTES", value_parser = clap::value_parser!(u32).range(64..=MAX_CAPTURE as i64))]
+    capture_bytes: Option<u32>,
+    /// Size of the kernel → agent ring buffer in bytes, a power of two ≥ 4096 [default: 8388608].
+    #[arg(long, env = "WAYBILL_RING_BUFFER_BYTES")]
+    ring_buffer_bytes: Option<u32>,
+    /// Connections tracked at once; the least recently active is evicted beyond it [default: 16384].
+    #[arg(long, env = "WAYBILL_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Seconds after which an idle connection's state is dropped [default: 300].
+    #[arg(long, env = "WAYBILL_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Spans queued for export before new ones are dropped and counted [default: 65536].
+    #[arg(long, env = "WAYBILL_SPAN_QUEUE")]
+    span_queue: Option<usize>,
     /// Spans the OTLP exporter holds while the collector is unreachable; beyond it the oldest are
-    /// dropped (and counted).
-    #[arg(long, default_value_t = export::otlp::DEFAULT_MAX_BACKLOG, env = "WAYBILL_EXPORT_BACKLOG")]
-    export_backlog: usize,
+    /// dropped and counted [default: 65536].
+    #[arg(long, env = "WAYBILL_EXPORT_BACKLOG")]
+    export_backlog: Option<usize>,
     /// Distinct attribute sets per traced process and RED metric; beyond it measurements are
-    /// recorded under otel.metric.overflow=true (and counted).
-    #[arg(long, default_value_t = export::red::DEFAULT_SERIES_LIMIT, env = "WAYBILL_RED_SERIES_LIMIT")]
-    red_series_limit: usize,
+    /// recorded under otel.metric.overflow=true and counted [default: 500].
+    #[arg(long, env = "WAYBILL_RED_SERIES_LIMIT")]
+    red_series_limit: Option<usize>,
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
@@ -106,8 +110,54 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// The settings in force: flags and their variables over the config file over the defaults.
+struct Settings {
+    file: config::FileConfig,
+    selector: Selector,
+    metrics_addr: Option<String>,
+    capture_bytes: u32,
+    ring_buffer_bytes: u32,
+    max_connections: usize,
+    idle_timeout_secs: u64,
+    span_queue: usize,
+    export_backlog: usize,
+    red_series_limit: usize,
+}
+
+impl Settings {
+    fn resolve(args: &RunArgs) -> anyhow::Result<Self> {
+        let mut file = match &args.config {
+            Some(p) => config::FileConfig::load(p)?,
+            None => config::FileConfig::default(),
+        };
+        fn list<T: Clone>(flag: &[T], file: &mut Vec<T>) -> Vec<T> {
+            if flag.is_empty() { std::mem::take(file) } else { flag.to_vec() }
+        }
+        let selector = Selector {
+            pids: list(&args.pids, &mut file.targets.pids),
+            exes: list(&args.exes, &mut file.targets.exes),
+            ports: list(&args.ports, &mut file.targets.ports),
+            exclude_exes: file.excluded_exes(),
+        };
+        use config::pick;
+        Ok(Settings {
+            selector,
+            metrics_addr: args.metrics_addr.clone().or(file.metrics_addr.take()),
+            capture_bytes: pick(args.capture_bytes, file.capture_bytes, waybill_common::DEFAULT_CAPTURE),
+            ring_buffer_bytes: pick(args.ring_buffer_bytes, file.ring_buffer_bytes, 8 * 1024 * 1024),
+            max_connections: pick(args.max_connections, file.max_connections, 16384),
+            idle_timeout_secs: pick(args.idle_timeout_secs, file.idle_timeout_secs, 300),
+            span_queue: pick(args.span_queue, file.span_queue, 65536),
+            export_backlog: pick(args.export_backlog, file.export_backlog, export::otlp::DEFAULT_MAX_BACKLOG),
+            red_series_limit: pick(args.red_series_limit, file.red_series_limit, export::red::DEFAULT_SERIES_LIMIT),
+            file,
+        })
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let selector = Selector { pids: args.pids.clone(), exes: args.exes.clone(), ports: args.ports.clone() };
+    let mut s = Settings::resolve(&args)?;
+    let selector = s.selector.clone();
     if selector.is_empty() {
         anyhow::bail!("nothing to trace: name targets with --pid PID, --exe NAME or --port PORT (each repeatable)");
     }
@@ -122,8 +172,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
              CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE; `waybill check` shows what is missing"
         );
     }
-    if !args.ring_buffer_bytes.is_power_of_two() || args.ring_buffer_bytes < 4096 {
-        anyhow::bail!("--ring-buffer-bytes must be a power of two ≥ 4096 (got {})", args.ring_buffer_bytes);
+    if !s.ring_buffer_bytes.is_power_of_two() || s.ring_buffer_bytes < 4096 {
+        anyhow::bail!("--ring-buffer-bytes must be a power of two ≥ 4096 (got {})", s.ring_buffer_bytes);
+    }
+    for (flag, v) in [
+        ("--max-connections", s.max_connections),
+        ("--span-queue", s.span_queue),
+        ("--export-backlog", s.export_backlog),
+        ("--red-series-limit", s.red_series_limit),
+        ("--idle-timeout-secs", s.idle_timeout_secs as usize),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be above 0");
+        }
     }
     // Exporter first: a bad OTEL_* setting fails before anything is attached.
     let otlp = export::otlp::OtlpConfig::from_env()?;
@@ -132,15 +193,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
-    let red = Arc::new(export::red::Red::new(args.red_series_limit, metrics.red_stats.clone()));
+    let red = Arc::new(export::red::Red::new(s.red_series_limit, metrics.red_stats.clone()));
     let _ = metrics.red.set(red.clone());
     let config = ProbeConfig {
-        capture_bytes: args.capture_bytes,
+        capture_bytes: s.capture_bytes,
         watch_exec: u32::from(!selector.exes.is_empty()),
         watch_ports: u32::from(!selector.ports.is_empty()),
         _pad: 0,
     };
-    let opts = LoadOptions { config, ring_buffer_bytes: args.ring_buffer_bytes, object: args.ebpf_object.clone() };
+    let opts = LoadOptions { config, ring_buffer_bytes: s.ring_buffer_bytes, object: args.ebpf_object.clone() };
     let (probes, ring) = attach::load(&opts)?;
     tracing::info!(
         hooks = probes.attached.len(),
@@ -149,9 +210,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     metrics.probe_attach_failures.set(probes.skipped.len() as u64);
 
-    let (tx, rx) = mpsc::channel(args.span_queue);
+    let (tx, rx) = mpsc::channel(s.span_queue);
     // RED metrics are measured from every span on its way to the exporter (a tee task).
-    let (rx, tee) = export::red::spawn_tee(rx, red.clone(), None, 1024);
+    let ratio: Option<export::red::SamplingRatio> = if s.file.samples() {
+        let rules = Arc::new(std::mem::take(&mut s.file));
+        Some(Arc::new(move |r: &waybill::stitch::span::ProcessResource| rules.sampling_ratio(r)))
+    } else {
+        None
+    };
+    let (rx, tee) = export::red::spawn_tee(rx, red.clone(), ratio, 1024);
     let (metric_stop, metric_stop_rx) = tokio::sync::oneshot::channel();
     let metric_exporter = match otlp_metrics {
         Some(mcfg) => {
@@ -169,7 +236,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let exporter = match otlp {
         Some(mut cfg) => {
-            cfg.max_backlog = args.export_backlog;
+            cfg.max_backlog = s.export_backlog;
             tracing::info!(endpoint = %cfg.endpoint, protocol = ?cfg.protocol, "exporting OTLP");
             export::otlp::spawn_otlp(cfg, rx, metrics.export.clone())?
         }
@@ -178,7 +245,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             export::terminal::spawn_terminal(rx, Box::new(std::io::stdout()))
         }
     };
-    let _metrics_server = match &args.metrics_addr {
+    let _metrics_server = match &s.metrics_addr {
         Some(addr) => Some(
             metrics::serve(addr.clone(), metrics.clone())
                 .await
@@ -189,8 +256,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let cfg = PipelineConfig {
         selector,
-        max_connections: args.max_connections,
-        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        max_connections: s.max_connections,
+        idle_timeout: Duration::from_secs(s.idle_timeout_secs),
         rescan_every: Duration::from_secs(2),
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);

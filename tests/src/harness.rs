@@ -313,6 +313,14 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A value from Prometheus text: the line `name value` (`name` with its labels, exactly).
+pub fn metric_value(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
+}
+
 /// A throwaway PostgreSQL cluster (Debian's PostgreSQL 15) on a free port, in a temp dir, owned
 /// by the `postgres` user; never the system's default cluster. Database `shop` with a table.
 pub struct Postgres {

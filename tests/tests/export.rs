@@ -8,7 +8,7 @@ use std::{
 };
 
 use waybill_tests::{
-    harness::{Agent, PythonHttp, free_port, http_get, repo_root, require_root},
+    harness::{Agent, PythonHttp, free_port, http_get, metric_value as metric, repo_root, require_root},
     otlp_receiver::{Proto, ReceivedPoint, ReceivedSpan, Receiver},
 };
 
@@ -41,14 +41,6 @@ fn exactly_n_server_spans(r: &Receiver, n: usize, timeout: Duration) -> Vec<Rece
     }
     std::thread::sleep(Duration::from_millis(1500));
     server_spans(r)
-}
-
-/// A value from Prometheus text: the line `name value` (name with its labels).
-fn metric(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
 }
 
 fn path_of(s: &ReceivedSpan) -> String {

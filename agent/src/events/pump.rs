@@ -59,6 +59,10 @@ impl Pipeline {
         if self.traced.contains(&pid) {
             return true;
         }
+        if self.cfg.selector.excludes(pid) {
+            tracing::info!(pid, why, "not tracing process: a config rule says `trace: false` for it");
+            return false;
+        }
         if !self.probes.add_target(pid) {
             self.metrics.process_attach_failures.inc();
             tracing::warn!(pid, "cannot trace: the target map is full (4096 processes)");
@@ -128,7 +132,10 @@ impl Pipeline {
             Record::Close(ev) => self.conns.on_close(&ev, m, &mut self.finished),
             Record::Exec(ev) => {
                 let pid = ev.hdr.tgid;
-                if self.traced.contains(&pid) {
+                if self.traced.contains(&pid) && self.cfg.selector.excludes(pid) {
+                    tracing::info!(pid, "traced process exec'd a program a config rule excludes: no longer tracing it");
+                    self.untrace(pid, ev.hdr.ts_ns);
+                } else if self.traced.contains(&pid) {
                     // Same process, new program: describe it afresh, probe its TLS afresh.
                     self.probes.detach_tls(pid);
                     self.probes.attach_tls(pid);
@@ -139,6 +146,11 @@ impl Pipeline {
             }
             Record::Fork(ev) => {
                 let pid = ev.hdr.tgid;
+                if self.cfg.selector.excludes(pid) {
+                    // The kernel adds children of traced processes by itself; take this one out.
+                    self.probes.remove_target(pid);
+                    return;
+                }
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
@@ -150,6 +162,10 @@ impl Pipeline {
             }
             Record::PortMatch(ev) => {
                 let pid = ev.hdr.tgid;
+                if self.cfg.selector.excludes(pid) {
+                    self.probes.remove_target(pid);
+                    return;
+                }
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");

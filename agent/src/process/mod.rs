@@ -24,9 +24,16 @@ pub struct Selector {
     pub pids: Vec<u32>,
     pub exes: Vec<String>,
     pub ports: Vec<u16>,
+    /// Never traced, even when selected (config rules with `trace: false`).
+    pub exclude_exes: Vec<String>,
 }
 
 impl Selector {
+    /// A config rule says never to trace this process.
+    pub fn excludes(&self, pid: u32) -> bool {
+        !self.exclude_exes.is_empty() && exe_matches(pid, &self.exclude_exes)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pids.is_empty() && self.exes.is_empty() && self.ports.is_empty()
     }
@@ -152,6 +159,7 @@ pub fn scan(sel: &Selector, skip: &HashSet<u32>) -> Vec<u32> {
         .into_iter()
         .filter(|p| *p != own && !skip.contains(p))
         .filter(|&p| exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes)))
+        .filter(|&p| !sel.excludes(p))
         .collect()
 }
 
