@@ -28,7 +28,7 @@ struct Cli {
 enum Cmd {
     /// Trace the selected processes: spans to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set,
     /// otherwise a waterfall per trace in the terminal.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what this kernel and these privileges allow, and which hooks will be used.
     Check,
 }
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            match rt.block_on(run(args)) {
+            match rt.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
