@@ -111,6 +111,10 @@ pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)
         }
     };
     let metric = if r.attr("db.system.name").is_some() {
+        if r.kind != SpanKind::Client {
+            // A traced PostgreSQL/Redis server's own spans: no client operation to measure.
+            return None;
+        }
         for k in ["db.system.name", "db.operation.name", "server.address"] {
             copy(&mut attrs, k);
         }
