@@ -76,6 +76,19 @@ impl Pipeline {
         true
     }
 
+    /// A process the kernel side already added to `TARGETS` (fork of a traced process, user of a
+    /// `--port`): track it, unless a config rule excludes it, then take it out again.
+    fn adopt(&mut self, pid: u32) -> bool {
+        if self.cfg.selector.excludes(pid) {
+            self.probes.remove_target(pid);
+            return false;
+        }
+        self.traced.insert(pid);
+        self.metrics.processes_attached.set(self.traced.len() as u64);
+        self.probes.attach_tls(pid);
+        true
+    }
+
     /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.
     pub fn initial_targets(&mut self) -> usize {
         for port in self.cfg.selector.ports.clone() {
@@ -145,31 +158,18 @@ impl Pipeline {
                 }
             }
             Record::Fork(ev) => {
-                let pid = ev.hdr.tgid;
-                if self.cfg.selector.excludes(pid) {
-                    // The kernel adds children of traced processes by itself; take this one out.
-                    self.probes.remove_target(pid);
-                    return;
+                if self.adopt(ev.hdr.tgid) {
+                    tracing::debug!(pid = ev.hdr.tgid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
                 }
-                self.traced.insert(pid);
-                self.metrics.processes_attached.set(self.traced.len() as u64);
-                tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
-                self.probes.attach_tls(pid);
             }
             Record::Exit(ev) => {
                 tracing::debug!(pid = ev.hdr.tgid, "traced process exited");
                 self.untrace(ev.hdr.tgid, ev.hdr.ts_ns);
             }
             Record::PortMatch(ev) => {
-                let pid = ev.hdr.tgid;
-                if self.cfg.selector.excludes(pid) {
-                    self.probes.remove_target(pid);
-                    return;
+                if self.adopt(ev.hdr.tgid) {
+                    tracing::info!(pid = ev.hdr.tgid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
                 }
-                self.traced.insert(pid);
-                self.metrics.processes_attached.set(self.traced.len() as u64);
-                tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
-                self.probes.attach_tls(pid);
             }
         }
         self.flush_finished();
