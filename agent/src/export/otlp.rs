@@ -907,14 +907,7 @@ mod tests {
     use std::sync::Mutex;
 
     fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
-        Arc::new(ProcessResource {
-            pid,
-            service_name: service.to_string(),
-            attributes: vec![
-                ("service.name".into(), service.into()),
-                ("process.pid".into(), AttrValue::Int(pid as i64)),
-            ],
-        })
+        ProcessResource::for_test(pid, service)
     }
 
     fn record(n: u8, p: &Arc<ProcessResource>) -> SpanRecord {

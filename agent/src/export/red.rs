@@ -479,14 +479,7 @@ mod tests {
     use crate::stitch::span::{ParentSource, SpanStatus};
 
     fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
-        Arc::new(ProcessResource {
-            pid,
-            service_name: service.to_string(),
-            attributes: vec![
-                ("service.name".into(), service.into()),
-                ("process.pid".into(), AttrValue::Int(pid as i64)),
-            ],
-        })
+        ProcessResource::for_test(pid, service)
     }
 
     fn span(p: &Arc<ProcessResource>, kind: SpanKind, ms: u64, attrs: &[(&str, AttrValue)]) -> SpanRecord {

@@ -90,6 +90,21 @@ pub struct ProcessResource {
     pub attributes: Vec<Attr>,
 }
 
+impl ProcessResource {
+    /// A minimal resource (`service.name`, `process.pid`) for tests.
+    #[cfg(test)]
+    pub fn for_test(pid: u32, service: &str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(ProcessResource {
+            pid,
+            service_name: service.to_string(),
+            attributes: vec![
+                ("service.name".into(), service.into()),
+                ("process.pid".into(), AttrValue::Int(pid as i64)),
+            ],
+        })
+    }
+}
+
 /// One finished span.
 #[derive(Clone, Debug)]
 pub struct SpanRecord {
