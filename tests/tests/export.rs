@@ -180,7 +180,12 @@ fn red_metrics_and_resources(proto: Proto, extra_env: &[(&'static str, &str)]) {
     let app =
         PythonHttp::start(&[("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=test,service.version=1.2")]);
     let maddr = format!("127.0.0.1:{}", free_port());
-    let mut extra = vec![("OTEL_METRIC_EXPORT_INTERVAL", "1000"), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
+    // The agent's own OTEL_RESOURCE_ATTRIBUTES are defaults for every process; the process's win.
+    let mut extra = vec![
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "k8s.cluster.name=c1,deployment.environment.name=agent-default"),
+    ];
     extra.extend_from_slice(extra_env);
     let env = otlp_env(&rx, &extra);
     let agent = Agent::start(&["--pid", &app.proc.pid().to_string(), "--metrics-addr", &maddr], &env_refs(&env));
@@ -216,6 +221,7 @@ fn red_metrics_and_resources(proto: Proto, extra_env: &[(&'static str, &str)]) {
         ("service.name", "http_server".to_string()),
         ("service.version", "1.2".to_string()),
         ("deployment.environment.name", "test".to_string()),
+        ("k8s.cluster.name", "c1".to_string()),
         ("process.pid", pid.clone()),
         ("process.command_line", format!("{argv0} {} {}", script.display(), app.port)),
         ("process.runtime.name", "cpython".to_string()),

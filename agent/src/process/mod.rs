@@ -414,9 +414,11 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// `service.instance.id` (`<host>/<pid>/<start ticks>`: one per process incarnation),
 /// `process.pid`, `process.executable.name`, `process.executable.path`, `process.command_line`
 /// (redacted), `process.runtime.name` (for recognised interpreters), `host.name`, `host.arch`,
-/// `os.type`, `container.id` (when the cgroup names one); then the process's own
-/// `OTEL_RESOURCE_ATTRIBUTES`, which win over everything but `process.pid`.
-pub fn resource(pid: u32, host: &str) -> ProcessResource {
+/// `os.type`, `container.id` (when the cgroup names one); then `node` (the agent's own
+/// `OTEL_RESOURCE_ATTRIBUTES`: cluster, node, environment), then the process's own
+/// `OTEL_RESOURCE_ATTRIBUTES`; each wins over what comes before it, except `process.pid` and
+/// `service.name`, which are the process's.
+pub fn resource(pid: u32, host: &str, node: &[(String, String)]) -> ProcessResource {
     let env = environ(pid, &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"]);
     let exe_path = fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).ok();
     let exe_name = exe_path
@@ -456,7 +458,7 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
     if let Some(id) = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| container_id(&c)) {
         attributes.push(("container.id".to_string(), AttrValue::Str(id)));
     }
-    for (k, v) in from_attrs {
+    for (k, v) in node.iter().cloned().chain(from_attrs) {
         if k == "process.pid" || k == "service.name" {
             continue;
         }
@@ -472,19 +474,22 @@ pub fn resource(pid: u32, host: &str) -> ProcessResource {
 #[derive(Default)]
 pub struct Resources {
     host: String,
+    /// The agent's own `OTEL_RESOURCE_ATTRIBUTES`: defaults for every traced process.
+    node: Vec<(String, String)>,
     by_pid: HashMap<u32, Arc<ProcessResource>>,
 }
 
 impl Resources {
     pub fn new() -> Self {
-        Self { host: host_name(), by_pid: HashMap::new() }
+        let node = std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|v| parse_resource_attributes(&v)).unwrap_or_default();
+        Self { host: host_name(), node, by_pid: HashMap::new() }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {
         if let Some(r) = self.by_pid.get(&pid) {
             return r.clone();
         }
-        let r = Arc::new(resource(pid, &self.host));
+        let r = Arc::new(resource(pid, &self.host, &self.node));
         if self.by_pid.len() >= 8192 {
             self.by_pid.clear();
         }
@@ -573,7 +578,10 @@ mod tests {
     #[test]
     fn own_process_is_described() {
         let me = std::process::id();
-        let r = resource(me, "h");
+        let node = [("k8s.node.name".to_string(), "n1".to_string()), ("service.name".to_string(), "agent".to_string())];
+        let r = resource(me, "h", &node);
+        assert!(r.attributes.contains(&("k8s.node.name".to_string(), AttrValue::Str("n1".into()))));
+        assert_ne!(r.service_name, "agent", "the agent's service.name is not the process's");
         assert_eq!(r.pid, me);
         assert!(r.attributes.iter().any(|(k, v)| k == "process.pid" && *v == AttrValue::Int(me as i64)));
         assert!(!r.service_name.is_empty());
