@@ -303,6 +303,21 @@ mod tests {
         assert!(e.contains("/nonexistent/waybill.yaml") && e.contains("--config"), "{e}");
     }
 
+    /// The config shipped in the DaemonSet's ConfigMap is one the agent accepts.
+    #[test]
+    fn shipped_kubernetes_config_parses() {
+        let manifest = include_str!("../../deploy/kubernetes/waybill.yaml");
+        let start = manifest.find("  waybill.yaml: |\n").expect("ConfigMap key") + "  waybill.yaml: |\n".len();
+        let body: String = manifest[start..]
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let c = FileConfig::parse(&body).unwrap();
+        assert_eq!(c.targets.exes, ["java", "python3", "node", "nginx"]);
+        assert_eq!(c.excluded_exes(), ["pgbouncer"]);
+    }
+
     #[test]
     fn precedence() {
         assert_eq!(pick(Some(3), Some(2), 1), 3);
