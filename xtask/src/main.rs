@@ -103,9 +103,11 @@ fn main() -> Result<()> {
     let root = project_root();
     match cli.cmd {
         Cmd::Setup { build_only } => setup(build_only),
-        Cmd::Build { release } => build(&root, release).map(|_| ()),
+        // Building needs the eBPF toolchain: install it on first use (quick when present).
+        Cmd::Build { release } => setup(true).and_then(|_| build(&root, release)).map(|_| ()),
         Cmd::Test { no_setup, unit, args } => test(&root, no_setup, unit, &args),
         Cmd::Run { args } => {
+            setup(true)?;
             let bin = build(&root, true)?;
             run(Command::new(bin).args(args))
         }
