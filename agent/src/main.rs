@@ -70,6 +70,10 @@ struct RunArgs {
     /// recorded under otel.metric.overflow=true (and counted).
     #[arg(long, default_value_t = export::red::DEFAULT_SERIES_LIMIT, env = "WAYBILL_RED_SERIES_LIMIT")]
     red_series_limit: usize,
+    /// Do not insert `traceparent` into outgoing HTTP/1.x requests (sock_ops + sk_msg). Also
+    /// `WAYBILL_INJECT=false`. Spans on one host are still linked without it.
+    #[arg(long)]
+    no_inject: bool,
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
@@ -98,6 +102,22 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("{e:#}")),
             }
         }
+    }
+}
+
+/// `--no-inject` wins; else `WAYBILL_INJECT` (true/false, 1/0, yes/no, on/off); default on.
+fn inject_enabled(no_inject: bool, env: Option<&str>) -> anyhow::Result<bool> {
+    if no_inject {
+        return Ok(false);
+    }
+    match env.map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(true),
+        Some(v) if v.is_empty() => Ok(true),
+        Some(v) => match v.as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => anyhow::bail!("WAYBILL_INJECT must be true or false (got {v:?})"),
+        },
     }
 }
 
@@ -138,7 +158,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capture_bytes: args.capture_bytes,
         watch_exec: u32::from(!selector.exes.is_empty()),
         watch_ports: u32::from(!selector.ports.is_empty()),
-        _pad: 0,
+        inject: u32::from(inject_enabled(args.no_inject, std::env::var("WAYBILL_INJECT").ok().as_deref())?),
     };
     let opts = LoadOptions { config, ring_buffer_bytes: args.ring_buffer_bytes, object: args.ebpf_object.clone() };
     let (probes, ring) = attach::load(&opts)?;
@@ -148,6 +168,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "eBPF programs attached (syscall tracepoints; kprobes/fentry not needed)"
     );
     metrics.probe_attach_failures.set(probes.skipped.len() as u64);
+    metrics.inject_active.set(u64::from(matches!(probes.inject, attach::InjectStatus::Active { .. })));
+    metrics.inject_unavailable.set(u64::from(matches!(probes.inject, attach::InjectStatus::Unavailable(_))));
 
     let (tx, rx) = mpsc::channel(args.span_queue);
     // RED metrics are measured from every span on its way to the exporter (a tee task).
