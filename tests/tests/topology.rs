@@ -54,7 +54,6 @@ fn otel_client(port: u16, first: usize, count: usize, conc: usize) -> HashMap<us
 
 #[derive(Default, Debug)]
 struct Score {
-    requests: usize,
     /// All five spans present and every edge right.
     all_edges: usize,
     /// Every edge right except possibly Node.js → PostgreSQL (event-loop thread rule).
@@ -68,7 +67,7 @@ fn score(spans: &[ReceivedSpan], reqs: &HashMap<usize, (String, String)>, pid_m:
     for s in spans {
         by_trace.entry(s.trace_id.as_str()).or_default().push(s);
     }
-    let mut sc = Score { requests: reqs.len(), ..Default::default() };
+    let mut sc = Score::default();
     for (n, (trace, up_span)) in reqs {
         let Some(t) = by_trace.get(trace.as_str()) else { continue };
         let pid = |s: &ReceivedSpan, p: &str| s.resource.get("process.pid").map(String::as_str) == Some(p);
