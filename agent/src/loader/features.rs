@@ -48,7 +48,7 @@ impl Features {
         let inject = if self.get("sock_ops + sk_msg") {
             let cg = cgroup2_mount().unwrap_or_default();
             format!(
-                "traceparent injection: sock_ops on {cg} + sk_msg with bpf_msg_push_data (off with --no-inject;                  connections opened before attach are not covered)"
+                "traceparent injection: sock_ops on {cg} + sk_msg with bpf_msg_push_data (off with --no-inject; connections opened before attach are not covered)"
             )
         } else {
             "traceparent injection NOT available (needs cgroup2 + sock_ops + sk_msg): spans are linked on this host only"
