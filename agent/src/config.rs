@@ -46,6 +46,8 @@ pub struct FileConfig {
     pub export_backlog: Option<usize>,
     #[serde(default, deserialize_with = "red_series_limit")]
     pub red_series_limit: Option<usize>,
+    /// `false`: no `traceparent` injection (as `--no-inject`).
+    pub inject: Option<bool>,
     /// Per-service rules, applied in order: the first rule whose `match` fits wins.
     #[serde(default)]
     pub services: Vec<ServiceRule>,
@@ -244,7 +246,7 @@ mod tests {
         let c = FileConfig::parse(
             "targets:\n  pids: [1, 2]\n  exes: [nginx]\n  ports: [8080]\nmetrics_addr: 127.0.0.1:9464\n\
              capture_bytes: 512\nring_buffer_bytes: 65536\nmax_connections: 10\nidle_timeout_secs: 5\n\
-             span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\n\
+             span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\ninject: false\n\
              services:\n  - match: { service_name: shop }\n    sampling_ratio: 0.5\n\
              \x20 - match: { exe: pgbouncer }\n    trace: false\n",
         )
@@ -256,6 +258,7 @@ mod tests {
             (Some(512), Some(65536), Some(10), Some(5))
         );
         assert_eq!((c.span_queue, c.export_backlog, c.red_series_limit), (Some(7), Some(9), Some(3)));
+        assert_eq!(c.inject, Some(false));
         assert_eq!(c.excluded_exes(), ["pgbouncer"]);
         assert_eq!(c.sampling_ratio(&res("shop", "python3")), 0.5);
         assert_eq!(c.sampling_ratio(&res("other", "python3")), 1.0);

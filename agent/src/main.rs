@@ -74,6 +74,11 @@ struct RunArgs {
     /// recorded under otel.metric.overflow=true and counted [default: 500].
     #[arg(long, env = "WAYBILL_RED_SERIES_LIMIT")]
     red_series_limit: Option<usize>,
+    /// Do not insert `traceparent` into outgoing HTTP/1.x requests (sock_ops + sk_msg). Also
+    /// `WAYBILL_INJECT=false` or `inject: false` in the config file. Spans on one host are still
+    /// linked without it.
+    #[arg(long)]
+    no_inject: bool,
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
@@ -105,6 +110,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--no-inject` wins; else `WAYBILL_INJECT` (true/false, 1/0, yes/no, on/off); else the config
+/// file's `inject`; default on.
+fn inject_enabled(no_inject: bool, env: Option<&str>, file: Option<bool>) -> anyhow::Result<bool> {
+    if no_inject {
+        return Ok(false);
+    }
+    let default = file.unwrap_or(true);
+    match env.map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => match v.as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => anyhow::bail!("WAYBILL_INJECT must be true or false (got {v:?})"),
+        },
+    }
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("waybill: error: {msg}");
     ExitCode::from(1)
@@ -122,6 +145,8 @@ struct Settings {
     span_queue: usize,
     export_backlog: usize,
     red_series_limit: usize,
+    /// The file's `inject` (flags and WAYBILL_INJECT are applied in [`inject_enabled`]).
+    inject: Option<bool>,
 }
 
 impl Settings {
@@ -150,6 +175,7 @@ impl Settings {
             span_queue: pick(args.span_queue, file.span_queue, 65536),
             export_backlog: pick(args.export_backlog, file.export_backlog, export::otlp::DEFAULT_MAX_BACKLOG),
             red_series_limit: pick(args.red_series_limit, file.red_series_limit, export::red::DEFAULT_SERIES_LIMIT),
+            inject: file.inject,
             file,
         })
     }
@@ -199,7 +225,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         capture_bytes: s.capture_bytes,
         watch_exec: u32::from(!selector.exes.is_empty()),
         watch_ports: u32::from(!selector.ports.is_empty()),
-        _pad: 0,
+        inject: u32::from(inject_enabled(args.no_inject, std::env::var("WAYBILL_INJECT").ok().as_deref(), s.inject)?),
     };
     let opts = LoadOptions { config, ring_buffer_bytes: s.ring_buffer_bytes, object: args.ebpf_object.clone() };
     let (probes, ring) = attach::load(&opts)?;
@@ -209,6 +235,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "eBPF programs attached (syscall tracepoints; kprobes/fentry not needed)"
     );
     metrics.probe_attach_failures.set(probes.skipped.len() as u64);
+    metrics.inject_active.set(u64::from(matches!(probes.inject, attach::InjectStatus::Active { .. })));
+    metrics.inject_unavailable.set(u64::from(matches!(probes.inject, attach::InjectStatus::Unavailable(_))));
 
     let (tx, rx) = mpsc::channel(s.span_queue);
     // RED metrics are measured from every span on its way to the exporter (a tee task).

@@ -68,6 +68,15 @@ pub struct Metrics {
     pub parent_source_connection: Counter,
     pub parent_uncertain: Counter,
     pub contexts_evicted: Counter,
+    /// Header injection: 1 when sock_ops + sk_msg are attached / when they could not be.
+    pub inject_active: Counter,
+    pub inject_unavailable: Counter,
+    /// sk_msg / sock_ops outcomes by `INJ_*` index (kernel counters, refreshed periodically).
+    pub inject: [Counter; waybill_common::INJ_COUNTERS as usize],
+    /// Client requests whose injection record never met a request head, or server requests whose
+    /// kernel-decided context disagreed with what user space parsed.
+    pub inject_unmatched: Counter,
+    pub kernel_context_mismatch: Counter,
     /// Filled by the exporter.
     pub export: Arc<ExportStats>,
     /// Filled by the RED tee and the metric exporter.
@@ -253,6 +262,47 @@ impl Metrics {
             "Spans whose thread parent was ambiguous (several requests open on one thread: event loops).",
             "counter",
             &[("", self.parent_uncertain.get())],
+        );
+        c(
+            "waybill_traceparent_injection",
+            "1 when traceparent injection (sock_ops + sk_msg) is in use, by state.",
+            "gauge",
+            &[("state=\"active\"", self.inject_active.get()), ("state=\"unavailable\"", self.inject_unavailable.get())],
+        );
+        let i = |k: u32| self.inject[k as usize].get();
+        use waybill_common::*;
+        c(
+            "waybill_traceparent_injections_total",
+            "Outgoing messages on selected connections by what the sk_msg program did.",
+            "counter",
+            &[
+                ("result=\"injected\"", i(INJ_INJECTED)),
+                ("result=\"not_traced_process\"", i(INJ_NOT_TARGET)),
+                ("result=\"not_http_request\"", i(INJ_NOT_HTTP)),
+                ("result=\"has_traceparent\"", i(INJ_HAS_TRACEPARENT)),
+                ("result=\"not_at_request_boundary\"", i(INJ_NOT_AT_BOUNDARY)),
+                ("result=\"head_beyond_scan_window\"", i(INJ_HEAD_TOO_LONG)),
+                ("result=\"helper_failed\"", i(INJ_HELPER_FAILED)),
+                ("result=\"ringbuf_full\"", i(INJ_RINGBUF_FULL)),
+            ],
+        );
+        c(
+            "waybill_traceparent_sockets_total",
+            "Outgoing connections of traced processes offered to the sk_msg program, by result.",
+            "counter",
+            &[("result=\"added\"", i(INJ_SOCK_ADDED)), ("result=\"failed\"", i(INJ_SOCK_ADD_FAILED))],
+        );
+        c(
+            "waybill_traceparent_injections_unmatched_total",
+            "Injection records that no client request head claimed (their CLIENT span keeps user-space ids).",
+            "counter",
+            &[("", self.inject_unmatched.get())],
+        );
+        c(
+            "waybill_kernel_context_mismatch_total",
+            "Server requests whose incoming traceparent the kernel's bounded scan did not find.",
+            "counter",
+            &[("", self.kernel_context_mismatch.get())],
         );
         c(
             "waybill_trace_contexts_evicted_total",

@@ -61,13 +61,7 @@ fn enter(ctx: &ProbeContext, syscall: u32) -> u32 {
     // The ciphertext this call reads or writes (and any later) is not shipped.
     mark_tls(tgid, fd, &info);
     let key = SslKey { tgid, _pad: 0, ptr: g };
-    let args = SslArgs {
-        ssl: conn,
-        buf,
-        len_ptr: 0,
-        fd,
-        syscall,
-    };
+    let args = SslArgs { ssl: conn, buf, len_ptr: 0, fd, syscall };
     if GO_TLS_ARGS.insert(&key, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }

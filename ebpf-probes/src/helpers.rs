@@ -5,7 +5,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel};
 use waybill_common::{AF_INET, AF_INET6, KernelOffsets, ProbeConfig, SockInfo, TracepointOffsets, Tuple};
 
-use crate::maps::{LOST, SOCKS, TARGETS};
+use crate::maps::{INJECT_STATS, LOST, SOCKS, TARGETS};
 
 /// Kernel struct member offsets, written by user space from /sys/kernel/btf/vmlinux before load.
 #[unsafe(no_mangle)]
@@ -31,21 +31,12 @@ static OFFS: KernelOffsets = KernelOffsets {
 
 /// Tracepoint field offsets read from tracefs `format` files before load.
 #[unsafe(no_mangle)]
-static TP_OFFS: TracepointOffsets = TracepointOffsets {
-    newtask_pid: 0,
-    newtask_clone_flags: 0,
-    newtask_clone_flags_size: 0,
-    _pad: 0,
-};
+static TP_OFFS: TracepointOffsets =
+    TracepointOffsets { newtask_pid: 0, newtask_clone_flags: 0, newtask_clone_flags_size: 0, _pad: 0 };
 
 /// Run-time settings.
 #[unsafe(no_mangle)]
-static CONFIG: ProbeConfig = ProbeConfig {
-    capture_bytes: 4096,
-    watch_exec: 0,
-    watch_ports: 0,
-    _pad: 0,
-};
+static CONFIG: ProbeConfig = ProbeConfig { capture_bytes: 4096, watch_exec: 0, watch_ports: 0, inject: 0 };
 
 #[inline(always)]
 pub fn config() -> ProbeConfig {
@@ -84,6 +75,15 @@ pub fn is_target(tgid: u32) -> bool {
 #[inline(always)]
 pub fn count_lost(idx: u32) {
     if let Some(p) = LOST.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Count one sk_msg / sock_ops outcome `INJ_*`.
+#[inline(always)]
+pub fn count_inject(idx: u32) {
+    if let Some(p) = INJECT_STATS.get_ptr_mut(idx) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
         unsafe { *p += 1 };
     }
@@ -138,6 +138,13 @@ pub fn walk_fd(fd: u32, t: &mut Tuple) -> Option<u64> {
     if sk == 0 {
         return None;
     }
+    sk_tuple(sk, t)?;
+    Some(sk)
+}
+
+/// The 4-tuple of a TCP `struct sock *` (ports in host byte order).
+#[inline(always)]
+pub fn sk_tuple(sk: u64, t: &mut Tuple) -> Option<()> {
     let family: u16 = rd(sk + off!(skc_family))?;
     let dport: u16 = rd(sk + off!(skc_dport))?;
     let num: u16 = rd(sk + off!(skc_num))?;
@@ -149,11 +156,11 @@ pub fn walk_fd(fd: u32, t: &mut Tuple) -> Option<u64> {
         let s: [u8; 4] = rd(sk + off!(skc_rcv_saddr))?;
         t.raddr[..4].copy_from_slice(&d);
         t.laddr[..4].copy_from_slice(&s);
-        Some(sk)
+        Some(())
     } else if family == AF_INET6 && off!(skc_v6_daddr) != 0 {
         t.raddr = rd(sk + off!(skc_v6_daddr))?;
         t.laddr = rd(sk + off!(skc_v6_rcv_saddr))?;
-        Some(sk)
+        Some(())
     } else {
         None
     }

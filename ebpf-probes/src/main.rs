@@ -1,6 +1,7 @@
 //! Waybill's kernel programs. One file per hook family:
 //! - `syscalls.rs`: socket I/O, accept/connect/close/listen (tracepoints, portable);
 //! - `process.rs`: exec / fork / exit;
+//! - `inject.rs`: kernel-decided trace ids and `traceparent` injection (sock_ops + sk_msg);
 //! - `maps.rs`: every map with its bound; `events.rs`: record emitters; `helpers.rs`: target
 //!   filter, loss counters, the BTF-driven fd → socket walk.
 #![no_std]
@@ -9,6 +10,7 @@
 mod events;
 mod go_tls;
 mod helpers;
+mod inject;
 mod maps;
 mod probe;
 mod process;

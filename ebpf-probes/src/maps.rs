@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use waybill_common::{DataEvent, LOST_COUNTERS, SockInfo};
+use waybill_common::{ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTERS, SockInfo, Tuple};
 
 /// Records to user space. Size set by user space at load time (`--ring-buffer-bytes`); when it is
 /// full a record is dropped and `LOST[LOST_RINGBUF_FULL]` counts it.
@@ -51,6 +51,9 @@ pub struct SyscallArgs {
     pub fd: u32,
     /// One of `SYS_*`, or `SYS_CONNECT_STASH`.
     pub syscall: u32,
+    /// `ROLE_*` of the socket (from the socket cache).
+    pub role: u32,
+    pub _pad: u32,
 }
 
 /// Stash tag for connect() (not a data syscall).
@@ -104,4 +107,97 @@ pub struct SslArgs {
     pub fd: u32,
     /// `SYS_SSL_READ`, `SYS_SSL_WRITE`, `SYS_GO_TLS_READ` or `SYS_GO_TLS_WRITE`.
     pub syscall: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trace-context propagation (inject.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// 1 at index 0 once user space attached sock_ops + sk_msg; until then (or with `--no-inject`)
+/// no kernel contexts are decided.
+#[map]
+pub static INJECT_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Destination of a recent `connect()` by a traced process → when (ktime). sock_ops runs outside
+/// the process's context and the connection may be established before `connect()` returns, so
+/// the new socket is recognised by its destination and age (≤ `CONNECT_FRESH_NS`). LRU.
+#[map]
+pub static PENDING_CONNECT: LruHashMap<ConnectKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Outgoing connections of traced processes that the sk_msg program sees, by 4-tuple. Entries
+/// leave with their socket (the kernel removes closed sockets from a sockhash).
+#[map]
+pub static INJECT_SOCKS: SockHash<Tuple> = SockHash::with_max_entries(65536, 0);
+
+/// Per-connection request boundary state for sk_msg, by 4-tuple: `MSG_*`. Reset when sock_ops adds
+/// the socket; set to `MSG_AWAITING_RESPONSE` when a request head is sent; back to
+/// `MSG_BOUNDARY` when the traced process reads a final (non-1xx) response head. LRU.
+#[map]
+pub static MSG_STATE: LruHashMap<Tuple, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// The next message starts a request.
+pub const MSG_BOUNDARY: u32 = 0;
+/// A request was sent and its response not read yet: the next message is a body or pipelined.
+pub const MSG_AWAITING_RESPONSE: u32 = 1;
+/// The connection's first message was not HTTP: never inject into it.
+pub const MSG_NOT_HTTP: u32 = 2;
+
+/// pid_tgid → the server request that thread is serving now (decided in the kernel when it read
+/// the request head). Replaced by the thread's next request, removed when the response head is
+/// written on that connection. LRU bounds threads that vanish.
+#[map]
+pub static THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(16384, 0);
+
+/// Server connection (`struct sock *`) → the thread whose `THREAD_CTX` belongs to its current
+/// request, so a response written by another thread still ends it. LRU.
+#[map]
+pub static SRV_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Outcomes of the sk_msg program and sock_ops, indexed by `INJ_*`; user space sums the CPUs.
+#[map]
+pub static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(INJ_COUNTERS, 0);
+
+/// Per-CPU work space of the head scanner (sk_msg copies the head here; the tracepoint side uses
+/// `SCRATCH`) and of the header formatter.
+#[map]
+pub static HEAD_BUF: PerCpuArray<HeadBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// Results of a head scan are kept in map memory, not registers, so the verifier sees the same
+/// state at every exit of the scan loop (otherwise each exit offset is verified separately).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HeadScan {
+    /// Offset just past the request line's CRLF (0: none in the window).
+    pub line_end: u32,
+    /// Offset just past the blank line ending the head (0: not in the window).
+    pub head_end: u32,
+    /// Offset of a `traceparent:` header line (0: none before the head end).
+    pub tp: u32,
+    /// Valid bytes (re-read from memory in every iteration so the verifier does not narrow it).
+    pub n: u32,
+}
+
+#[repr(C)]
+pub struct HeadBuf {
+    pub scan: HeadScan,
+    pub tp_scan: HeadScan,
+    /// The inserted header line (70 bytes used).
+    pub line: [u8; 80],
+    /// Twice the window, so indexes < HEAD_SCAN + 64 stay in bounds.
+    pub data: [u8; 2 * HEAD_SCAN],
+}
+
+/// A thread's current server request.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadCtx {
+    pub trace_id: [u8; 16],
+    /// The SERVER span id.
+    pub span_id: [u8; 8],
+    /// The server connection.
+    pub sk: u64,
+    pub ts_ns: u64,
+    /// `CTX_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }

@@ -36,11 +36,7 @@ use crate::{
 pub fn on_socket_syscall(pid_tgid: u64, tgid: u32, fd: u32, syscall: u32, info: &SockInfo) -> bool {
     // SAFETY: copied out immediately.
     if let Some(args) = unsafe { SSL_ARGS.get(&pid_tgid) } {
-        let key = SslKey {
-            tgid,
-            _pad: 0,
-            ptr: args.ssl,
-        };
+        let key = SslKey { tgid, _pad: 0, ptr: args.ssl };
         let _ = SSL_FD.insert(&key, &fd, 0);
         mark_tls(tgid, fd, info);
         return true;
@@ -55,11 +51,7 @@ pub fn on_socket_syscall(pid_tgid: u64, tgid: u32, fd: u32, syscall: u32, info: 
 #[inline(always)]
 pub fn mark_tls(tgid: u32, fd: u32, info: &SockInfo) {
     if info.is_tcp == 1 {
-        let v = SockInfo {
-            sk: info.sk,
-            is_tcp: SOCK_TLS,
-            role: info.role,
-        };
+        let v = SockInfo { sk: info.sk, is_tcp: SOCK_TLS, role: info.role };
         let _ = SOCKS.insert(&sock_key(tgid, fd), &v, 0);
     }
 }
@@ -84,13 +76,7 @@ fn enter(ctx: &ProbeContext, syscall: u32, ex: bool) -> u32 {
             let _ = SSL_FD.insert(&key, &fd, 0);
         }
     }
-    let args = SslArgs {
-        ssl,
-        buf,
-        len_ptr,
-        fd: 0,
-        syscall,
-    };
+    let args = SslArgs { ssl, buf, len_ptr, fd: 0, syscall };
     if SSL_ARGS.insert(&pid_tgid, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }
@@ -124,11 +110,7 @@ fn exit(ctx: &RetProbeContext) -> u32 {
     if n == 0 {
         return 0;
     }
-    let key = SslKey {
-        tgid,
-        _pad: 0,
-        ptr: args.ssl,
-    };
+    let key = SslKey { tgid, _pad: 0, ptr: args.ssl };
     // SAFETY: copied out.
     let Some(fd) = (unsafe { SSL_FD.get(&key) }).copied() else {
         // No socket known for this SSL* (not seen doing socket I/O yet): nothing to attribute to.
@@ -177,21 +159,11 @@ pub fn emit_plaintext(tgid: u32, tid: u32, fd: u32, syscall: u32, buf: u64, n: u
     if captured < n {
         count_lost(LOST_PAYLOAD_TRUNCATED);
     }
-    let dir = if syscall == SYS_SSL_READ || syscall == SYS_GO_TLS_READ {
-        DIR_READ
-    } else {
-        DIR_WRITE
-    };
+    let dir = if syscall == SYS_SSL_READ || syscall == SYS_GO_TLS_READ { DIR_READ } else { DIR_WRITE };
     // SAFETY: `ev` is the per-CPU scratch record.
     unsafe {
         (*ev).head = DataHeader {
-            hdr: EventHeader {
-                kind: KIND_DATA,
-                tgid,
-                tid,
-                _pad: 0,
-                ts_ns: bpf_ktime_get_ns(),
-            },
+            hdr: EventHeader { kind: KIND_DATA, tgid, tid, _pad: 0, ts_ns: bpf_ktime_get_ns() },
             fd,
             dir,
             total: n,

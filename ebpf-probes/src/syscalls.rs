@@ -64,13 +64,7 @@ fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
         SYS_SENDFILE => (0, arg(ctx, 3)),
         _ => (arg(ctx, 1), arg(ctx, 2)),
     };
-    let args = SyscallArgs {
-        ptr,
-        len,
-        sk: info.sk,
-        fd,
-        syscall,
-    };
+    let args = SyscallArgs { ptr, len, sk: info.sk, fd, syscall, role: info.role, _pad: 0 };
     if STASH.insert(&pid_tgid, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }
@@ -179,16 +173,12 @@ pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
     if captured < total && args.syscall != SYS_SENDFILE {
         count_lost(LOST_PAYLOAD_TRUNCATED);
     }
+    // One timestamp for the data record and the context record that describes it.
+    let ts = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `ev` is the per-CPU scratch record.
     unsafe {
         (*ev).head = DataHeader {
-            hdr: EventHeader {
-                kind: KIND_DATA,
-                tgid,
-                tid,
-                _pad: 0,
-                ts_ns: bpf_ktime_get_ns(),
-            },
+            hdr: EventHeader { kind: KIND_DATA, tgid, tid, _pad: 0, ts_ns: ts },
             fd: args.fd,
             dir,
             total,
@@ -197,6 +187,12 @@ pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
             sk: args.sk,
         };
     }
+    if crate::inject::active() {
+        crate::inject::on_data(ev, pid_tgid, args.role);
+    }
+    // Re-read from map memory: the verifier then sees one state here whatever path led here.
+    // SAFETY: as above.
+    let captured = unsafe { core::ptr::read_volatile(&(*ev).head.captured) } as u64;
     let mut size = core::mem::size_of::<DataHeader>() as u64 + captured;
     if size > core::mem::size_of::<DataEvent>() as u64 {
         size = core::mem::size_of::<DataEvent>() as u64;
@@ -246,13 +242,10 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd = arg(&ctx, 0) as u32;
-    let args = SyscallArgs {
-        ptr: 0,
-        len: 0,
-        sk: 0,
-        fd,
-        syscall: SYS_CONNECT_STASH,
-    };
+    if crate::inject::active() {
+        crate::inject::on_connect(arg(&ctx, 1), arg(&ctx, 2));
+    }
+    let args = SyscallArgs { ptr: 0, len: 0, sk: 0, fd, syscall: SYS_CONNECT_STASH, role: ROLE_CLIENT, _pad: 0 };
     if STASH.insert(&pid_tgid, &args, 0).is_err() {
         count_lost(LOST_STASH_FULL);
     }

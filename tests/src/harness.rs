@@ -408,3 +408,93 @@ impl Redis {
         me
     }
 }
+
+/// Two network namespaces joined by a veth pair, created for one test and deleted on drop (even
+/// when the test panics). Addresses are private (`10.213.<n>.1` in `a`, `10.213.<n>.2` in `b`) and
+/// exist only inside these namespaces, so test traffic never leaves them.
+pub struct NetnsPair {
+    pub a: String,
+    pub b: String,
+    pub addr_a: String,
+    pub addr_b: String,
+}
+
+impl NetnsPair {
+    pub fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let n = (std::process::id() % 250) + 1;
+        let me = Self {
+            a: format!("wb{id}a"),
+            b: format!("wb{id}b"),
+            addr_a: format!("10.213.{n}.1"),
+            addr_b: format!("10.213.{n}.2"),
+        };
+        // Left-overs of a killed earlier run with the same pid.
+        me.delete();
+        let (va, vb) = (format!("wbv{id}a"), format!("wbv{id}b"));
+        sh("ip", &["netns", "add", &me.a]);
+        sh("ip", &["netns", "add", &me.b]);
+        sh("ip", &["link", "add", &va, "netns", &me.a, "type", "veth", "peer", "name", &vb, "netns", &me.b]);
+        for (ns, dev, addr) in [(&me.a, &va, &me.addr_a), (&me.b, &vb, &me.addr_b)] {
+            sh("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            sh("ip", &["-n", ns, "link", "set", dev, "up"]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        me
+    }
+
+    fn delete(&self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        }
+    }
+
+    /// `ip netns exec NS CMD ARGS…` (exec, not fork: the child's pid is the command's pid).
+    pub fn spawn(&self, ns: &str, cmd: &str, args: &[&str], name: &str) -> Proc {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, cmd])
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("ip netns exec {ns} {cmd}: {e}"));
+        Proc { child, name: name.into() }
+    }
+
+    /// Runs a command inside `ns` to completion and returns its stdout.
+    pub fn run(&self, ns: &str, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", ns, cmd];
+        a.extend_from_slice(args);
+        sh("ip", &a)
+    }
+
+    /// Waits until something accepts connections on `addr:port` as seen from `ns`.
+    pub fn wait_port(&self, ns: &str, addr: &str, port: u16, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        let probe = format!("exec 3<>/dev/tcp/{addr}/{port}");
+        while Instant::now() < end {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", ns, "bash", "-c", &probe])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("nothing listens on {addr}:{port} in netns {ns} after {timeout:?}");
+    }
+}
+
+impl Default for NetnsPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair and with it the peer.
+        self.delete();
+    }
+}

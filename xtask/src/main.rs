@@ -94,7 +94,12 @@ const PIP_PACKAGES: &[(&str, &str)] = &[
     ("psycopg", "psycopg[binary]==3.2.*"),
     ("redis", "redis==5.*"),
     ("requests", "requests==2.*"),
+    // The topology test's upstream is instrumented with the real OpenTelemetry SDK.
+    ("opentelemetry.sdk", "opentelemetry-sdk==1.*"),
 ];
+
+/// npm projects of the Node.js test services (`npm install` in each; tests/apps/node: `pg`).
+const NPM_DIRS: &[&str] = &["tests/apps/node"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -220,6 +225,13 @@ fn setup(build_only: bool) -> Result<()> {
         if !present {
             eprintln!("xtask: pip install {spec}");
             run(Command::new("python3").args(["-m", "pip", "install", "-q", "--disable-pip-version-check", spec]))?;
+        }
+    }
+    for dir in NPM_DIRS {
+        let dir = project_root().join(dir);
+        if !dir.join("node_modules").exists() {
+            eprintln!("xtask: npm install in {}", dir.display());
+            run(Command::new("npm").args(["install", "--no-audit", "--no-fund"]).current_dir(&dir))?;
         }
     }
     eprintln!("xtask: setup complete");

@@ -2,8 +2,8 @@
 //! of the ring-buffer item, valid until the item is released.
 
 use waybill_common::{
-    CloseEvent, ConnEvent, DataHeader, EventHeader, KIND_CLOSE, KIND_CONN, KIND_DATA, KIND_PORT_MATCH, KIND_PROC_EXEC,
-    KIND_PROC_EXIT, KIND_PROC_FORK, ProcEvent,
+    CloseEvent, ConnEvent, DataHeader, EventHeader, InjectEvent, KIND_CLOSE, KIND_CONN, KIND_DATA, KIND_INJECT,
+    KIND_PORT_MATCH, KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, KIND_SERVER_CTX, ProcEvent, ServerCtxEvent,
 };
 
 pub mod pump;
@@ -18,6 +18,8 @@ pub enum Record<'a> {
     Fork(ProcEvent),
     Exit(ProcEvent),
     PortMatch(ProcEvent),
+    ServerCtx(ServerCtxEvent),
+    Inject(InjectEvent),
 }
 
 fn read<T: Copy>(buf: &[u8]) -> Option<T> {
@@ -48,6 +50,8 @@ pub fn decode(buf: &[u8]) -> Option<Record<'_>> {
         KIND_PROC_FORK => Record::Fork(read(buf)?),
         KIND_PROC_EXIT => Record::Exit(read(buf)?),
         KIND_PORT_MATCH => Record::PortMatch(read(buf)?),
+        KIND_SERVER_CTX => Record::ServerCtx(read(buf)?),
+        KIND_INJECT => Record::Inject(read(buf)?),
         _ => return None,
     })
 }

@@ -143,6 +143,8 @@ impl Pipeline {
                 self.conns.on_data(&head, payload, m, &mut self.finished)
             }
             Record::Close(ev) => self.conns.on_close(&ev, m, &mut self.finished),
+            Record::ServerCtx(ev) => self.stitcher.on_server_ctx(&ev, m),
+            Record::Inject(ev) => self.stitcher.on_inject(&ev, m),
             Record::Exec(ev) => {
                 let pid = ev.hdr.tgid;
                 if self.traced.contains(&pid) && self.cfg.selector.excludes(pid) {
@@ -191,6 +193,9 @@ impl Pipeline {
         self.metrics.lost_payload_truncated.set(l[LOST_PAYLOAD_TRUNCATED as usize]);
         self.metrics.lost_stash_full.set(l[LOST_STASH_FULL as usize]);
         self.metrics.lost_read_user.set(l[LOST_READ_USER as usize]);
+        for (c, v) in self.metrics.inject.iter().zip(self.probes.inject_counters()) {
+            c.set(v);
+        }
     }
 
     /// Runs until `shutdown` resolves; then drains what the kernel already produced.

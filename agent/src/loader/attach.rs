@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{SkMsg, SockOps, TracePoint, links::CgroupAttachMode},
 };
 use thiserror::Error;
-use waybill_common::{KernelOffsets, LOST_COUNTERS, ProbeConfig, TracepointOffsets};
+use waybill_common::{INJ_COUNTERS, KernelOffsets, LOST_COUNTERS, ProbeConfig, TracepointOffsets, Tuple};
 
 use super::{btf, tracefs};
 
@@ -113,6 +113,62 @@ pub struct Probes {
     pub skipped: Vec<(String, String)>,
     /// TLS uprobes per traced process (loader/uprobes.rs).
     pub tls: super::uprobes::TlsProbes,
+    /// Header injection: in use, or why not.
+    pub inject: InjectStatus,
+    inject_stats: Option<PerCpuArray<MapData, u64>>,
+}
+
+/// Whether `traceparent` injection (sock_ops + sk_msg) is in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InjectStatus {
+    Active { cgroup: String },
+    Disabled,
+    Unavailable(String),
+}
+
+/// Attaches sock_ops to the cgroup2 root and sk_msg to the socket hash, then switches the kernel
+/// side on. Any failure leaves injection off and says why.
+fn attach_inject(ebpf: &mut Ebpf) -> Result<String, String> {
+    let cg = super::features::cgroup2_mount()
+        .ok_or_else(|| "no cgroup2 file system is mounted (sock_ops attaches to a cgroup v2)".to_string())?;
+    let file = std::fs::File::open(&cg).map_err(|e| format!("cannot open cgroup2 mount {cg}: {e}"))?;
+    let map_fd = {
+        let socks: SockHash<_, Tuple> = SockHash::try_from(ebpf.map("INJECT_SOCKS").ok_or("map INJECT_SOCKS missing")?)
+            .map_err(|e| e.to_string())?;
+        socks.fd().try_clone().map_err(|e| e.to_string())?
+    };
+    let verifier = |e: aya::programs::ProgramError| match &e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+            let log = verifier_log.to_string();
+            let mut tail: Vec<&str> = log.lines().rev().take(12).collect();
+            tail.reverse();
+            format!("{e}: {}", tail.join(" | "))
+        }
+        _ => e.to_string(),
+    };
+    let p: &mut SkMsg = ebpf
+        .program_mut("sk_msg_inject")
+        .ok_or("program sk_msg_inject missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load().map_err(|e| format!("sk_msg refused: {}", verifier(e)))?;
+    p.attach(&map_fd).map_err(|e| format!("sk_msg attach to the socket hash failed: {e}"))?;
+    let p: &mut SockOps = ebpf
+        .program_mut("sock_ops_inject")
+        .ok_or("program sock_ops_inject missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load().map_err(|e| format!("sock_ops refused: {}", verifier(e)))?;
+    // A BPF link (kernel ≥ 5.7) always coexists with other programs on the cgroup; `Single` is
+    // the only mode bpf_link_create accepts.
+    p.attach(file, CgroupAttachMode::Single).map_err(|e| {
+        let src = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+        format!("sock_ops attach to {cg} failed: {e}{src} (an exclusive sock_ops program on that cgroup?)")
+    })?;
+    let mut on: Array<_, u32> = Array::try_from(ebpf.map_mut("INJECT_ACTIVE").ok_or("map INJECT_ACTIVE missing")?)
+        .map_err(|e| e.to_string())?;
+    on.set(0, 1, 0).map_err(|e| e.to_string())?;
+    Ok(cg)
 }
 
 /// Computes offsets, loads the object and attaches every program.
@@ -170,6 +226,23 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             false
         }
     };
+    let inject = if opts.config.inject == 0 {
+        InjectStatus::Disabled
+    } else {
+        match attach_inject(&mut ebpf) {
+            Ok(cgroup) => {
+                tracing::info!(cgroup = %cgroup, "traceparent injection on (sock_ops + sk_msg)");
+                attached.push("sock_ops+sk_msg/inject".to_string());
+                InjectStatus::Active { cgroup }
+            }
+            Err(e) => {
+                tracing::warn!(reason = %e, "traceparent injection unavailable: running without it (spans are still linked on this host)");
+                skipped.push(("sock_ops+sk_msg/inject".to_string(), e.clone()));
+                InjectStatus::Unavailable(e)
+            }
+        }
+    };
+    let inject_stats = ebpf.take_map("INJECT_STATS").and_then(|m| PerCpuArray::try_from(m).ok());
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
         .map_err(|e| LoadError::Map { name: "EVENTS", source: e })?;
     let targets = BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?)
@@ -179,7 +252,17 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
     let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
         .map_err(|e| LoadError::Map { name: "LOST", source: e })?;
     Ok((
-        Probes { ebpf, targets, watch_ports, lost, attached, skipped, tls: super::uprobes::TlsProbes::new(tls_ok) },
+        Probes {
+            ebpf,
+            targets,
+            watch_ports,
+            lost,
+            attached,
+            skipped,
+            tls: super::uprobes::TlsProbes::new(tls_ok),
+            inject,
+            inject_stats,
+        },
         events,
     ))
 }
@@ -200,6 +283,19 @@ impl Probes {
 
     pub fn watch_port(&mut self, port: u16) -> bool {
         self.watch_ports.insert(port, 1, 0).is_ok()
+    }
+
+    /// sk_msg / sock_ops outcomes summed over CPUs, indexed by `INJ_*`.
+    pub fn inject_counters(&self) -> [u64; INJ_COUNTERS as usize] {
+        let mut out = [0u64; INJ_COUNTERS as usize];
+        if let Some(m) = &self.inject_stats {
+            for (i, o) in out.iter_mut().enumerate() {
+                if let Ok(v) = m.get(&(i as u32), 0) {
+                    *o = v.iter().sum();
+                }
+            }
+        }
+        out
     }
 
     /// Kernel-side loss counters summed over CPUs, indexed by `LOST_*`.

@@ -45,8 +45,18 @@ impl Features {
                 "kprobes and fentry unavailable: fallback to syscall tracepoints + BTF fd walk".to_string()
             }
         };
+        let inject = if self.get("sock_ops + sk_msg") {
+            let cg = cgroup2_mount().unwrap_or_default();
+            format!(
+                "traceparent injection: sock_ops on {cg} + sk_msg with bpf_msg_push_data (off with --no-inject; connections opened before attach are not covered)"
+            )
+        } else {
+            "traceparent injection NOT available (needs cgroup2 + sock_ops + sk_msg): spans are linked on this host only"
+                .to_string()
+        };
         vec![
             ("socket data", data),
+            ("cross-host context", inject),
             ("fd → TCP 4-tuple", "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time".to_string()),
             ("accelerators", accel),
             (

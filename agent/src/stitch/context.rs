@@ -7,10 +7,17 @@
 //!
 //! | source (`waybill.parent.source`) | rule |
 //! | --- | --- |
-//! | `header` | server request with a valid W3C `traceparent`: child of the remote span |
+//! | `header` | server request with a valid W3C `traceparent`: child of the remote span (the header may have been injected by Waybill on the caller's host) |
 //! | `connection` | server request whose connection's client side is a traced process on this host (tuple mirrored): child of that CLIENT span |
 //! | `thread` | client call made by a thread that is currently serving a server request: child of that SERVER span |
 //! | `none` | nothing applies: a new trace |
+//!
+//! Kernel-decided ids ([`KernelIds`], see ebpf-probes/src/inject.rs) come first when present: a
+//! server request keeps the span id (and, without a parent, the trace id) the kernel chose when
+//! its head was read, and a client request whose `traceparent` the kernel injected keeps exactly
+//! the injected trace id, span id and parent, because the downstream already received them.
+//! When an injected header reaches a traced server on this host, header and connection rules
+//! agree and the span reports `connection`.
 //!
 //! Event-loop servers (one thread, many requests open at once) make the `thread` rule ambiguous:
 //! the most recent request read on the thread is taken and the span is marked
@@ -46,6 +53,22 @@ pub struct RequestStart {
     pub start_ns: u64,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+    /// Ids the kernel already decided (and may have sent downstream) for this request.
+    pub kernel: Option<KernelIds>,
+}
+
+/// Ids decided in the kernel before user space saw the request (ebpf-probes/src/inject.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// Client: the server span the sending thread was serving. Server: the header's parent.
+    pub parent_span_id: Option<[u8; 8]>,
+    pub sampled: bool,
+    /// Server: the kernel found the request's own traceparent.
+    pub from_header: bool,
+    /// Client: these ids travelled downstream in an injected `traceparent`.
+    pub injected: bool,
 }
 
 /// A resolved context: what the span is exported with.
@@ -60,6 +83,11 @@ pub struct Resolved {
     pub uncertain: bool,
     /// The incoming traceparent was present but malformed.
     pub malformed_header: bool,
+    /// Client: the kernel injected a traceparent carrying these ids.
+    pub injected: bool,
+    /// Server: the request's traceparent was parsed here but the kernel's bounded scan missed it
+    /// (calls it made downstream carried the kernel's own trace id).
+    pub kernel_mismatch: bool,
 }
 
 #[derive(Debug)]
@@ -120,10 +148,8 @@ impl Correlator {
                 q.pop_front();
             }
         }
-        self.ctxs.insert(
-            id,
-            Ctx { start: s, span_id: ids::span_id(), thread_parent, uncertain, resolved: None, finished_ns: None },
-        );
+        let span_id = s.kernel.map(|k| k.span_id).unwrap_or_else(ids::span_id);
+        self.ctxs.insert(id, Ctx { start: s, span_id, thread_parent, uncertain, resolved: None, finished_ns: None });
         id
     }
 
@@ -139,6 +165,8 @@ impl Correlator {
         }
         let span_id = ctx.span_id;
         let uncertain = ctx.uncertain;
+        let start_info = ctx.start.clone();
+        let thread_parent = ctx.thread_parent;
         let mut out = Resolved {
             trace_id: [0; 16],
             span_id,
@@ -148,26 +176,30 @@ impl Correlator {
             source: ParentSource::None,
             uncertain: false,
             malformed_header: false,
+            injected: false,
+            kernel_mismatch: false,
         };
+        let kernel = start_info.kernel;
         let mut parent: Option<Resolved> = None;
         let mut source = ParentSource::None;
-        if ctx.start.server {
-            if let Some(tp) = ctx.start.traceparent.as_deref() {
+        if start_info.server {
+            if let Some(tp) = start_info.traceparent.as_deref() {
                 match TraceParent::parse(tp) {
                     Some(tp) => {
                         out.trace_id = tp.trace_id;
                         out.parent_span_id = Some(tp.parent_id);
                         out.sampled = tp.sampled;
-                        out.trace_state = ctx.start.tracestate.clone();
+                        out.trace_state = start_info.tracestate.clone();
                         out.source = ParentSource::Header;
+                        out.kernel_mismatch = kernel.is_some_and(|k| !k.from_header || k.trace_id != tp.trace_id);
                     }
                     None => out.malformed_header = true,
                 }
             }
-            if out.source == ParentSource::None && depth < 16 {
+            if depth < 16 {
                 // Same host: is the other end of this connection a traced client?
-                let start = ctx.start.start_ns;
-                let key = (ctx.start.remote, ctx.start.local);
+                let start = start_info.start_ns;
+                let key = (start_info.remote, start_info.local);
                 let candidate = self.clients.get(&key).and_then(|q| {
                     q.iter()
                         .rev()
@@ -175,11 +207,33 @@ impl Correlator {
                         .find(|c| self.ctxs.get(c).is_some_and(|cc| cc.start.start_ns <= start + TUPLE_SLACK_NS))
                 });
                 if let Some(c) = candidate {
-                    parent = self.resolve_depth(c, depth + 1);
-                    source = ParentSource::Connection;
+                    let p = self.resolve_depth(c, depth + 1);
+                    if out.source == ParentSource::None {
+                        parent = p;
+                        source = ParentSource::Connection;
+                    } else if p.is_some_and(|p| Some(p.span_id) == out.parent_span_id && p.trace_id == out.trace_id) {
+                        // The header was injected by this agent on the caller's side of this
+                        // very connection: both rules agree; the connection is the stronger fact.
+                        out.source = ParentSource::Connection;
+                    }
                 }
             }
-        } else if let Some(p) = ctx.thread_parent {
+        } else if let Some(k) = kernel.filter(|k| k.injected) {
+            // The kernel already sent these ids downstream: they are the truth for this span.
+            out.trace_id = k.trace_id;
+            out.parent_span_id = k.parent_span_id;
+            out.sampled = k.sampled;
+            out.injected = true;
+            if k.parent_span_id.is_some() {
+                out.source = ParentSource::Thread;
+                out.uncertain = uncertain;
+                if let Some(p) = thread_parent.and_then(|p| self.resolve_depth(p, depth + 1)) {
+                    if p.trace_id == k.trace_id {
+                        out.trace_state = p.trace_state;
+                    }
+                }
+            }
+        } else if let Some(p) = thread_parent {
             if depth < 16 {
                 parent = self.resolve_depth(p, depth + 1);
                 source = ParentSource::Thread;
@@ -195,7 +249,15 @@ impl Correlator {
                     out.source = source;
                     out.uncertain = uncertain && source == ParentSource::Thread;
                 }
-                None => out.trace_id = ids::trace_id(),
+                None => match kernel {
+                    // A server request with no parent: the kernel's trace id, which calls made
+                    // while serving it already carried downstream.
+                    Some(k) if start_info.server => {
+                        out.trace_id = k.trace_id;
+                        out.sampled = k.sampled;
+                    }
+                    _ => out.trace_id = ids::trace_id(),
+                },
             }
         }
         if let Some(ctx) = self.ctxs.get_mut(&id) {
@@ -300,6 +362,7 @@ mod tests {
             start_ns: ts,
             traceparent: tp.map(str::to_string),
             tracestate: None,
+            kernel: None,
         }
     }
 

@@ -19,8 +19,9 @@ use crate::{
     metrics::Metrics,
     process::Resources,
 };
-use context::{Correlator, Endpoint, RequestStart, Resolved};
+use context::{Correlator, Endpoint, KernelIds, RequestStart, Resolved};
 use span::{Attr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
+use waybill_common::{CTX_FROM_HEADER, CTX_HAS_PARENT, CTX_SAMPLED, InjectEvent, ServerCtxEvent};
 
 /// Methods named by the HTTP semantic conventions; others become `_OTHER`.
 const KNOWN_METHODS: &[&str] =
@@ -71,8 +72,13 @@ fn request_start(
         start_ns,
         traceparent,
         tracestate,
+        kernel: None,
     }
 }
+
+/// Bounds of the tables of kernel-decided ids waiting for their request head.
+const MAX_PENDING_KERNEL: usize = 16384;
+const MAX_INJECTIONS_PER_CONN: usize = 16;
 
 pub struct Stitcher {
     clock: Clock,
@@ -80,6 +86,10 @@ pub struct Stitcher {
     corr: Correlator,
     /// (connection id, request sequence number) → context id.
     ctx_of: HashMap<(u64, u64), u64>,
+    /// (pid, fd, timestamp of the read) → the ids the kernel decided for the request it starts.
+    server_ids: HashMap<(u32, u32, u64), KernelIds>,
+    /// (pid, local port, remote port) → injections not yet claimed by a client request head.
+    injections: HashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
 }
 
 fn endpoint(t: &Tuple, local: bool) -> Endpoint {
@@ -88,7 +98,86 @@ fn endpoint(t: &Tuple, local: bool) -> Endpoint {
 
 impl Stitcher {
     pub fn new(clock: Clock) -> Self {
-        Self { clock, resources: Resources::new(), corr: Correlator::new(), ctx_of: HashMap::new() }
+        Self {
+            clock,
+            resources: Resources::new(),
+            corr: Correlator::new(),
+            ctx_of: HashMap::new(),
+            server_ids: HashMap::new(),
+            injections: HashMap::new(),
+        }
+    }
+
+    /// The kernel decided the ids of the server request that starts in the next data record.
+    pub fn on_server_ctx(&mut self, ev: &ServerCtxEvent, m: &Metrics) {
+        if self.server_ids.len() >= MAX_PENDING_KERNEL {
+            // Records whose request head never came (parser bound, lost data record).
+            m.inject_unmatched.add(self.server_ids.len() as u64);
+            self.server_ids.clear();
+        }
+        let from_header = ev.flags & CTX_FROM_HEADER != 0;
+        self.server_ids.insert(
+            (ev.hdr.tgid, ev.fd, ev.hdr.ts_ns),
+            KernelIds {
+                trace_id: ev.trace_id,
+                span_id: ev.span_id,
+                parent_span_id: from_header.then_some(ev.parent_span_id),
+                sampled: ev.flags & CTX_SAMPLED != 0,
+                from_header,
+                injected: false,
+            },
+        );
+    }
+
+    /// The kernel inserted a traceparent into a request the traced process is sending.
+    pub fn on_inject(&mut self, ev: &InjectEvent, m: &Metrics) {
+        let key = (ev.hdr.tgid, ev.tuple.lport, ev.tuple.rport);
+        if !self.injections.contains_key(&key) && self.injections.len() >= MAX_PENDING_KERNEL {
+            m.inject_unmatched.add(self.injections.values().map(|q| q.len() as u64).sum());
+            self.injections.clear();
+        }
+        let q = self.injections.entry(key).or_default();
+        if q.len() >= MAX_INJECTIONS_PER_CONN {
+            q.pop_front();
+            m.inject_unmatched.inc();
+        }
+        q.push_back((
+            ev.hdr.ts_ns,
+            KernelIds {
+                trace_id: ev.trace_id,
+                span_id: ev.span_id,
+                parent_span_id: (ev.flags & CTX_HAS_PARENT != 0).then_some(ev.parent_span_id),
+                sampled: ev.flags & CTX_SAMPLED != 0,
+                from_header: false,
+                injected: true,
+            },
+        ));
+    }
+
+    /// Kernel ids for a request head seen now.
+    fn kernel_ids(&mut self, meta: &ConnMeta, start_ns: u64, m: &Metrics) -> Option<KernelIds> {
+        if meta.role == Role::Client {
+            let key = (meta.pid, meta.tuple.lport, meta.tuple.rport);
+            let q = self.injections.get_mut(&key)?;
+            // The injection happened inside the send of this head's first bytes: the newest one
+            // not later than the head. Older ones were never claimed.
+            let mut found = None;
+            while let Some((ts, _)) = q.front() {
+                if *ts > start_ns {
+                    break;
+                }
+                if let Some(prev) = found.replace(q.pop_front().expect("front exists").1) {
+                    let _ = prev;
+                    m.inject_unmatched.inc();
+                }
+            }
+            if q.is_empty() {
+                self.injections.remove(&key);
+            }
+            found
+        } else {
+            self.server_ids.remove(&(meta.pid, meta.fd, start_ns))
+        }
     }
 
     /// Takes one event from the connection table; returns a span when an exchange finished and
@@ -96,7 +185,9 @@ impl Stitcher {
     pub fn span(&mut self, f: Finished, m: &Metrics) -> Option<SpanRecord> {
         match f {
             Finished::HttpStart { meta, seq, traceparent, tracestate, start_ns } => {
-                let id = self.corr.start(request_start(&meta, start_ns, traceparent, tracestate));
+                let mut start = request_start(&meta, start_ns, traceparent, tracestate);
+                start.kernel = self.kernel_ids(&meta, start_ns, m);
+                let id = self.corr.start(start);
                 self.ctx_of.insert((meta.conn_id, seq), id);
                 None
             }
@@ -121,6 +212,8 @@ impl Stitcher {
             source: ParentSource::None,
             uncertain: false,
             malformed_header: false,
+            injected: false,
+            kernel_mismatch: false,
         };
         if let Some(p) = parent.and_then(|p| self.corr.resolve(p)) {
             r.trace_id = p.trace_id;
@@ -233,6 +326,18 @@ impl Stitcher {
     pub fn sweep(&mut self, now_ns: u64, m: &Metrics) {
         self.corr.sweep(now_ns);
         m.contexts_evicted.set(self.corr.evicted);
+        // Kernel ids older than a minute never met their head.
+        let before = self.server_ids.len();
+        self.server_ids.retain(|(_, _, ts), _| now_ns.saturating_sub(*ts) < 60_000_000_000);
+        m.inject_unmatched.add((before - self.server_ids.len()) as u64);
+        let mut dropped = 0u64;
+        self.injections.retain(|_, q| {
+            let n = q.len();
+            q.retain(|(ts, _)| now_ns.saturating_sub(*ts) < 60_000_000_000);
+            dropped += (n - q.len()) as u64;
+            !q.is_empty()
+        });
+        m.inject_unmatched.add(dropped);
         // Heads whose exchange never came (dropped by a parser bound) would otherwise pile up.
         if self.ctx_of.len() > 2 * self.corr.len() + 1024 {
             self.ctx_of.clear();
@@ -362,6 +467,12 @@ impl Stitcher {
         let ctx = self.resolve(meta, seq, &ex);
         if ctx.malformed_header {
             m.traceparent_malformed.inc();
+        }
+        if ctx.kernel_mismatch {
+            m.kernel_context_mismatch.inc();
+        }
+        if ctx.injected {
+            a.push(attr("waybill.traceparent.injected", true));
         }
         if !ctx.sampled {
             m.spans_unsampled.inc();

@@ -27,6 +27,12 @@ pub const KIND_DATA: u32 = 201;
 /// A traced process closed a TCP socket fd.
 pub const KIND_CLOSE: u32 = 202;
 
+// 3xx: trace-context propagation (ebpf-probes/src/inject.rs).
+/// A traced server thread read an HTTP request head: the ids the kernel decided for it.
+pub const KIND_SERVER_CTX: u32 = 300;
+/// The sk_msg program inserted a `traceparent` header into an outgoing request.
+pub const KIND_INJECT: u32 = 301;
+
 // ---------------------------------------------------------------------------------------------
 // Drop / loss counters: index into the per-CPU `LOST` array.
 // ---------------------------------------------------------------------------------------------
@@ -41,6 +47,47 @@ pub const LOST_STASH_FULL: u32 = 2;
 pub const LOST_READ_USER: u32 = 3;
 /// Number of counters.
 pub const LOST_COUNTERS: u32 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Header injection outcomes: index into the per-CPU `INJECT_STATS` array (one count per message
+// the sk_msg program saw, or per socket for the `SOCK_*` entries).
+// ---------------------------------------------------------------------------------------------
+
+/// A `traceparent` header was inserted.
+pub const INJ_INJECTED: u32 = 0;
+/// The sending process is not traced (a socket selected by destination that is not ours).
+pub const INJ_NOT_TARGET: u32 = 1;
+/// The message does not start with `METHOD SP / … HTTP/1.x CRLF` (body, TLS, other protocol).
+pub const INJ_NOT_HTTP: u32 = 2;
+/// The request already carries a `traceparent`.
+pub const INJ_HAS_TRACEPARENT: u32 = 3;
+/// The connection's previous request has not been answered yet (body or pipelined request).
+pub const INJ_NOT_AT_BOUNDARY: u32 = 4;
+/// The request head does not end within the scan window (it might carry a traceparent later).
+pub const INJ_HEAD_TOO_LONG: u32 = 5;
+/// `bpf_msg_pull_data` / `bpf_msg_push_data` failed.
+pub const INJ_HELPER_FAILED: u32 = 6;
+/// The injection record could not be sent (ring buffer full): the header was not inserted.
+pub const INJ_RINGBUF_FULL: u32 = 7;
+/// sock_ops put a traced process's new outgoing connection into the socket hash.
+pub const INJ_SOCK_ADDED: u32 = 8;
+/// sock_ops could not add it (EBUSY: another sk_msg user owns the socket; or the map is full).
+pub const INJ_SOCK_ADD_FAILED: u32 = 9;
+/// Number of counters.
+pub const INJ_COUNTERS: u32 = 10;
+
+/// Bytes of a request head the kernel scans (for the request line end, the head end and an
+/// existing `traceparent`). A power of two.
+pub const HEAD_SCAN: usize = 256;
+/// Length of the inserted `traceparent: 00-<32>-<16>-<2>\r\n` line.
+pub const TRACEPARENT_LINE: u32 = 70;
+
+/// `ServerCtxEvent::flags` / `InjectEvent::flags`: the trace id came from the request's own header.
+pub const CTX_FROM_HEADER: u32 = 1;
+/// The trace is sampled (W3C flags bit 0).
+pub const CTX_SAMPLED: u32 = 2;
+/// `InjectEvent`: the context had a parent (the server span the thread was serving).
+pub const CTX_HAS_PARENT: u32 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Sizes and limits.
@@ -185,6 +232,56 @@ pub struct CloseEvent {
 }
 const _: () = assert!(size_of::<CloseEvent>() == 40);
 
+/// `KIND_SERVER_CTX`: sent just before the `KIND_DATA` record of the read it describes, with the
+/// same `hdr.ts_ns`, tgid, tid and fd, so user space can give that request exactly these ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerCtxEvent {
+    pub hdr: EventHeader,
+    pub fd: u32,
+    /// `CTX_*` bits.
+    pub flags: u32,
+    pub sk: u64,
+    pub trace_id: [u8; 16],
+    /// The SERVER span's id.
+    pub span_id: [u8; 8],
+    /// The remote parent from the request's header (zero when generated).
+    pub parent_span_id: [u8; 8],
+}
+const _: () = assert!(size_of::<ServerCtxEvent>() == 72);
+
+/// `KIND_INJECT`: what the sk_msg program inserted (sent from the sender's own send call, before
+/// the `KIND_DATA` record of the same write).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InjectEvent {
+    pub hdr: EventHeader,
+    /// The connection as sk_msg saw it (ports in host byte order).
+    pub tuple: Tuple,
+    /// `CTX_*` bits.
+    pub flags: u32,
+    /// Message size before insertion.
+    pub size: u32,
+    pub trace_id: [u8; 16],
+    /// The CLIENT span's id (the `parent-id` the downstream received).
+    pub span_id: [u8; 8],
+    /// The SERVER span the sending thread was serving (zero without `CTX_HAS_PARENT`).
+    pub parent_span_id: [u8; 8],
+}
+const _: () = assert!(size_of::<InjectEvent>() == 104);
+
+/// Key of a pending `connect()` by a traced process: its destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectKey {
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ConnectKey>() == 24);
+
 /// `KIND_PROC_EXEC`, `KIND_PROC_FORK`, `KIND_PROC_EXIT`, `KIND_PORT_MATCH`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -253,13 +350,14 @@ pub struct ProbeConfig {
     pub watch_exec: u32,
     /// 1: the `WATCH_PORTS` map is in use (needed for `--port`).
     pub watch_ports: u32,
-    pub _pad: u32,
+    /// 1: decide trace ids in the kernel and inject `traceparent` (sock_ops + sk_msg).
+    pub inject: u32,
 }
 const _: () = assert!(size_of::<ProbeConfig>() == 16);
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self { capture_bytes: DEFAULT_CAPTURE, watch_exec: 0, watch_ports: 0, _pad: 0 }
+        Self { capture_bytes: DEFAULT_CAPTURE, watch_exec: 0, watch_ports: 0, inject: 0 }
     }
 }
 
@@ -284,4 +382,5 @@ mod pod {
     unsafe impl aya::Pod for ProbeConfig {}
     unsafe impl aya::Pod for SockInfo {}
     unsafe impl aya::Pod for Tuple {}
+    unsafe impl aya::Pod for ConnectKey {}
 }
