@@ -218,6 +218,7 @@ fn setup(build_only: bool) -> Result<()> {
         return Ok(());
     }
     apt_install(TEST_PACKAGES)?;
+    apt_install(vm::VM_PACKAGES)?;
     for (module, spec) in PIP_PACKAGES {
         let present = Command::new("python3")
             .args(["-c", &format!("import {module}")])

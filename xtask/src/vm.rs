@@ -110,9 +110,9 @@ fn fetch_kernel(vm: &Path, package: &str) -> Result<Kernel> {
         fs::create_dir_all(&debs)?;
         let find_deb = || -> Option<PathBuf> {
             fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with(&format!("{package}_")) && n.ends_with("_amd64.deb")
-                })
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with("_amd64.deb"))
             })
         };
         let deb = match find_deb() {
@@ -199,21 +199,7 @@ impl Cpio {
     fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
         self.ino += 1;
         let name = name.trim_start_matches('/');
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
+        let fields = [self.ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
         let mut h = String::from("070701");
         for f in fields {
             let _ = write!(h, "{f:08x}");
@@ -227,7 +213,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -361,9 +347,13 @@ pub fn evaluate(r: &GuestResult, release: &str) -> Vec<(String, bool, String)> {
     };
     let kline = line("kernel");
     check("check reports the guest kernel", kline.contains(release), kline);
-    for (name, want) in
-        [("BTF (/sys/kernel/btf/vmlinux)", true), ("tracepoints", true), ("kprobes", true), ("fentry", true), ("ring buffer map", true)]
-    {
+    for (name, want) in [
+        ("BTF (/sys/kernel/btf/vmlinux)", true),
+        ("tracepoints", true),
+        ("kprobes", true),
+        ("fentry", true),
+        ("ring buffer map", true),
+    ] {
         let l = line(name);
         let avail = l.strip_prefix(name).map(|rest| rest.split_whitespace().next() == Some("yes"));
         let what = format!("check: {name} {}", if want { "AVAILABLE" } else { "unavailable" });
@@ -380,11 +370,7 @@ pub fn evaluate(r: &GuestResult, release: &str) -> Vec<(String, bool, String)> {
 
     check("waybill run exited 0 after SIGINT", r.agent_rc == Some(0), format!("rc {:?}", r.agent_rc));
     let sent = r.client_out.lines().count();
-    check(
-        "client got its responses",
-        sent == EXPECTED_TRACES.len(),
-        r.client_out.trim().replace('\n', "; "),
-    );
+    check("client got its responses", sent == EXPECTED_TRACES.len(), r.client_out.trim().replace('\n', "; "));
     let traces: Vec<&str> = r.agent_out.lines().filter(|l| l.starts_with("Trace ")).collect();
     check(
         &format!("exactly {} traces printed", EXPECTED_TRACES.len()),
@@ -527,7 +513,11 @@ pub fn vm_test(root: &Path, bin: &Path, args: &VmArgs) -> Result<()> {
     }
     println!("===== vm-test summary: {} ({}, x86_64) =====", k.package, k.release);
     for (what, ok, detail) in &results {
-        println!("  {}  {what}{}", if *ok { "PASS" } else { "FAIL" }, if *ok { String::new() } else { format!(": {detail}") });
+        println!(
+            "  {}  {what}{}",
+            if *ok { "PASS" } else { "FAIL" },
+            if *ok { String::new() } else { format!(": {detail}") }
+        );
     }
     let verdict = if failed == 0 { "PASS" } else { "FAIL" };
     println!(
@@ -579,8 +569,9 @@ mod tests {
                    kernel/fs/fscache/fscache.ko:\n\
                    kernel/net/9p/9pnet.ko:\n\
                    kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko\n";
-        let order = module_load_order(dep, "kernel/drivers/virtio/virtio_pci.ko\n", &["virtio_pci", "9pnet_virtio", "9p"])
-            .unwrap();
+        let order =
+            module_load_order(dep, "kernel/drivers/virtio/virtio_pci.ko\n", &["virtio_pci", "9pnet_virtio", "9p"])
+                .unwrap();
         assert_eq!(
             order,
             [
@@ -601,11 +592,11 @@ mod tests {
         c.file("init", b"#!/bin/sh\n", true);
         let b = c.finish();
         assert_eq!(&b[..6], b"070701");
-        assert_eq!(b.len() % 4, 0);
+        assert!(b.len().is_multiple_of(4));
         assert!(b.windows(10).any(|w| w == b"TRAILER!!!"));
         // second header starts 4-aligned after "bin\0"
         let second = b.windows(6).skip(1).position(|w| w == b"070701").unwrap() + 1;
-        assert_eq!(second % 4, 0);
+        assert!(second.is_multiple_of(4));
     }
 
     fn good() -> GuestResult {
@@ -650,7 +641,8 @@ mod tests {
     #[test]
     fn evaluate_fails_when_kprobes_or_fentry_missing() {
         let mut r = good();
-        r.check_out = r.check_out.replace("kprobes                          yes", "kprobes                          no ");
+        r.check_out =
+            r.check_out.replace("kprobes                          yes", "kprobes                          no ");
         r.check_out = r.check_out.replace("fentry available (tcp", "kprobes available; fentry refused (tcp");
         let f = failures(&r);
         assert!(f.iter().any(|w| w.contains("kprobes AVAILABLE")), "{f:?}");
