@@ -361,6 +361,8 @@ pub fn evaluate(r: &GuestResult, release: &str) -> Vec<(String, bool, String)> {
     }
     let data = line("socket data");
     check("check: socket data through syscall tracepoints", data.contains("syscall tracepoints"), data);
+    let walk = line("fd → TCP 4-tuple");
+    check("check: fd walk with offsets from BTF at load time", walk.contains("offsets from BTF"), walk);
     let accel = line("accelerators");
     check(
         "check: accelerators line names fentry available, tracepoints in use",
@@ -368,6 +370,12 @@ pub fn evaluate(r: &GuestResult, release: &str) -> Vec<(String, bool, String)> {
         accel,
     );
 
+    let attached = r.agent_err.lines().find(|l| l.contains("eBPF programs attached")).unwrap_or("").trim();
+    check(
+        "waybill run attached every hook (skipped=0)",
+        attached.contains("hooks=") && attached.ends_with("skipped=0"),
+        if attached.is_empty() { "no 'eBPF programs attached' line".into() } else { attached.to_string() },
+    );
     check("waybill run exited 0 after SIGINT", r.agent_rc == Some(0), format!("rc {:?}", r.agent_rc));
     let sent = r.client_out.lines().count();
     check("client got its responses", sent == EXPECTED_TRACES.len(), r.client_out.trim().replace('\n', "; "));
@@ -612,6 +620,7 @@ mod tests {
             \n\
             hooks Waybill will use\n\
             \x20 socket data          syscall tracepoints (sys_enter/exit_{read,...})\n\
+            \x20 fd → TCP 4-tuple     task→files→fdtable→file→socket→sock walk, offsets from BTF at load time\n\
             \x20 accelerators         fentry available (tcp_sendmsg/tcp_recvmsg could replace the fd walk); tracepoints in use\n";
         let agent = "Trace 0a1b2c3d…  GET /users/{id}  1.2ms  python3 (pid 77)  200\n  └─ x\n\
             Trace 1a1b2c3d…  GET /users/{id}  1.0ms  python3 (pid 77)  200\n\
@@ -625,7 +634,7 @@ mod tests {
             client_out: "GET /users/42 200\nGET /users/7 200\nPOST /orders 201\nGET /missing 404\n".into(),
             agent_rc: Some(0),
             agent_out: agent.into(),
-            agent_err: String::new(),
+            agent_err: "INFO waybill: eBPF programs attached (syscall tracepoints) hooks=27 skipped=0\n".into(),
         }
     }
 
@@ -663,6 +672,9 @@ mod tests {
         let mut r = good();
         r.console = "VMTEST_EXIT=125\n".into();
         assert_eq!(failures(&r), ["guest booted and ran the test script"]);
+        let mut r = good();
+        r.agent_err = r.agent_err.replace("skipped=0", "skipped=1");
+        assert_eq!(failures(&r), ["waybill run attached every hook (skipped=0)"]);
         let mut r = good();
         r.check_out = r.check_out.replace("6.1.0-57", "6.18.0");
         assert_eq!(failures(&r), ["check reports the guest kernel"]);
