@@ -177,7 +177,7 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         let _ = std::fs::write(stamp, b"");
     }
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
