@@ -50,6 +50,16 @@ pub fn tp_offsets() -> TracepointOffsets {
     unsafe { read_volatile(&TP_OFFS) }
 }
 
+/// `v`, through a volatile stack slot: LLVM can no longer prove a bounds check or mask on the
+/// result redundant, so the check reaches the verifier. Needed for the 6.1 verifier, which (unlike
+/// 6.8+) walks dead branches whose scalars have inconsistent bounds and rejects them (see
+/// `copy_user` in syscalls.rs).
+#[inline(always)]
+pub fn opaque(v: u64) -> u64 {
+    // SAFETY: reading a local.
+    unsafe { read_volatile(&v) }
+}
+
 macro_rules! off {
     ($f:ident) => {
         // SAFETY: a plain read of a .rodata global that user space filled in before load.

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use waybill_common::*;
 
 use crate::{
-    helpers::{config, count_lost, current, is_target, sock_info, sock_key},
+    helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key},
     maps::{EVENTS, LAST_READ_FD, SCRATCH, SOCKS, SSL_ARGS, SSL_FD, SslArgs, SslKey},
 };
 
@@ -124,7 +124,8 @@ fn exit(ctx: &RetProbeContext) -> u32 {
 /// in syscalls.rs: offset 0, length ≤ MAX_CAPTURE, array 2·MAX_CAPTURE long).
 #[inline(always)]
 fn copy_user(ev: *mut DataEvent, src: u64, n: u64) -> bool {
-    let mut len = n;
+    // Opaque so that the clamp below survives LLVM and bounds the length for the 6.1 verifier.
+    let mut len = opaque(n);
     if len > MAX_CAPTURE as u64 {
         len = MAX_CAPTURE as u64;
     }

@@ -26,7 +26,7 @@ use waybill_common::*;
 
 use crate::{
     events::emit_close,
-    helpers::{config, count_lost, current, is_target, sock_info, sock_key, walk_fd},
+    helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, walk_fd},
     maps::{EVENTS, SCRATCH, SOCKS, STASH, SYS_CONNECT_STASH, SyscallArgs, TARGETS, WATCH_PORTS},
 };
 
@@ -93,10 +93,18 @@ enter_prog!(tp_sys_enter_sendfile64, SYS_SENDFILE);
 /// Copy `n` bytes of user memory at `src` to `dst_off` in the scratch record. Bounded for the
 /// verifier: the offset is below MAX_CAPTURE and the length at most MAX_CAPTURE, and the
 /// scratch data array is 2·MAX_CAPTURE long.
+///
+/// The offset and length go through `opaque` before they are masked/clamped, so LLVM cannot prove
+/// the mask and clamp redundant (it can: `captured < want ≤ MAX_CAPTURE`) and drop them. Without
+/// them the 6.1 verifier rejects the program: in the iovec loop it walks a dead branch where
+/// `captured` has inconsistent bounds (umin 8192 > umax 4095; newer verifiers prune it), pointer +
+/// such a scalar degrades the destination to a scalar ("R1 type=scalar expected=fp, ...,
+/// map_value"); in the single-buffer path the length reaches the helper unbounded ("R2 min value
+/// is negative"). The AND and the compare recompute sane bounds on every kernel.
 #[inline(always)]
 fn copy_user(ev: *mut DataEvent, dst_off: u64, src: u64, n: u64) -> bool {
-    let off = dst_off & (MAX_CAPTURE as u64 - 1);
-    let mut len = n;
+    let off = opaque(dst_off) & (MAX_CAPTURE as u64 - 1);
+    let mut len = opaque(n);
     if len > MAX_CAPTURE as u64 {
         len = MAX_CAPTURE as u64;
     }

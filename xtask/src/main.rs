@@ -5,6 +5,7 @@
 //!   linked by bpf-linker) and then the agent, which embeds that object.
 //! - `test`: setup, build, unit tests, then the root integration tests in tests/.
 //! - `run -- <waybill args>`: build and run the agent.
+//! - `vm-test [--kernel PACKAGE]`: the release agent on another kernel in a QEMU guest (vm.rs).
 
 use std::{
     path::{Path, PathBuf},
@@ -15,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vm;
 
 #[derive(Parser)]
 #[command(about = "Waybill developer tasks")]
@@ -56,6 +58,9 @@ enum Cmd {
     /// Measure the agent's overhead on real servers (nginx, PostgreSQL, Redis), side by side
     /// with and without it; writes target/bench/results.md. Needs root.
     Bench(bench::BenchArgs),
+    /// Boot another kernel (default: Debian's newest 6.1 amd64) in QEMU with the host's / shared
+    /// read-only, and run the release agent there: `waybill check` and a real trace. Needs root.
+    VmTest(vm::VmArgs),
 }
 
 /// Debian packages needed to build the eBPF object and bpf-linker.
@@ -117,6 +122,10 @@ fn main() -> Result<()> {
             run(Command::new(bin).args(args))
         }
         Cmd::Bench(args) => bench::run(&root, args),
+        Cmd::VmTest(args) => {
+            let bin = if args.no_build { root.join("target/release/waybill") } else { build(&root, true)? };
+            vm::vm_test(&root, &bin, &args)
+        }
     }
 }
 
@@ -175,7 +184,7 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         let _ = std::fs::write(stamp, b"");
     }
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(["install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
@@ -216,6 +225,7 @@ fn setup(build_only: bool) -> Result<()> {
         return Ok(());
     }
     apt_install(TEST_PACKAGES)?;
+    apt_install(vm::VM_PACKAGES)?;
     for (module, spec) in PIP_PACKAGES {
         let present = Command::new("python3")
             .args(["-c", &format!("import {module}")])
@@ -312,5 +322,11 @@ fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> 
         .arg("--test-threads=1")
         .args(args)
         .env("WAYBILL_BIN", &bin)
-        .env("WAYBILL_EBPF_OBJ", &obj))
+        .env("WAYBILL_EBPF_OBJ", &obj))?;
+    if std::env::var_os("WAYBILL_SKIP_VM").is_some_and(|v| v == "1") {
+        eprintln!("xtask: NOT running the VM test (WAYBILL_SKIP_VM=1)");
+        return Ok(());
+    }
+    eprintln!("xtask: VM test (Debian 6.1 kernel in QEMU; WAYBILL_SKIP_VM=1 skips it)");
+    vm::vm_test(root, &bin, &vm::VmArgs { kernel: "6.1".into(), timeout: 420, no_build: true })
 }
