@@ -25,7 +25,7 @@ use aya_ebpf::{
 use waybill_common::*;
 
 use crate::{
-    helpers::{count_inject, current, is_target},
+    helpers::{count_inject, current, is_target, opaque},
     maps::{
         EVENTS, HEAD_BUF, HeadScan, INJECT_ACTIVE, INJECT_SOCKS, MSG_AWAITING_RESPONSE, MSG_BOUNDARY, MSG_NOT_HTTP,
         MSG_STATE, PENDING_CONNECT, SRV_OWNER, THREAD_CTX, ThreadCtx,
@@ -489,7 +489,9 @@ fn try_inject(ctx: &SkMsgContext) -> u32 {
     if n < 16 {
         return INJ_NOT_HTTP;
     }
-    let n = n & (2 * HEAD_SCAN - 1);
+    // `opaque`: LLVM would drop the mask as redundant after the clamp above, and the 6.1 verifier
+    // then loses the upper bound of `n` (R2 min value is negative at the read below).
+    let n = opaque(n as u64) as usize & (2 * HEAD_SCAN - 1);
     // SAFETY: copy n ≤ HEAD_SCAN bytes of the linear message head into this CPU's buffer.
     let buf = unsafe { &mut (*hb).data };
     if unsafe { bpf_probe_read_kernel_buf(data as *const u8, &mut buf[..n]) }.is_err() {
