@@ -68,8 +68,15 @@ impl Pipeline {
         self.metrics.processes_attached.set(self.traced.len() as u64);
         let names = process::names(pid);
         tracing::info!(pid, exe = names.first().map(String::as_str).unwrap_or("?"), why, "tracing process");
+        self.describe(pid);
         self.probes.attach_tls(pid);
         true
+    }
+
+    /// Reads the process's resource now: a short-lived process (psql, curl) is often gone by the
+    /// time its first span is built, and /proc/PID with it.
+    fn describe(&mut self, pid: u32) {
+        let _ = self.stitcher.resources.get(pid);
     }
 
     /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.
@@ -133,6 +140,7 @@ impl Pipeline {
                     self.probes.detach_tls(pid);
                     self.probes.attach_tls(pid);
                     self.stitcher.resources.forget(pid);
+                    self.describe(pid);
                 } else if process::exe_matches(pid, &self.cfg.selector.exes) {
                     self.trace(pid, "exec matches --exe");
                 }
@@ -142,6 +150,7 @@ impl Pipeline {
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
+                self.describe(pid);
                 self.probes.attach_tls(pid);
             }
             Record::Exit(ev) => {
@@ -153,6 +162,7 @@ impl Pipeline {
                 self.traced.insert(pid);
                 self.metrics.processes_attached.set(self.traced.len() as u64);
                 tracing::info!(pid, port = ev.other, comm = %comm(&ev.comm), "tracing process (uses a --port)");
+                self.describe(pid);
                 self.probes.attach_tls(pid);
             }
         }

@@ -256,8 +256,13 @@ impl Probes {
             } else if targets.openssl.is_empty() {
                 tracing::warn!(pid, file = %m.path, "libssl without SSL_read/SSL_write symbols: TLS not traced");
             }
-            for e in &errors {
-                tracing::warn!(pid, file = %m.path, error = %e, "TLS probe not attached");
+            if !errors.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+                // Exited while being probed (a short-lived child): nothing was missed.
+                tracing::debug!(pid, file = %m.path, errors = errors.len(), "process gone before its TLS probes");
+            } else {
+                for e in &errors {
+                    tracing::warn!(pid, file = %m.path, error = %e, "TLS probe not attached");
+                }
             }
             added += links.len();
             st.links.extend(links);
