@@ -114,6 +114,13 @@ struct Mapped {
     is_main: bool,
 }
 
+/// OpenSSL's libssl by file name: `libssl.so.3` (distributions), and the renamed copies that
+/// Python wheels bundle (`libssl-4a840876.so.3`: auditwheel adds a hash), as psycopg-binary does.
+fn is_libssl(base: &str) -> bool {
+    base.strip_prefix("libssl")
+        .is_some_and(|rest| rest.starts_with(".so") || (rest.starts_with('-') && rest.contains(".so")))
+}
+
 /// The executable file mappings of `pid` worth looking at: its main executable and any libssl.
 fn mapped_files(pid: u32) -> Vec<Mapped> {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
@@ -131,7 +138,7 @@ fn mapped_files(pid: u32) -> Vec<Mapped> {
         }
         let is_main = exe.as_deref() == Some(Path::new(path));
         let base = path.rsplit('/').next().unwrap_or(path);
-        if !is_main && !base.starts_with("libssl.so") {
+        if !is_main && !is_libssl(base) {
             continue;
         }
         if !seen.insert(path.to_string()) {
@@ -280,6 +287,21 @@ impl Probes {
                     let _ = p.detach(id);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_libssl;
+
+    #[test]
+    fn libssl_file_names() {
+        for yes in ["libssl.so.3", "libssl.so.1.1", "libssl.so", "libssl-4a840876.so.3", "libssl-1bd0ad2e.so.1.1"] {
+            assert!(is_libssl(yes), "{yes}");
+        }
+        for no in ["libssl3.so", "libssh.so.4", "libsslx.so", "libcrypto.so.3", "libssl-dev"] {
+            assert!(!is_libssl(no), "{no}");
         }
     }
 }
