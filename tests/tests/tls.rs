@@ -193,6 +193,24 @@ fn node_https_server_with_static_openssl_spans_are_decrypted() {
     assert!(line.contains("SSL_read") && line.contains("SSL_write"), "{line}");
 }
 
+/// Builds tests/apps/tls_go_server with Debian's golang-go (standard library only).
+fn build_go_server() -> (TempDir, PathBuf) {
+    let dir = TempDir::new("gotls");
+    let bin = dir.path().join("tls_go_server");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(repo_root().join("tests/apps/tls_go_server"))
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOCACHE", dir.path().join("cache"))
+        .output()
+        .expect("go must be installed (cargo xtask setup installs golang-go)");
+    assert!(out.status.success(), "go build: {}", String::from_utf8_lossy(&out.stderr));
+    (dir, bin)
+}
+
 /// Go `net/http` TLS server built from source with Debian's golang-go: probes at the entry and at
 /// every RET instruction of crypto/tls.(*Conn).Read/Write, paired by goroutine.
 #[test]
@@ -200,20 +218,7 @@ fn go_tls_server_spans_are_decrypted() {
     if !require_root() {
         return;
     }
-    let dir = TempDir::new("gotls");
-    let bin = dir.path().join("tls_go_server");
-    let src = repo_root().join("tests/apps/tls_go_server");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&src)
-        .env("GOPROXY", "off")
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOCACHE", dir.path().join("cache"))
-        .output()
-        .expect("go must be installed (cargo xtask setup installs golang-go)");
-    assert!(out.status.success(), "go build: {}", String::from_utf8_lossy(&out.stderr));
+    let (_dir, bin) = build_go_server();
     let version = sh("go", &["version"]);
     let (_d, c, k) = cert();
     let rx = Receiver::start(Proto::Grpc);
@@ -485,4 +490,92 @@ fn psql_and_redis_server_over_tls() {
             assert_eq!(attr(s, "client.address"), "127.0.0.1");
         }
     }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// 10 000 HTTPS requests (curl, 4 parallel keep-alive connections, HTTP/1.1) to the Go TLS server
+/// under its entry + RET-instruction uprobes: every response is correct (status and body size),
+/// the server is alive afterwards, and the collector got exactly one SERVER span per request
+/// (each request's path exactly once) — or, had anything been lost, the agent's own counters
+/// account for every missing span.
+#[test]
+fn ten_thousand_https_requests_under_the_go_probes() {
+    if !require_root() {
+        return;
+    }
+    const N: usize = 10_000;
+    let (dir, bin) = build_go_server();
+    let (_d, c, k) = cert();
+    let rx = Receiver::start(Proto::Grpc);
+    let port = free_port();
+    let mut server = spawn("go https", Command::new(&bin).arg(port.to_string()).arg(&c).arg(&k), port);
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let env = otlp_env(&rx);
+    let agent = Agent::start(&["--pid", &server.pid().to_string(), "--metrics-addr", &maddr], &env_refs(&env));
+    let cfg = dir.path().join("curl.cfg");
+    let mut text = String::new();
+    for i in 0..N {
+        text.push_str(&format!("url = \"https://127.0.0.1:{port}/users/{i}\"\noutput = \"/dev/null\"\n"));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let t0 = Instant::now();
+    let out = Command::new("curl")
+        .args(["-sSk", "--no-progress-meter", "--http1.1", "--parallel", "--parallel-max", "4", "-K"])
+        .arg(&cfg)
+        .args(["-w", "%{http_code} %{size_download} %{url_effective}\\n"])
+        .output()
+        .expect("curl");
+    let took = t0.elapsed();
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(lines.lines().count(), N);
+    for l in lines.lines() {
+        let mut it = l.split(' ');
+        let (code, size, url) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        let id = url.rsplit('/').next().unwrap();
+        // Body: {"user": "<id>"}\n
+        assert_eq!((code, size), ("200", (id.len() + 13).to_string().as_str()), "{l}");
+    }
+    assert!(server.child.try_wait().unwrap().is_none(), "the Go server died under the probes");
+    eprintln!("{N} HTTPS requests in {took:?} under the probes");
+    assert!(took < Duration::from_secs(45), "{N} requests took {took:?}");
+
+    let _ = rx.wait_for_spans(N, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let spans: Vec<_> = rx.spans().into_iter().filter(|s| s.kind == "Server").collect();
+    let (_, metrics) = waybill_tests::harness::http_get(&maddr, "/metrics");
+    let out = agent.stop();
+    let created = metric(&metrics, "waybill_spans_created_total");
+    let exported = metric(&metrics, "waybill_spans_exported_total");
+    let lost_ring = metric(&metrics, "waybill_ringbuf_records_lost_total");
+    let dropped = metric(&metrics, "waybill_spans_dropped_total");
+    let unpaired = metric(&metrics, "waybill_requests_unpaired_total");
+    eprintln!(
+        "spans received={} created={created} exported={exported} ringbuf_lost={lost_ring} dropped={dropped}",
+        spans.len()
+    );
+    let mut paths: Vec<&str> = spans.iter().map(|s| attr(s, "url.path")).collect();
+    paths.sort_unstable();
+    let before = paths.len();
+    paths.dedup();
+    assert_eq!(paths.len(), before, "a request produced two spans");
+    assert_eq!(spans.len() as u64, exported, "the collector got what the agent says it exported");
+    assert_eq!(created, exported + dropped, "every span built was exported or counted as dropped");
+    if lost_ring == 0 && dropped == 0 {
+        assert_eq!(spans.len(), N, "no loss was counted, so every request must have its span\n{}", out.stderr);
+    } else {
+        // Losses happened and were counted: each missing span is a lost record or a dropped span.
+        assert!((N - spans.len()) as u64 <= lost_ring + dropped, "uncounted losses: {metrics}");
+    }
+    assert_eq!(unpaired, 0);
+    assert!(
+        spans.iter().all(|s| attr(s, "http.response.status_code") == "200" && attr(s, "tls.protocol.name") == "tls")
+    );
+    assert!(server.child.try_wait().unwrap().is_none(), "the Go server died under the probes");
 }
