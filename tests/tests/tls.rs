@@ -195,10 +195,16 @@ fn node_https_server_with_static_openssl_spans_are_decrypted() {
 
 /// Builds tests/apps/tls_go_server with Debian's golang-go (standard library only).
 fn build_go_server() -> (TempDir, PathBuf) {
+    build_go_server_with(&[])
+}
+
+fn build_go_server_with(flags: &[&str]) -> (TempDir, PathBuf) {
     let dir = TempDir::new("gotls");
     let bin = dir.path().join("tls_go_server");
     let out = Command::new("go")
-        .args(["build", "-o"])
+        .arg("build")
+        .args(flags)
+        .arg("-o")
         .arg(&bin)
         .arg(".")
         .current_dir(repo_root().join("tests/apps/tls_go_server"))
@@ -578,4 +584,38 @@ fn ten_thousand_https_requests_under_the_go_probes() {
         spans.iter().all(|s| attr(s, "http.response.status_code") == "200" && attr(s, "tls.protocol.name") == "tls")
     );
     assert!(server.child.try_wait().unwrap().is_none(), "the Go server died under the probes");
+}
+
+/// A stripped Go TLS server (`-ldflags=-s -w`: no symbol table) is reported clearly, by the agent
+/// and by `waybill check --pid`, and left alone: it keeps serving, and its ciphertext gives no span.
+#[test]
+fn stripped_go_binary_is_reported_not_probed() {
+    if !require_root() {
+        return;
+    }
+    let (_dir, bin) = build_go_server_with(&["-ldflags=-s -w"]);
+    let (_d, c, k) = cert();
+    let rx = Receiver::start(Proto::Grpc);
+    let port = free_port();
+    let mut server = spawn("stripped go https", Command::new(&bin).arg(port.to_string()).arg(&c).arg(&k), port);
+    let pid = server.pid();
+    let check = waybill_tests::harness::waybill(&["check", "--pid", &pid.to_string()], &[]);
+    let want = "the Go binary is stripped";
+    assert!(check.stdout.contains(&format!("pid {pid}: ")) && check.stdout.contains(want), "{}", check.stdout);
+    assert!(check.stdout.contains("TLS in it will not be seen"), "{}", check.stdout);
+    let env = otlp_env(&rx);
+    let agent = Agent::start(&["--pid", &pid.to_string()], &env_refs(&env));
+    let out =
+        sh("curl", &["-sk", "-o", "/dev/null", "-w", "%{http_code}", &format!("https://127.0.0.1:{port}/users/1")]);
+    assert_eq!(out, "200");
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = agent.stop();
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains(&format!("pid={pid} ")) && l.contains(want))
+        .unwrap_or_else(|| panic!("no clear warning about the stripped binary:\n{}", out.stderr));
+    assert!(line.contains("will not be seen"), "{line}");
+    assert!(rx.spans().is_empty(), "{:#?}", rx.spans());
+    assert!(server.child.try_wait().unwrap().is_none());
 }
