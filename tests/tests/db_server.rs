@@ -167,7 +167,8 @@ fn redis_server_spans_from_redis_cli_including_multi_exec() {
         ops,
         // redis-cli 7 reading from stdin asks for COMMAND DOCS first (for its hints).
         ["SET ? ?", "GET ?", "CONFIG SET ? ?", "COMMAND DOCS", "MULTI", "SET ? ?", "INCR ?", "LPUSH ? ?", "EXEC"],
-        "{spans:#?}"
+        "{spans:#?}\n{}",
+        out.stderr
     );
     for s in &spans {
         assert_eq!(s.kind, "Server");
