@@ -36,10 +36,6 @@ pub struct Pipeline {
     cfg: PipelineConfig,
     spans: mpsc::Sender<SpanRecord>,
     traced: HashSet<u32>,
-    /// Processes that exec'd (or were forked) since their TLS libraries were last looked for:
-    /// the dynamic loader maps libssl only after exec, so their first socket is the cue to look
-    /// again (sooner than the rescan, which matters for short-lived clients such as psql).
-    tls_recheck: HashSet<u32>,
     finished: Vec<Finished>,
 }
 
@@ -54,7 +50,6 @@ impl Pipeline {
             cfg,
             spans,
             traced: HashSet::new(),
-            tls_recheck: HashSet::new(),
             finished: Vec::new(),
         }
     }
@@ -75,7 +70,6 @@ impl Pipeline {
         tracing::info!(pid, exe = names.first().map(String::as_str).unwrap_or("?"), why, "tracing process");
         self.describe(pid);
         self.probes.attach_tls(pid);
-        self.tls_recheck.insert(pid);
         true
     }
 
@@ -118,7 +112,6 @@ impl Pipeline {
 
     fn untrace(&mut self, pid: u32, ts_ns: u64) {
         self.traced.remove(&pid);
-        self.tls_recheck.remove(&pid);
         self.probes.remove_target(pid);
         self.probes.detach_tls(pid);
         self.conns.on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
@@ -134,12 +127,10 @@ impl Pipeline {
         };
         let m = &self.metrics;
         match rec {
-            Record::Conn(ev) => {
-                if self.tls_recheck.remove(&ev.hdr.tgid) {
-                    self.probes.attach_tls(ev.hdr.tgid);
-                }
-                self.conns.on_conn(&ev, &self.metrics, &mut self.finished)
-            }
+            // (Attaching uprobes blocks this loop for ~15-60 ms per process, so it is not done
+            // here at a process's first socket: a burst of short-lived processes would stall the
+            // pipeline. libssl loaded after exec is picked up by the rescan.)
+            Record::Conn(ev) => self.conns.on_conn(&ev, m, &mut self.finished),
             Record::Data { head, payload } => {
                 m.bytes_captured.add(payload.len() as u64);
                 self.conns.on_data(&head, payload, m, &mut self.finished)
@@ -148,11 +139,9 @@ impl Pipeline {
             Record::Exec(ev) => {
                 let pid = ev.hdr.tgid;
                 if self.traced.contains(&pid) {
-                    // Same process, new program: describe it afresh, probe its new files. Probes
-                    // already on a file it maps again (the same libssl) stay valid across exec:
-                    // they belong to the task and the inode, so they are not re-attached.
+                    // Same process, new program: describe it afresh, probe its TLS afresh.
+                    self.probes.detach_tls(pid);
                     self.probes.attach_tls(pid);
-                    self.tls_recheck.insert(pid);
                     self.stitcher.resources.forget(pid);
                     self.describe(pid);
                 } else if process::exe_matches(pid, &self.cfg.selector.exes) {
@@ -166,7 +155,6 @@ impl Pipeline {
                 tracing::debug!(pid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
                 self.describe(pid);
                 self.probes.attach_tls(pid);
-                self.tls_recheck.insert(pid);
             }
             Record::Exit(ev) => {
                 tracing::debug!(pid = ev.hdr.tgid, "traced process exited");
