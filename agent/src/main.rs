@@ -29,8 +29,13 @@ enum Cmd {
     /// Trace the selected processes: spans to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set,
     /// otherwise a waterfall per trace in the terminal.
     Run(Box<RunArgs>),
-    /// Show what this kernel and these privileges allow, and which hooks will be used.
-    Check,
+    /// Show what this kernel and these privileges allow, and which hooks will be used; with
+    /// --pid, also what the TLS probes would find in that process (libssl, OpenSSL linked in, Go).
+    Check {
+        /// Also report the TLS libraries and symbols of this process (repeatable).
+        #[arg(long = "pid", value_name = "PID")]
+        pids: Vec<u32>,
+    },
 }
 
 #[derive(Args)]
@@ -92,9 +97,17 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check => {
+        Cmd::Check { pids } => {
             let f = features::detect();
             print!("{}", f.render());
+            if !pids.is_empty() {
+                println!("\nTLS in the selected processes");
+                for pid in pids {
+                    for line in waybill::loader::uprobes::tls_report(pid) {
+                        println!("  {line}");
+                    }
+                }
+            }
             if f.privileged { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Cmd::Run(args) => {

@@ -329,8 +329,44 @@ pub struct Postgres {
     bin: PathBuf,
 }
 
+/// A self-signed certificate for 127.0.0.1 / localhost, made with openssl: (dir guard, cert, key).
+pub fn self_signed_cert() -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new("cert");
+    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    sh(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            k.to_str().unwrap(),
+            "-out",
+            c.to_str().unwrap(),
+        ],
+    );
+    (dir, c, k)
+}
+
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `ssl = on` and a self-signed certificate (clients may still choose plaintext).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let bin = ["/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin"]
             .iter()
             .map(PathBuf::from)
@@ -345,7 +381,17 @@ impl Postgres {
             assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         };
         as_pg(&[bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"]);
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        if tls {
+            let (_cdir, cert, key) = self_signed_cert();
+            // PostgreSQL wants the key owned by its user, mode 0600.
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(&cert, &c).unwrap();
+            std::fs::copy(&key, &k).unwrap();
+            sh("chown", &["postgres:postgres", c.to_str().unwrap(), k.to_str().unwrap()]);
+            sh("chmod", &["600", k.to_str().unwrap()]);
+            opts.push_str(&format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", c.display(), k.display()));
+        }
         as_pg(&[
             bin.join("pg_ctl").to_str().unwrap(),
             "-D",
@@ -407,6 +453,39 @@ impl Redis {
         wait_port(port, Duration::from_secs(10));
         me
     }
+
+    /// TLS only (`--port 0 --tls-port`), with the certificate in `cert`/`key`, no client
+    /// certificates. `None` when this redis-server was built without TLS.
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<Self> {
+        if !redis_has_tls() {
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(cert)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask setup installs it)");
+        let me = Self { proc: Proc { child, name: "redis-server (TLS)".into() }, port };
+        wait_port(port, Duration::from_secs(10));
+        Some(me)
+    }
+}
+
+/// Whether Debian's redis-server was built with TLS (it links libssl then).
+pub fn redis_has_tls() -> bool {
+    Command::new("ldd")
+        .arg(std::fs::canonicalize("/usr/bin/redis-server").unwrap_or_else(|_| "/usr/bin/redis-server".into()))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("libssl"))
+        .unwrap_or(false)
 }
 
 /// Two network namespaces joined by a veth pair, created for one test and deleted on drop (even

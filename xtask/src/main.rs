@@ -3,7 +3,10 @@
 //! - `setup`: installs the toolchain and test tools (idempotent: each step is skipped when present).
 //! - `build [--release]`: builds the eBPF object (ebpf-probes/, Debian rustc for bpfel-unknown-none,
 //!   linked by bpf-linker) and then the agent, which embeds that object.
-//! - `test`: setup, build, unit tests, then the root integration tests in tests/.
+//! - `test`: setup, build, unit tests, a fuzz smoke run (`fuzz --smoke`), then the root
+//!   integration tests in tests/.
+//! - `fuzz [--smoke] [--seconds N] [TARGET…]`: runs the parser fuzz targets in fuzz/ with
+//!   cargo-fuzz (installed on first use) on the nightly toolchain, seeded from the golden fixtures.
 //! - `run -- <waybill args>`: build and run the agent.
 //! - `vm-test [--kernel PACKAGE]`: the release agent on another kernel in a QEMU guest (vm.rs).
 
@@ -46,9 +49,24 @@ enum Cmd {
         /// Only unit tests (no root needed).
         #[arg(long)]
         unit: bool,
+        /// Skip the fuzz smoke run.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for the integration test run (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the protocol parsers (fuzz/, cargo-fuzz on nightly, seeded from the fixtures).
+    /// Fails on a crash, a panic, an input taking over 10 s, or an allocation above the limit.
+    Fuzz {
+        /// The CI budget: every target for 20 s.
+        #[arg(long)]
+        smoke: bool,
+        /// Seconds per target (default 20 with --smoke, else 300).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Targets to run (default: all of fuzz/fuzz_targets).
+        targets: Vec<String>,
     },
     /// Build (release) and run waybill with the given arguments.
     Run {
@@ -115,7 +133,8 @@ fn main() -> Result<()> {
         Cmd::Setup { build_only } => setup(build_only),
         // Building needs the eBPF toolchain: install it on first use (quick when present).
         Cmd::Build { release } => setup(true).and_then(|_| build(&root, release)).map(|_| ()),
-        Cmd::Test { no_setup, unit, args } => test(&root, no_setup, unit, &args),
+        Cmd::Test { no_setup, unit, no_fuzz, args } => test(&root, no_setup, unit, no_fuzz, &args),
+        Cmd::Fuzz { smoke, seconds, targets } => fuzz(&root, seconds.unwrap_or(if smoke { 20 } else { 300 }), &targets),
         Cmd::Run { args } => {
             setup(true)?;
             let bin = build(&root, true)?;
@@ -294,7 +313,73 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> {
+/// Fuzz targets, from fuzz/fuzz_targets/*.rs.
+fn fuzz_targets(root: &Path) -> Result<Vec<String>> {
+    let mut t: Vec<String> = std::fs::read_dir(root.join("fuzz/fuzz_targets"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .collect();
+    t.sort();
+    Ok(t)
+}
+
+/// Installs cargo-fuzz when `cargo fuzz` is missing (idempotent).
+fn ensure_cargo_fuzz() -> Result<()> {
+    let ok = Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        eprintln!("xtask: installing cargo-fuzz (about a minute)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let nightly =
+        Command::new("cargo").args(["+nightly", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !nightly {
+        bail!("fuzzing needs a nightly toolchain (sanitizer flags): `rustup toolchain install nightly`");
+    }
+    Ok(())
+}
+
+/// Per input: libFuzzer's own limits make an unbounded allocation or a slow input a failure.
+const FUZZ_MALLOC_LIMIT_MB: u32 = 64;
+const FUZZ_RSS_LIMIT_MB: u32 = 1024;
+const FUZZ_INPUT_TIMEOUT_S: u32 = 10;
+
+fn fuzz(root: &Path, seconds: u64, only: &[String]) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let dir = root.join("fuzz");
+    let all = fuzz_targets(root)?;
+    for t in only {
+        if !all.contains(t) {
+            bail!("no fuzz target {t:?}; there are: {}", all.join(", "));
+        }
+    }
+    let targets = if only.is_empty() { all } else { only.to_vec() };
+    run(Command::new("python3").arg(dir.join("seed_corpus.py")))?;
+    // One build for all targets, with debug assertions (integer overflow is a bug too).
+    run(Command::new("cargo")
+        .current_dir(&dir)
+        .args(["+nightly", "fuzz", "build", "-O", "-a"])
+        .env_remove("RUSTFLAGS"))?;
+    for t in &targets {
+        let corpus = dir.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        eprintln!("xtask: fuzzing {t} for {seconds} s");
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "run", "-O", "-a", t])
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-malloc_limit_mb={FUZZ_MALLOC_LIMIT_MB}"))
+            .arg(format!("-rss_limit_mb={FUZZ_RSS_LIMIT_MB}"))
+            .arg(format!("-timeout={FUZZ_INPUT_TIMEOUT_S}"))
+            .arg("-max_len=16384")
+            .arg("-print_final_stats=1")
+            .env_remove("RUSTFLAGS"))
+        .with_context(|| format!("fuzz target {t} failed: the crashing input is in fuzz/artifacts/{t}/"))?;
+    }
+    Ok(())
+}
+
+fn test(root: &Path, no_setup: bool, unit: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
     if !no_setup {
         setup(unit)?;
     }
@@ -307,6 +392,10 @@ fn test(root: &Path, no_setup: bool, unit: bool, args: &[String]) -> Result<()> 
         .env("WAYBILL_EBPF_OBJ", &obj))?;
     if unit {
         return Ok(());
+    }
+    if !no_fuzz {
+        eprintln!("xtask: fuzz smoke run");
+        fuzz(root, 20, &[])?;
     }
     if !is_root() {
         if std::env::var_os("CI").is_some() {

@@ -72,6 +72,7 @@ impl Pipeline {
         self.metrics.processes_attached.set(self.traced.len() as u64);
         let names = process::names(pid);
         tracing::info!(pid, exe = names.first().map(String::as_str).unwrap_or("?"), why, "tracing process");
+        self.describe(pid);
         self.probes.attach_tls(pid);
         true
     }
@@ -85,8 +86,15 @@ impl Pipeline {
         }
         self.traced.insert(pid);
         self.metrics.processes_attached.set(self.traced.len() as u64);
+        self.describe(pid);
         self.probes.attach_tls(pid);
         true
+    }
+
+    /// Reads the process's resource now: a short-lived process (psql, curl) is often gone by the
+    /// time its first span is built, and /proc/PID with it.
+    fn describe(&mut self, pid: u32) {
+        let _ = self.stitcher.resources.get(pid);
     }
 
     /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.
@@ -137,6 +145,9 @@ impl Pipeline {
         };
         let m = &self.metrics;
         match rec {
+            // (Attaching uprobes blocks this loop for ~15-60 ms per process, so it is not done
+            // here at a process's first socket: a burst of short-lived processes would stall the
+            // pipeline. libssl loaded after exec is picked up by the rescan.)
             Record::Conn(ev) => self.conns.on_conn(&ev, m, &mut self.finished),
             Record::Data { head, payload } => {
                 m.bytes_captured.add(payload.len() as u64);
@@ -155,6 +166,7 @@ impl Pipeline {
                     self.probes.detach_tls(pid);
                     self.probes.attach_tls(pid);
                     self.stitcher.resources.forget(pid);
+                    self.describe(pid);
                 } else if process::exe_matches(pid, &self.cfg.selector.exes) {
                     self.trace(pid, "exec matches --exe");
                 }

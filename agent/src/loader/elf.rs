@@ -17,6 +17,10 @@ pub const GO_WRITE: &str = "crypto/tls.(*Conn).Write";
 
 /// Oldest Go with the register ABI on amd64 (arguments in RAX, RBX, …; g in R14).
 pub const GO_MIN: (u32, u32) = (1, 17);
+/// Newest Go whose `tls.Conn` → `net.TCPConn` → `netFD` → `poll.FD.Sysfd` layout and calling
+/// convention were checked against its sources (run-tested here: Debian's 1.19). A newer Go is
+/// refused with a message rather than probed on a guess.
+pub const GO_MAX: (u32, u32) = (1, 24);
 
 /// A probe location: function name and file offset (what the kernel's uprobe wants).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,13 +168,16 @@ fn scan_go<'a, O: Object<'a>, R: ReadRef<'a>>(obj: &O, data: R, out: &mut TlsTar
         return;
     }
     match out.go_version.as_deref().and_then(parse_go_version) {
-        Some(v) if v >= GO_MIN => {}
-        Some(_) => {
+        Some(v) if (GO_MIN..=GO_MAX).contains(&v) => {}
+        Some(v) => {
+            let why = if v < GO_MIN { "predates the register ABI" } else { "is newer than the versions Waybill knows" };
             out.go_problem = Some(format!(
-                "{} predates the register ABI (Go {}.{}+ is supported)",
+                "{} {why} (supported: Go {}.{} to {}.{}): TLS in it will not be seen",
                 out.go_version.as_deref().unwrap_or("?"),
                 GO_MIN.0,
-                GO_MIN.1
+                GO_MIN.1,
+                GO_MAX.0,
+                GO_MAX.1
             ));
             return;
         }
@@ -200,7 +207,9 @@ fn scan_go<'a, O: Object<'a>, R: ReadRef<'a>>(obj: &O, data: R, out: &mut TlsTar
     }
     if out.go_entries.is_empty() {
         out.go_problem = Some(if obj.symbols().next().is_none() {
-            "the Go binary is stripped (no .symtab): crypto/tls functions cannot be found".into()
+            "the Go binary is stripped (no .symtab, e.g. built with -ldflags=-s): crypto/tls cannot be found, TLS in it \
+             will not be seen"
+                .into()
         } else {
             "the program does not use crypto/tls".into()
         });

@@ -114,6 +114,62 @@ struct Mapped {
     is_main: bool,
 }
 
+fn stripped_message(pid: u32, path: &str) -> String {
+    format!(
+        "pid {pid}: {path} has no symbols (stripped), so no SSL_* functions and no Go crypto/tls can be \
+         found in it: TLS linked into it will not be seen"
+    )
+}
+
+/// What `waybill check --pid` says about the TLS of a process: one line per file looked at.
+pub fn tls_report(pid: u32) -> Vec<String> {
+    let files = mapped_files(pid);
+    if files.is_empty() {
+        return vec![format!("pid {pid}: cannot read /proc/{pid}/maps (gone, or not permitted)")];
+    }
+    let mut out = Vec::new();
+    let mut any = false;
+    for m in &files {
+        let t = match elf::scan(&m.host_path, true) {
+            Ok(t) => t,
+            Err(e) => {
+                out.push(format!("pid {pid}: {e}"));
+                continue;
+            }
+        };
+        let line = if !t.openssl.is_empty() {
+            let funcs: Vec<&str> = t.openssl.iter().map(|l| l.func.as_str()).collect();
+            format!("pid {pid}: {}: OpenSSL {} → uprobes", m.path, funcs.join(","))
+        } else if let (Some(v), None) = (&t.go_version, &t.go_problem) {
+            format!("pid {pid}: {}: {v} crypto/tls → uprobes at entry + {} RET instructions", m.path, t.go_rets.len())
+        } else if let (Some(v), Some(p)) = (&t.go_version, &t.go_problem) {
+            format!("pid {pid}: {}: {v}: {p}", m.path)
+        } else if !t.has_symbols {
+            stripped_message(pid, &m.path)
+        } else if m.is_main {
+            format!("pid {pid}: {}: no SSL_* symbols and no Go build info in the executable", m.path)
+        } else {
+            format!("pid {pid}: {}: libssl without SSL_read/SSL_write symbols: TLS not traced", m.path)
+        };
+        any |= !t.openssl.is_empty() || (t.go_version.is_some() && t.go_problem.is_none());
+        out.push(line);
+    }
+    if !any {
+        out.push(format!(
+            "pid {pid}: no libssl mapped and nothing to probe: TLS in it (if any) will not be seen; a libssl \
+             loaded later (dlopen) is picked up on the next rescan"
+        ));
+    }
+    out
+}
+
+/// OpenSSL's libssl by file name: `libssl.so.3` (distributions), and the renamed copies that
+/// Python wheels bundle (`libssl-4a840876.so.3`: auditwheel adds a hash), as psycopg-binary does.
+fn is_libssl(base: &str) -> bool {
+    base.strip_prefix("libssl")
+        .is_some_and(|rest| rest.starts_with(".so") || (rest.starts_with('-') && rest.contains(".so")))
+}
+
 /// The executable file mappings of `pid` worth looking at: its main executable and any libssl.
 fn mapped_files(pid: u32) -> Vec<Mapped> {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
@@ -131,7 +187,7 @@ fn mapped_files(pid: u32) -> Vec<Mapped> {
         }
         let is_main = exe.as_deref() == Some(Path::new(path));
         let base = path.rsplit('/').next().unwrap_or(path);
-        if !is_main && !base.starts_with("libssl.so") {
+        if !is_main && !is_libssl(base) {
             continue;
         }
         if !seen.insert(path.to_string()) {
@@ -247,17 +303,18 @@ impl Probes {
                         tracing::warn!(pid, file = %m.path, go = %v, problem = %p, "Go TLS cannot be traced");
                     }
                 } else if !targets.has_symbols {
-                    tracing::warn!(
-                        pid,
-                        file = %m.path,
-                        "the executable has no symbol table: TLS linked into it cannot be traced"
-                    );
+                    tracing::warn!(pid, file = %m.path, "{}", stripped_message(pid, &m.path));
                 }
             } else if targets.openssl.is_empty() {
                 tracing::warn!(pid, file = %m.path, "libssl without SSL_read/SSL_write symbols: TLS not traced");
             }
-            for e in &errors {
-                tracing::warn!(pid, file = %m.path, error = %e, "TLS probe not attached");
+            if !errors.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+                // Exited while being probed (a short-lived child): nothing was missed.
+                tracing::debug!(pid, file = %m.path, errors = errors.len(), "process gone before its TLS probes");
+            } else {
+                for e in &errors {
+                    tracing::warn!(pid, file = %m.path, error = %e, "TLS probe not attached");
+                }
             }
             added += links.len();
             st.links.extend(links);
@@ -275,6 +332,21 @@ impl Probes {
                     let _ = p.detach(id);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_libssl;
+
+    #[test]
+    fn libssl_file_names() {
+        for yes in ["libssl.so.3", "libssl.so.1.1", "libssl.so", "libssl-4a840876.so.3", "libssl-1bd0ad2e.so.1.1"] {
+            assert!(is_libssl(yes), "{yes}");
+        }
+        for no in ["libssl3.so", "libssh.so.4", "libsslx.so", "libcrypto.so.3", "libssl-dev"] {
+            assert!(!is_libssl(no), "{no}");
         }
     }
 }

@@ -314,7 +314,10 @@ fn java_main(argv: &[String]) -> Option<String> {
 /// `REDACTED`: the value of `--password=…`-style arguments and the argument after a
 /// `--password`-style flag (names as for URL query parameters, see
 /// `waybill_protocols::redact::name_is_sensitive`), values that look like credentials (JWTs…),
-/// and the password of `scheme://user:password@host` URLs.
+/// the password of `scheme://user:password@host` URLs and secret-looking values in their query
+/// strings (as for `url.full`), and — for an argument holding a quoted string (SQL given to
+/// `psql -c`, a script given to `sh -c`) — every quoted string and number, as in `db.query.text`
+/// (`SELECT ?/?, ?`).
 pub fn redact_command_line(argv: &[String]) -> String {
     use waybill_protocols::redact::{REDACTED, name_is_sensitive, value_looks_sensitive};
     let mut out: Vec<String> = Vec::with_capacity(argv.len());
@@ -345,15 +348,30 @@ pub fn redact_command_line(argv: &[String]) -> String {
             out.push(REDACTED.to_string());
             continue;
         }
-        out.push(redact_url_password(a));
+        if !a.contains("://") && (a.contains('\'') || a.contains('"')) {
+            out.push(waybill_protocols::sql::redact(a));
+            continue;
+        }
+        out.push(redact_url(a));
     }
     out.join(" ")
 }
 
-fn redact_url_password(a: &str) -> String {
+/// A URL argument: password → `REDACTED`, query string as in `url.full`.
+fn redact_url(a: &str) -> String {
     let Some(i) = a.find("://") else {
         return a.to_string();
     };
+    if let Some(q) = a.find('?') {
+        let (head, query) = a.split_at(q);
+        let (query, frag) = query[1..].split_once('#').map_or((&query[1..], None), |(q, f)| (q, Some(f)));
+        let mut out = format!("{}?{}", redact_url(head), waybill_protocols::redact::redact_query(query));
+        if let Some(f) = frag {
+            out.push('#');
+            out.push_str(f);
+        }
+        return out;
+    }
     let rest = &a[i + 3..];
     let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let Some(at) = rest[..auth_end].rfind('@') else {
@@ -555,6 +573,13 @@ mod tests {
         assert_eq!(r("curl http://host/a@b"), "curl http://host/a@b");
         assert_eq!(r("python3 app.py 8080"), "python3 app.py 8080");
         assert_eq!(r("app --token --verbose"), "app --token --verbose");
+        assert_eq!(
+            r("curl -s http://u:pw@h:80/x?page=2&token=abc#f"),
+            "curl -s http://u:REDACTED@h:80/x?page=2&token=REDACTED#f"
+        );
+        let argv: Vec<String> =
+            ["psql", "-d", "shop", "-c", "SELECT 1/0, 'secret' FROM t WHERE id = 42"].map(String::from).to_vec();
+        assert_eq!(redact_command_line(&argv), "psql -d shop -c SELECT ?/?, ? FROM t WHERE id = ?");
     }
 
     #[test]
