@@ -297,9 +297,9 @@ fn curl_http_client_spans() {
     assert_no_secrets(&rx, &["secret-token", "secret-pw", "someone"]);
     let p = nginx.port;
     let want = [
-        (format!("http://127.0.0.1:{p}/index.html?page=2&token=REDACTED"), "200", "Unset"),
-        (format!("http://127.0.0.1:{p}/api/items.json?email=REDACTED&q=widgets"), "200", "Unset"),
-        (format!("http://127.0.0.1:{p}/missing?password=REDACTED"), "404", "Error"),
+        (format!("http://127.0.0.1:{p}/index.html?page=?&token=?"), "200", "Unset"),
+        (format!("http://127.0.0.1:{p}/api/items.json?email=?&q=?"), "200", "Unset"),
+        (format!("http://127.0.0.1:{p}/missing?password=?"), "404", "Error"),
         (format!("http://127.0.0.1:{p}/teapot"), "418", "Error"),
     ];
     for (s, (full, code, status)) in spans.iter().zip(&want) {

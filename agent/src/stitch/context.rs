@@ -90,6 +90,24 @@ pub struct Resolved {
     pub kernel_mismatch: bool,
 }
 
+impl Resolved {
+    /// A span with no parent (yet): the root of trace `trace_id`, sampled.
+    pub fn root(trace_id: [u8; 16], span_id: [u8; 8]) -> Self {
+        Resolved {
+            trace_id,
+            span_id,
+            parent_span_id: None,
+            sampled: true,
+            trace_state: None,
+            source: ParentSource::None,
+            uncertain: false,
+            malformed_header: false,
+            injected: false,
+            kernel_mismatch: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Ctx {
     start: RequestStart,
@@ -167,18 +185,7 @@ impl Correlator {
         let uncertain = ctx.uncertain;
         let start_info = ctx.start.clone();
         let thread_parent = ctx.thread_parent;
-        let mut out = Resolved {
-            trace_id: [0; 16],
-            span_id,
-            parent_span_id: None,
-            sampled: true,
-            trace_state: None,
-            source: ParentSource::None,
-            uncertain: false,
-            malformed_header: false,
-            injected: false,
-            kernel_mismatch: false,
-        };
+        let mut out = Resolved::root([0; 16], span_id);
         let kernel = start_info.kernel;
         let mut parent: Option<Resolved> = None;
         let mut source = ParentSource::None;

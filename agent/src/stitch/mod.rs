@@ -5,7 +5,7 @@
 pub mod context;
 pub mod span;
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr};
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::{
@@ -203,18 +203,7 @@ impl Stitcher {
             Role::Client => self.corr.current_server(meta.pid, meta.tid).map_or((None, false), |(p, u)| (Some(p), u)),
             _ => (None, false),
         };
-        let mut r = Resolved {
-            trace_id: crate::ids::trace_id(),
-            span_id: crate::ids::span_id(),
-            parent_span_id: None,
-            sampled: true,
-            trace_state: None,
-            source: ParentSource::None,
-            uncertain: false,
-            malformed_header: false,
-            injected: false,
-            kernel_mismatch: false,
-        };
+        let mut r = Resolved::root(crate::ids::trace_id(), crate::ids::span_id());
         if let Some(p) = parent.and_then(|p| self.corr.resolve(p)) {
             r.trace_id = p.trace_id;
             r.parent_span_id = Some(p.span_id);
@@ -229,11 +218,9 @@ impl Stitcher {
     fn db_span(&mut self, meta: &ConnMeta, call: DbCall, m: &Metrics) -> Option<SpanRecord> {
         let server = meta.role == Role::Server;
         let ctx = self.db_context(meta);
-        if !ctx.sampled {
-            m.spans_unsampled.inc();
+        if !Self::admit(&ctx, m) {
             return None;
         }
-        self.count_source(&ctx, m);
         let system = call.system.as_str();
         let mut a: Vec<Attr> = Vec::with_capacity(14);
         a.push(attr("db.system.name", system));
@@ -281,10 +268,6 @@ impl Stitcher {
         if call.approximate {
             a.push(attr("waybill.timing.approximate", true));
         }
-        if ctx.uncertain {
-            m.parent_uncertain.inc();
-            a.push(attr("waybill.parent.uncertain", true));
-        }
         let status = match (&call.status_code, &call.error_message) {
             (Some(code), msg) => {
                 a.push(attr("error.type", code.as_str()));
@@ -294,31 +277,57 @@ impl Stitcher {
             (None, None) => SpanStatus::Unset,
         };
         let name = call.summary.clone().or_else(|| call.operation.clone()).unwrap_or_else(|| system.to_string());
-        let resource = self.resources.get(meta.pid);
+        Some(self.record(meta, ctx, m, name, (call.start_ns, call.end_ns.max(call.start_ns)), a, status))
+    }
+
+    /// Whether a span with this context is exported (the caller's sampled flag), counting its
+    /// parent provenance if so.
+    fn admit(ctx: &Resolved, m: &Metrics) -> bool {
+        if !ctx.sampled {
+            m.spans_unsampled.inc();
+            return false;
+        }
+        match ctx.source {
+            ParentSource::None => m.parent_source_none.inc(),
+            ParentSource::Header => m.parent_source_header.inc(),
+            ParentSource::Thread => m.parent_source_thread.inc(),
+            ParentSource::Connection => m.parent_source_connection.inc(),
+        }
+        true
+    }
+
+    /// The finished span: the context's ids, the process's resource, wall-clock times of the
+    /// kernel timestamps `(start, end)`; an ambiguous parent is flagged and counted.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        meta: &ConnMeta,
+        ctx: Resolved,
+        m: &Metrics,
+        name: String,
+        (start_ns, end_ns): (u64, u64),
+        mut attributes: Vec<Attr>,
+        status: SpanStatus,
+    ) -> SpanRecord {
+        if ctx.uncertain {
+            m.parent_uncertain.inc();
+            attributes.push(attr("waybill.parent.uncertain", true));
+        }
         m.spans_created.inc();
-        Some(SpanRecord {
+        SpanRecord {
             trace_id: ctx.trace_id,
             span_id: ctx.span_id,
             parent_span_id: ctx.parent_span_id,
             trace_state: ctx.trace_state,
             sampled: ctx.sampled,
             name,
-            kind: if server { SpanKind::Server } else { SpanKind::Client },
-            start_unix_ns: self.clock.to_unix_ns(call.start_ns),
-            end_unix_ns: self.clock.to_unix_ns(call.end_ns.max(call.start_ns)),
-            attributes: a,
+            kind: if meta.role == Role::Server { SpanKind::Server } else { SpanKind::Client },
+            start_unix_ns: self.clock.to_unix_ns(start_ns),
+            end_unix_ns: self.clock.to_unix_ns(end_ns),
+            attributes,
             status,
             parent_source: ctx.source,
-            resource,
-        })
-    }
-
-    fn count_source(&self, ctx: &Resolved, m: &Metrics) {
-        match ctx.source {
-            ParentSource::None => m.parent_source_none.inc(),
-            ParentSource::Header => m.parent_source_header.inc(),
-            ParentSource::Thread => m.parent_source_thread.inc(),
-            ParentSource::Connection => m.parent_source_connection.inc(),
+            resource: self.resources.get(meta.pid),
         }
     }
 
@@ -409,9 +418,10 @@ impl Stitcher {
             let authority = if port == default_port || port == 0 { addr.clone() } else { format!("{addr}:{port}") };
             let scheme = if meta.tls { "https" } else { "http" };
             let mut full = format!("{scheme}://{authority}{}", req.path);
+            // A client's URL goes to another service: every query value is redacted (names kept).
             if let Some(q) = &req.query {
                 full.push('?');
-                full.push_str(q);
+                full.push_str(&http1::redact_all_query_values(q));
             }
             a.push(attr("url.full", full));
             if !addr.is_empty() {
@@ -474,33 +484,11 @@ impl Stitcher {
         if ctx.injected {
             a.push(attr("waybill.traceparent.injected", true));
         }
-        if !ctx.sampled {
-            m.spans_unsampled.inc();
+        if !Self::admit(&ctx, m) {
             return None;
         }
-        self.count_source(&ctx, m);
-        if ctx.uncertain {
-            m.parent_uncertain.inc();
-            a.push(attr("waybill.parent.uncertain", true));
-        }
         let end = if ex.response_end_ns != 0 { ex.response_end_ns } else { ex.request_end_ns.max(ex.request_start_ns) };
-        let resource = self.resources.get(meta.pid);
-        m.spans_created.inc();
-        Some(SpanRecord {
-            trace_id: ctx.trace_id,
-            span_id: ctx.span_id,
-            parent_span_id: ctx.parent_span_id,
-            trace_state: ctx.trace_state,
-            sampled: ctx.sampled,
-            name,
-            kind: if server { SpanKind::Server } else { SpanKind::Client },
-            start_unix_ns: self.clock.to_unix_ns(ex.request_start_ns),
-            end_unix_ns: self.clock.to_unix_ns(end),
-            attributes: a,
-            status,
-            parent_source: ctx.source,
-            resource: Arc::clone(&resource),
-        })
+        Some(self.record(meta, ctx, m, name, (ex.request_start_ns, end), a, status))
     }
 }
 
@@ -586,15 +574,14 @@ mod tests {
         let m = Metrics::default();
         let mut s = Stitcher::new(Clock::new());
         let ex = exchange(
-            b"GET /v1/x?token=abc HTTP/1.1\r\nHost: api:9000\r\n\r\n",
+            b"GET /v1/x?token=abc&page=2 HTTP/1.1\r\nHost: api:9000\r\n\r\n",
             b"HTTP/1.1 404 NF\r\nContent-Length: 0\r\n\r\n",
         );
         let sp = s.span(Finished::Http(meta(Role::Client), 0, ex), &m).unwrap();
         assert_eq!(sp.kind, SpanKind::Client);
         assert_eq!(sp.name, "GET");
         let full = sp.attr("url.full").unwrap().to_string();
-        assert!(full.starts_with("http://api:9000/v1/x?token="), "{full}");
-        assert!(!full.contains("abc"), "secret leaked: {full}");
+        assert_eq!(full, "http://api:9000/v1/x?token=?&page=?");
         assert!(matches!(sp.status, SpanStatus::Error(_)));
     }
 
