@@ -79,6 +79,9 @@ pub struct ServiceRule {
     /// joined a caller's sampled trace are always kept). RED metrics count every request.
     #[serde(default, deserialize_with = "ratio")]
     pub sampling_ratio: Option<f64>,
+    /// `false`: never insert `traceparent` into this service's outgoing requests (its children
+    /// inherit it). Injection switched off globally (`--no-inject`) cannot be turned on here.
+    pub inject: Option<bool>,
 }
 
 /// Which processes a rule is for. Every given field must fit; at least one must be given.
@@ -140,6 +143,16 @@ impl FileConfig {
     /// The sampling ratio for a traced process: the first matching rule's, else 1.0.
     pub fn sampling_ratio(&self, r: &ProcessResource) -> f64 {
         self.services.iter().find(|rule| rule.matcher.fits(r)).and_then(|rule| rule.sampling_ratio).unwrap_or(1.0)
+    }
+
+    /// Whether a rule switches injection off for this process.
+    pub fn no_inject(&self, r: &ProcessResource) -> bool {
+        self.services.iter().find(|rule| rule.matcher.fits(r)).and_then(|rule| rule.inject) == Some(false)
+    }
+
+    /// Whether any rule switches injection off (else nothing needs checking per process).
+    pub fn any_no_inject(&self) -> bool {
+        self.services.iter().any(|r| r.inject == Some(false))
     }
 
     /// Whether any rule samples at all (else the exporter path skips the check).
@@ -248,7 +261,8 @@ mod tests {
              capture_bytes: 512\nring_buffer_bytes: 65536\nmax_connections: 10\nidle_timeout_secs: 5\n\
              span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\ninject: false\n\
              services:\n  - match: { service_name: shop }\n    sampling_ratio: 0.5\n\
-             \x20 - match: { exe: pgbouncer }\n    trace: false\n",
+             \x20 - match: { exe: pgbouncer }\n    trace: false\n\
+             \x20 - match: { exe: curl }\n    inject: false\n",
         )
         .unwrap();
         assert_eq!(c.targets, Targets { pids: vec![1, 2], exes: vec!["nginx".into()], ports: vec![8080] });
@@ -262,6 +276,7 @@ mod tests {
         assert_eq!(c.excluded_exes(), ["pgbouncer"]);
         assert_eq!(c.sampling_ratio(&res("shop", "python3")), 0.5);
         assert_eq!(c.sampling_ratio(&res("other", "python3")), 1.0);
+        assert!(c.no_inject(&res("x", "curl")) && !c.no_inject(&res("shop", "python3")));
         assert!(c.samples());
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
     }

@@ -253,8 +253,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (tx, rx) = mpsc::channel(s.span_queue);
     // RED metrics are measured from every span on its way to the exporter (a tee task).
-    let ratio: Option<export::red::SamplingRatio> = if s.file.samples() {
-        let rules = Arc::new(std::mem::take(&mut s.file));
+    let rules = Arc::new(std::mem::take(&mut s.file));
+    let ratio: Option<export::red::SamplingRatio> = if rules.samples() {
+        let rules = rules.clone();
         Some(Arc::new(move |r: &waybill::stitch::span::ProcessResource| rules.sampling_ratio(r)))
     } else {
         None
@@ -300,6 +301,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: s.max_connections,
         idle_timeout: Duration::from_secs(s.idle_timeout_secs),
         rescan_every: Duration::from_secs(2),
+        rules,
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);
     let n = pipeline.initial_targets();

@@ -284,6 +284,7 @@ impl Metrics {
                 ("result=\"head_beyond_scan_window\"", i(INJ_HEAD_TOO_LONG)),
                 ("result=\"helper_failed\"", i(INJ_HELPER_FAILED)),
                 ("result=\"ringbuf_full\"", i(INJ_RINGBUF_FULL)),
+                ("result=\"disabled_by_rule\"", i(INJ_DISABLED)),
             ],
         );
         c(

@@ -81,6 +81,13 @@ pub fn is_target(tgid: u32) -> bool {
     unsafe { TARGETS.get(&tgid) }.is_some()
 }
 
+/// The `TARGET_*` bits of a traced process (None: not traced).
+#[inline(always)]
+pub fn target_flags(tgid: u32) -> Option<u32> {
+    // SAFETY: a copy of the value is read.
+    unsafe { TARGETS.get(&tgid) }.copied()
+}
+
 /// Count one lost item of kind `idx`.
 #[inline(always)]
 pub fn count_lost(idx: u32) {

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use waybill_common::*;
 
 use crate::{
-    helpers::{count_inject, current, is_target, opaque},
+    helpers::{count_inject, current, opaque, target_flags},
     maps::{
         EVENTS, HEAD_BUF, HeadScan, INJECT_ACTIVE, INJECT_SOCKS, MSG_AWAITING_RESPONSE, MSG_BOUNDARY, MSG_NOT_HTTP,
         MSG_STATE, PENDING_CONNECT, SRV_OWNER, THREAD_CTX, ThreadCtx,
@@ -440,8 +440,11 @@ pub fn sk_msg_inject(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn try_inject(ctx: &SkMsgContext) -> u32 {
     let (tgid, tid, pid_tgid) = current();
-    if !is_target(tgid) {
+    let Some(flags) = target_flags(tgid) else {
         return INJ_NOT_TARGET;
+    };
+    if flags & TARGET_NO_INJECT != 0 {
+        return INJ_DISABLED;
     }
     let md = ctx.msg;
     // SAFETY: plain context field reads (aya has no accessors for these).

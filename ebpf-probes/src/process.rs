@@ -13,7 +13,7 @@ use waybill_common::{KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK};
 
 use crate::{
     events::emit_proc,
-    helpers::{config, current, is_target, tp_offsets},
+    helpers::{config, current, is_target, target_flags, tp_offsets},
     maps::TARGETS,
 };
 
@@ -32,9 +32,9 @@ pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_task_newtask(ctx: TracePointContext) -> u32 {
     let (tgid, tid, _) = current();
-    if !is_target(tgid) {
+    let Some(parent_flags) = target_flags(tgid) else {
         return 0;
-    }
+    };
     let o = tp_offsets();
     if o.newtask_pid == 0 {
         return 0;
@@ -50,7 +50,8 @@ pub fn tp_task_newtask(ctx: TracePointContext) -> u32 {
     let Ok(child) = (unsafe { ctx.read_at::<u32>(o.newtask_pid as usize) }) else {
         return 0;
     };
-    let _ = TARGETS.insert(&child, &1, 0);
+    // The child inherits the parent's policy bits (e.g. no injection).
+    let _ = TARGETS.insert(&child, &parent_flags, 0);
     emit_proc(KIND_PROC_FORK, child, child, tgid);
     let _ = tid;
     0

@@ -9,7 +9,9 @@ use std::{
 };
 
 use waybill_tests::{
-    harness::{Agent, Proc, PythonHttp, TempDir, free_port, http_get, metric_value, require_root, waybill},
+    harness::{
+        Agent, Proc, PythonHttp, TempDir, free_port, http_get, metric_value, repo_root, require_root, wait_port, waybill,
+    },
     otlp_receiver::{Proto, Receiver},
 };
 
@@ -152,6 +154,58 @@ fn ring_buffer_overflow_is_counted_exactly() {
         let name = format!("waybill_ringbuf_records_lost_total{{reason=\"{reason}\"}}");
         if prom.contains(&name) {
             assert_eq!(metric_value(&prom, &name), 0, "{name}");
+        }
+    }
+}
+
+/// `inject: false` for one service: the same unmodified upstream gets its downstream requests
+/// injected without the rule, and none with it (counted as `disabled_by_rule`).
+#[test]
+fn per_service_rule_switches_injection_off() {
+    if !require_root() {
+        return;
+    }
+    let app = |f: &str| repo_root().join("tests/apps").join(f).display().to_string();
+    for rule in [false, true] {
+        let dir = TempDir::new("noinject");
+        let log = dir.path().join("down.jsonl");
+        let (pu, pd) = (free_port(), free_port());
+        let down = Command::new("python3")
+            .args([&app("header_echo.py"), "127.0.0.1", &pd.to_string(), log.to_str().unwrap()])
+            .spawn()
+            .expect("python3");
+        let _down = Proc { child: down, name: "header echo".into() };
+        wait_port(pd, Duration::from_secs(10));
+        let up = Command::new("python3")
+            .args([&app("inject_upstream.py"), "127.0.0.1", &pu.to_string(), "127.0.0.1", &pd.to_string()])
+            .env("OTEL_SERVICE_NAME", "edge")
+            .spawn()
+            .expect("python3");
+        let up = Proc { child: up, name: "upstream".into() };
+        wait_port(pu, Duration::from_secs(10));
+        let cfg = dir.path().join("waybill.yaml");
+        let rules = if rule { "services:\n  - match: { service_name: edge }\n    inject: false\n" } else { "" };
+        std::fs::write(&cfg, format!("targets: {{ pids: [{}] }}\n{rules}", up.pid())).unwrap();
+        let maddr = format!("127.0.0.1:{}", free_port());
+        let agent = Agent::start(&["--config", cfg.to_str().unwrap(), "--metrics-addr", &maddr], &[]);
+        let (code, body) = http_get(&format!("127.0.0.1:{pu}"), "/call");
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+        let (_, prom) = http_get(&maddr, "/metrics");
+        let out = agent.stop();
+        let recs = std::fs::read_to_string(&log).unwrap();
+        let get = recs.lines().next().expect("the downstream got /down/get");
+        assert!(get.contains("/down/get"), "{get}");
+        let injected = metric_value(&prom, "waybill_traceparent_injections_total{result=\"injected\"}");
+        let disabled = metric_value(&prom, "waybill_traceparent_injections_total{result=\"disabled_by_rule\"}");
+        if rule {
+            assert!(!get.to_ascii_lowercase().contains("traceparent"), "injected despite the rule: {get}");
+            assert_eq!(injected, 0, "{prom}");
+            assert!(disabled >= 3, "every message of the edge service is refused: {prom}\n{}", out.stderr);
+            assert!(out.stderr.contains("traceparent injection off for this process"), "{}", out.stderr);
+        } else {
+            assert!(get.to_ascii_lowercase().contains("traceparent"), "no header without the rule: {get}");
+            assert!(injected >= 1, "{prom}");
+            assert_eq!(disabled, 0, "{prom}");
         }
     }
 }

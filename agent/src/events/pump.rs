@@ -26,6 +26,8 @@ pub struct PipelineConfig {
     pub idle_timeout: Duration,
     /// How often /proc is rescanned for `--exe` / `--port` matches missed by the kernel events.
     pub rescan_every: Duration,
+    /// Per-service rules of the config file (`inject: false` here; sampling in the exporter tee).
+    pub rules: std::sync::Arc<crate::config::FileConfig>,
 }
 
 pub struct Pipeline {
@@ -93,8 +95,16 @@ impl Pipeline {
 
     /// Reads the process's resource now: a short-lived process (psql, curl) is often gone by the
     /// time its first span is built, and /proc/PID with it.
+    /// Its config rules apply from here: `inject: false` is written into the kernel's target map.
     fn describe(&mut self, pid: u32) {
-        let _ = self.stitcher.resources.get(pid);
+        let r = self.stitcher.resources.get(pid);
+        if self.cfg.rules.no_inject(&r) {
+            tracing::info!(pid, service = %r.service_name, "traceparent injection off for this process (config rule)");
+            self.probes.set_target_policy(pid, true);
+        } else if self.cfg.rules.any_no_inject() {
+            // After an exec the old program's rule may no longer apply.
+            self.probes.set_target_policy(pid, false);
+        }
     }
 
     /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.

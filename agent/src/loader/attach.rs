@@ -270,7 +270,14 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
 impl Probes {
     /// Starts tracing `pid` (kernel-side filter). Returns false when the map is full.
     pub fn add_target(&mut self, pid: u32) -> bool {
-        self.targets.insert(pid, 1, 0).is_ok()
+        self.targets.insert(pid, waybill_common::TARGET_TRACED, 0).is_ok()
+    }
+
+    /// Sets a traced process's policy bits: `no_inject` turns `traceparent` injection off for it
+    /// (children inherit the bits at fork).
+    pub fn set_target_policy(&mut self, pid: u32, no_inject: bool) {
+        let flags = waybill_common::TARGET_TRACED | if no_inject { waybill_common::TARGET_NO_INJECT } else { 0 };
+        let _ = self.targets.insert(pid, flags, 0);
     }
 
     pub fn remove_target(&mut self, pid: u32) {

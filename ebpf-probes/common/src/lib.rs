@@ -73,8 +73,15 @@ pub const INJ_RINGBUF_FULL: u32 = 7;
 pub const INJ_SOCK_ADDED: u32 = 8;
 /// sock_ops could not add it (EBUSY: another sk_msg user owns the socket; or the map is full).
 pub const INJ_SOCK_ADD_FAILED: u32 = 9;
+/// A config rule turned injection off for the sending process (`TARGET_NO_INJECT`).
+pub const INJ_DISABLED: u32 = 10;
 /// Number of counters.
-pub const INJ_COUNTERS: u32 = 10;
+pub const INJ_COUNTERS: u32 = 11;
+
+/// `TARGETS` value bits. Every traced process has `TARGET_TRACED`; children inherit the value.
+pub const TARGET_TRACED: u32 = 1;
+/// Never insert `traceparent` into this process's requests (a `services[].inject: false` rule).
+pub const TARGET_NO_INJECT: u32 = 2;
 
 /// Bytes of a request head the kernel scans (for the request line end, the head end and an
 /// existing `traceparent`). A power of two.
