@@ -92,8 +92,16 @@ pub struct Stitcher {
     injections: HashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
 }
 
+/// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
+/// socket, e.g. every JVM server) is stored like the IPv4 address its peer's socket reports.
 fn endpoint(t: &Tuple, local: bool) -> Endpoint {
-    if local { (t.laddr, t.lport) } else { (t.raddr, t.rport) }
+    let (a, port) = if local { (t.laddr, t.lport) } else { (t.raddr, t.rport) };
+    if t.family == AF_INET6 && a[..10] == [0; 10] && a[10..12] == [0xff, 0xff] {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&a[12..16]);
+        return (v4, port);
+    }
+    (a, port)
 }
 
 impl Stitcher {
@@ -603,5 +611,38 @@ mod tests {
         assert_eq!(split_host("a.b:81"), ("a.b".to_string(), Some(81)));
         assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
         assert_eq!(split_host("host"), ("host".to_string(), None));
+    }
+
+    #[test]
+    fn dual_stack_server_finds_ipv4_client_by_connection() {
+        // A JVM server's socket is AF_INET6 and reports ::ffff:127.0.0.1; its IPv4 client's
+        // socket reports 127.0.0.1. Same connection: the server span is the client span's child.
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let mut ct = Tuple { family: AF_INET, lport: 40000, rport: 9090, ..Default::default() };
+        ct.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ct.raddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let client = ConnMeta { conn_id: 1, pid: 10, fd: 3, tuple: ct, role: Role::Client, tid: 10, tls: false };
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let st = Tuple { family: AF_INET6, lport: 9090, rport: 40000, laddr: mapped, raddr: mapped, _pad: 0 };
+        let server = ConnMeta { conn_id: 2, pid: 20, fd: 4, tuple: st, role: Role::Server, tid: 21, tls: false };
+        let req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let start = |meta: &ConnMeta| Finished::HttpStart {
+            meta: *meta,
+            seq: 0,
+            traceparent: None,
+            tracestate: None,
+            start_ns: 1_000_000,
+        };
+        assert!(s.span(start(&client), &m).is_none());
+        assert!(s.span(start(&server), &m).is_none());
+        let sp_server = s.span(Finished::Http(server, 0, exchange(req, resp)), &m).unwrap();
+        let sp_client = s.span(Finished::Http(client, 0, exchange(req, resp)), &m).unwrap();
+        assert_eq!(sp_server.parent_source, ParentSource::Connection);
+        assert_eq!(sp_server.parent_span_id, Some(sp_client.span_id));
+        assert_eq!(sp_server.trace_id, sp_client.trace_id);
     }
 }
