@@ -184,6 +184,25 @@ impl Drop for TempDir {
     }
 }
 
+/// pgjdbc from Debian's `libpostgresql-jdbc-java` (`cargo xtask setup` installs it).
+pub const PG_JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Compiles `tests/apps/java/NAME.java` with `javac` (Debian's `openjdk-17-jdk-headless`) against
+/// `classpath` into a temp dir; the guard's path is the class directory.
+pub fn javac(name: &str, classpath: &[&str]) -> TempDir {
+    let dir = TempDir::new(&format!("java-{name}"));
+    let src = repo_root().join(format!("tests/apps/java/{name}.java"));
+    let out = Command::new("javac")
+        .arg("-d")
+        .arg(dir.path())
+        .args(["-cp", &classpath.join(":")])
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("javac (cargo xtask setup installs openjdk-17-jdk-headless): {e}"));
+    assert!(out.status.success(), "javac {}: {}", src.display(), String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
 /// What the agent printed.
 #[derive(Debug)]
 pub struct AgentOutput {

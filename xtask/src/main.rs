@@ -108,6 +108,9 @@ const TEST_PACKAGES: &[&str] = &[
     "nodejs",
     "golang-go",
     "openssl",
+    // The topology test's thread-per-request JDK service (javac) and its JDBC driver.
+    "openjdk-17-jdk-headless",
+    "libpostgresql-jdbc-java",
 ];
 
 /// PyPI packages the integration tests use: rotel is a real OTLP collector.

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use waybill_common::{CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple};
 use waybill_protocols::{
     Chunk, FlowDir,
-    db::{self, DbCall, PgConn, RedisConn},
+    db::{self, DbCall, DbSystem, PgConn, RedisConn},
     http1::{self, Http1Conn, HttpExchange, HttpRequest},
 };
 
@@ -77,6 +77,9 @@ pub enum Finished {
     Http(ConnMeta, u64, HttpExchange),
     /// A PostgreSQL or Redis call finished (`meta.tid`: the thread that sent it).
     Db(ConnMeta, DbCall),
+    /// The traced process (client role) wrote request bytes on a PostgreSQL or Redis connection
+    /// (`meta.tid`: the writing thread): the thread rule is decided now, not when the reply comes.
+    DbSend { meta: ConnMeta, system: DbSystem, ts_ns: u64 },
 }
 
 /// Protocol detection (order and reasons in the module docs). `read`: the traced process read
@@ -328,6 +331,10 @@ impl ConnTable {
         if to_server && matches!(conn.l7, L7::Pg(_) | L7::Redis(_)) {
             // The thread that sends a database command is the one waiting for its reply.
             conn.meta.tid = head.hdr.tid;
+            if conn.meta.role == Role::Client {
+                let system = if matches!(conn.l7, L7::Pg(_)) { DbSystem::Postgresql } else { DbSystem::Redis };
+                out.push(Finished::DbSend { meta: conn.meta, system, ts_ns: head.hdr.ts_ns });
+            }
         }
         let chunk = Chunk { dir, data: payload, total: head.total as usize, ts_ns: head.hdr.ts_ns };
         match &mut conn.l7 {

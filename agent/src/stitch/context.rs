@@ -19,10 +19,15 @@
 //! When an injected header reaches a traced server on this host, header and connection rules
 //! agree and the span reports `connection`.
 //!
-//! Event-loop servers (one thread, many requests open at once) make the `thread` rule ambiguous:
-//! the most recent request read on the thread is taken and the span is marked
-//! `waybill.parent.uncertain = true`. A thread's current request is forgotten when its response
-//! has been written, so a later call on that thread never joins an old trace.
+//! Event-loop servers (one thread, many requests open at once) make the `thread` rule ambiguous,
+//! and every span it links then is marked `waybill.parent.uncertain = true`. Database calls are
+//! decided when their request bytes are written ([`Correlator::claim_server`]), first-in
+//! first-out: the oldest open request of the thread that has not yet started a call to that
+//! database system gets it (event loops and FIFO connection pools serve requests, and issue
+//! their first query, in arrival order); when every open request already made one, the most
+//! recent. HTTP client calls take the most recent request (as the kernel does when it injects).
+//! A thread's current request is forgotten when its response has been written, so a later call
+//! on that thread never joins an old trace.
 //!
 //! Bounds: at most `MAX_CONTEXTS` contexts; finished ones are kept `KEEP_FINISHED_NS` for late
 //! lookups and then dropped; unfinished ones are dropped after `MAX_AGE_NS`.
@@ -35,6 +40,8 @@ use crate::ids::{self, TraceParent};
 const MAX_CONTEXTS: usize = 65536;
 const KEEP_FINISHED_NS: u64 = 10_000_000_000;
 const MAX_AGE_NS: u64 = 600_000_000_000;
+/// How many of a thread's open requests (oldest first) [`Correlator::claim_server`] looks at.
+const MAX_FIFO_SCAN: usize = 32;
 /// A client context found by tuple must have started at most this long after the server's
 /// request start (clocks are the same: both are kernel timestamps).
 const TUPLE_SLACK_NS: u64 = 5_000_000;
@@ -117,6 +124,8 @@ struct Ctx {
     uncertain: bool,
     resolved: Option<Resolved>,
     finished_ns: Option<u64>,
+    /// Server contexts: bit set of the call kinds (`claim_server`) already attributed to it.
+    calls: u8,
 }
 
 #[derive(Default)]
@@ -167,7 +176,10 @@ impl Correlator {
             }
         }
         let span_id = s.kernel.map(|k| k.span_id).unwrap_or_else(ids::span_id);
-        self.ctxs.insert(id, Ctx { start: s, span_id, thread_parent, uncertain, resolved: None, finished_ns: None });
+        self.ctxs.insert(
+            id,
+            Ctx { start: s, span_id, thread_parent, uncertain, resolved: None, finished_ns: None, calls: 0 },
+        );
         id
     }
 
@@ -298,6 +310,29 @@ impl Correlator {
         Some((*v.last()?, v.len() > 1))
     }
 
+    /// The server request a call of `kind` (a bit: one per database system) that `tid` of `pid`
+    /// is writing now belongs to, and whether that is uncertain (several requests open on the
+    /// thread). One open request: it. Several (an event loop): the oldest that has not yet made a
+    /// call of this kind, else the most recent. The chosen request is marked as having made one.
+    pub fn claim_server(&mut self, pid: u32, tid: u32, kind: u8) -> Option<(u64, bool)> {
+        let v = self.threads.get(&(pid, tid))?;
+        let last = *v.last()?;
+        let uncertain = v.len() > 1;
+        let pick = if uncertain {
+            v.iter()
+                .take(MAX_FIFO_SCAN)
+                .copied()
+                .find(|id| self.ctxs.get(id).is_some_and(|c| c.calls & kind == 0))
+                .unwrap_or(last)
+        } else {
+            last
+        };
+        if let Some(c) = self.ctxs.get_mut(&pick) {
+            c.calls |= kind;
+        }
+        Some((pick, uncertain))
+    }
+
     /// Forgets a process's thread state (it exited).
     pub fn forget_process(&mut self, pid: u32) {
         self.threads.retain(|(p, _), _| *p != pid);
@@ -421,6 +456,37 @@ mod tests {
         assert!(r.uncertain);
         assert_eq!(r.parent_span_id, Some(c.resolve(y).unwrap().span_id));
         let _ = c.finish(x, 320);
+    }
+
+    #[test]
+    fn claim_server_is_fifo_per_kind_on_an_event_loop() {
+        const PG: u8 = 1;
+        const REDIS: u8 = 2;
+        let mut c = Correlator::new();
+        // Thread per request: the one open request, certain, however many calls it makes.
+        let t = c.start(start(1, 5, true, 8080, 50000, 10, None));
+        assert_eq!(c.claim_server(1, 5, PG), Some((t, false)));
+        assert_eq!(c.claim_server(1, 5, PG), Some((t, false)));
+        assert_eq!(c.claim_server(1, 6, PG), None, "another thread serves nothing");
+        // Event loop: a, b, d arrive; a's query is written before b arrives.
+        let a = c.start(start(1, 11, true, 8080, 50001, 100, None));
+        assert_eq!(c.claim_server(1, 11, PG), Some((a, false)));
+        let b = c.start(start(1, 11, true, 8080, 50002, 101, None));
+        let d = c.start(start(1, 11, true, 8080, 50003, 102, None));
+        // b waited for a pooled connection: its query comes after d arrived. Oldest without one.
+        assert_eq!(c.claim_server(1, 11, PG), Some((b, true)));
+        // Another kind is counted apart: a is the oldest without a Redis call.
+        assert_eq!(c.claim_server(1, 11, REDIS), Some((a, true)));
+        assert_eq!(c.claim_server(1, 11, PG), Some((d, true)));
+        // Everyone has made one: the most recent.
+        assert_eq!(c.claim_server(1, 11, PG), Some((d, true)));
+        // a answered: b is the oldest open one, and it already made its query.
+        c.finish(a, 200);
+        let e = c.start(start(1, 11, true, 8080, 50004, 201, None));
+        assert_eq!(c.claim_server(1, 11, PG), Some((e, true)));
+        c.finish(b, 210);
+        c.finish(d, 211);
+        assert_eq!(c.claim_server(1, 11, PG), Some((e, false)), "one open request: certain again");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::{
-    db::DbCall,
+    db::{DbCall, DbSystem},
     http1::{self, HttpExchange},
 };
 
@@ -79,6 +79,32 @@ fn request_start(
 /// Bounds of the tables of kernel-decided ids waiting for their request head.
 const MAX_PENDING_KERNEL: usize = 16384;
 const MAX_INJECTIONS_PER_CONN: usize = 16;
+/// Bounds of the database writes waiting for their reply (per connection, connections).
+const MAX_DB_SENDS_PER_CONN: usize = 16;
+const MAX_DB_CONNS: usize = 16384;
+/// A write this soon after an unanswered one on the same database connection continues it or is
+/// pipelined behind it: it belongs to the same request.
+const DB_AFFINITY_NS: u64 = 50_000_000;
+
+/// A database write and the server request it was attributed to when it was written:
+/// (timestamp, server context, uncertain).
+type DbClaim = (u64, Option<u64>, bool);
+
+/// Writes of one database connection whose reply has not been parsed yet.
+#[derive(Default)]
+struct DbSends {
+    q: std::collections::VecDeque<DbClaim>,
+    /// The newest claim already matched (pipelined calls of one write share it).
+    last: Option<DbClaim>,
+    active_ns: u64,
+}
+
+fn call_kind(system: DbSystem) -> u8 {
+    match system {
+        DbSystem::Postgresql => 1,
+        DbSystem::Redis => 2,
+    }
+}
 
 pub struct Stitcher {
     clock: Clock,
@@ -90,10 +116,20 @@ pub struct Stitcher {
     server_ids: HashMap<(u32, u32, u64), KernelIds>,
     /// (pid, local port, remote port) → injections not yet claimed by a client request head.
     injections: HashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
+    /// Connection id → database writes not yet answered, with the request each was claimed by.
+    db_sends: HashMap<u64, DbSends>,
 }
 
+/// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
+/// socket, e.g. every JVM server) is stored like the IPv4 address its peer's socket reports.
 fn endpoint(t: &Tuple, local: bool) -> Endpoint {
-    if local { (t.laddr, t.lport) } else { (t.raddr, t.rport) }
+    let (a, port) = if local { (t.laddr, t.lport) } else { (t.raddr, t.rport) };
+    if t.family == AF_INET6 && a[..10] == [0; 10] && a[10..12] == [0xff, 0xff] {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&a[12..16]);
+        return (v4, port);
+    }
+    (a, port)
 }
 
 impl Stitcher {
@@ -105,6 +141,7 @@ impl Stitcher {
             ctx_of: HashMap::new(),
             server_ids: HashMap::new(),
             injections: HashMap::new(),
+            db_sends: HashMap::new(),
         }
     }
 
@@ -193,14 +230,66 @@ impl Stitcher {
             }
             Finished::Http(meta, seq, ex) => self.http_span(&meta, seq, ex, m),
             Finished::Db(meta, call) => self.db_span(&meta, call, m),
+            Finished::DbSend { meta, system, ts_ns } => {
+                self.on_db_send(&meta, system, ts_ns);
+                None
+            }
         }
     }
 
-    /// Parent of a database call: the server request its thread is serving (client side), or
-    /// a new trace (server side, i.e. the traced process is PostgreSQL or Redis).
-    fn db_context(&mut self, meta: &ConnMeta) -> Resolved {
+    /// A database write by a client: the thread rule is applied now, while the requests open on
+    /// the thread are those open when the query left (the reply may come after others opened).
+    fn on_db_send(&mut self, meta: &ConnMeta, system: DbSystem, ts_ns: u64) {
+        if meta.role != Role::Client {
+            return;
+        }
+        if !self.db_sends.contains_key(&meta.conn_id) && self.db_sends.len() >= MAX_DB_CONNS {
+            self.db_sends.clear();
+        }
+        let st = self.db_sends.entry(meta.conn_id).or_default();
+        st.active_ns = ts_ns;
+        let claim = match st.q.back() {
+            Some(&(ts, ctx, uncertain)) if ts_ns.saturating_sub(ts) < DB_AFFINITY_NS => (ts_ns, ctx, uncertain),
+            _ => match self.corr.claim_server(meta.pid, meta.tid, call_kind(system)) {
+                Some((ctx, uncertain)) => (ts_ns, Some(ctx), uncertain),
+                None => (ts_ns, None, false),
+            },
+        };
+        st.q.push_back(claim);
+        if st.q.len() > MAX_DB_SENDS_PER_CONN {
+            st.q.pop_front();
+        }
+    }
+
+    /// The claim made when the call's first bytes were written (None: that write was not seen).
+    fn db_claim(&mut self, conn_id: u64, start_ns: u64, end_ns: u64) -> Option<(Option<u64>, bool)> {
+        let st = self.db_sends.get_mut(&conn_id)?;
+        let mut chosen = None;
+        while let Some(&e) = st.q.front().filter(|e| e.0 <= start_ns) {
+            chosen = Some(e);
+            st.q.pop_front();
+        }
+        let chosen = chosen.or(st.last.filter(|l| l.0 <= start_ns));
+        if let Some(c) = chosen {
+            st.last = Some(c);
+        }
+        // Writes before this reply ended continued this call or were pipelined behind it.
+        while let Some(&e) = st.q.front().filter(|e| e.0 <= end_ns) {
+            st.last = Some(e);
+            st.q.pop_front();
+        }
+        chosen.map(|c| (c.1, c.2))
+    }
+
+    /// Parent of a database call: the server request its thread was serving when the call was
+    /// written (client side; claimed in `on_db_send`), or a new trace (server side, i.e. the
+    /// traced process is PostgreSQL or Redis).
+    fn db_context(&mut self, meta: &ConnMeta, call: &DbCall) -> Resolved {
         let (parent, uncertain) = match meta.role {
-            Role::Client => self.corr.current_server(meta.pid, meta.tid).map_or((None, false), |(p, u)| (Some(p), u)),
+            Role::Client => match self.db_claim(meta.conn_id, call.start_ns, call.end_ns) {
+                Some(claim) => claim,
+                None => self.corr.current_server(meta.pid, meta.tid).map_or((None, false), |(p, u)| (Some(p), u)),
+            },
             _ => (None, false),
         };
         let mut r = Resolved::root(crate::ids::trace_id(), crate::ids::span_id());
@@ -217,7 +306,7 @@ impl Stitcher {
 
     fn db_span(&mut self, meta: &ConnMeta, call: DbCall, m: &Metrics) -> Option<SpanRecord> {
         let server = meta.role == Role::Server;
-        let ctx = self.db_context(meta);
+        let ctx = self.db_context(meta, &call);
         if !Self::admit(&ctx, m) {
             return None;
         }
@@ -347,6 +436,7 @@ impl Stitcher {
             !q.is_empty()
         });
         m.inject_unmatched.add(dropped);
+        self.db_sends.retain(|_, st| now_ns.saturating_sub(st.active_ns) < 60_000_000_000);
         // Heads whose exchange never came (dropped by a parser bound) would otherwise pile up.
         if self.ctx_of.len() > 2 * self.corr.len() + 1024 {
             self.ctx_of.clear();
@@ -590,5 +680,115 @@ mod tests {
         assert_eq!(split_host("a.b:81"), ("a.b".to_string(), Some(81)));
         assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
         assert_eq!(split_host("host"), ("host".to_string(), None));
+    }
+
+    #[test]
+    fn dual_stack_server_finds_ipv4_client_by_connection() {
+        // A JVM server's socket is AF_INET6 and reports ::ffff:127.0.0.1; its IPv4 client's
+        // socket reports 127.0.0.1. Same connection: the server span is the client span's child.
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let mut ct = Tuple { family: AF_INET, lport: 40000, rport: 9090, ..Default::default() };
+        ct.laddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ct.raddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let client = ConnMeta { conn_id: 1, pid: 10, fd: 3, tuple: ct, role: Role::Client, tid: 10, tls: false };
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
+        let st = Tuple { family: AF_INET6, lport: 9090, rport: 40000, laddr: mapped, raddr: mapped, _pad: 0 };
+        let server = ConnMeta { conn_id: 2, pid: 20, fd: 4, tuple: st, role: Role::Server, tid: 21, tls: false };
+        let req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let start = |meta: &ConnMeta| Finished::HttpStart {
+            meta: *meta,
+            seq: 0,
+            traceparent: None,
+            tracestate: None,
+            start_ns: 1_000_000,
+        };
+        assert!(s.span(start(&client), &m).is_none());
+        assert!(s.span(start(&server), &m).is_none());
+        let sp_server = s.span(Finished::Http(server, 0, exchange(req, resp)), &m).unwrap();
+        let sp_client = s.span(Finished::Http(client, 0, exchange(req, resp)), &m).unwrap();
+        assert_eq!(sp_server.parent_source, ParentSource::Connection);
+        assert_eq!(sp_server.parent_span_id, Some(sp_client.span_id));
+        assert_eq!(sp_server.trace_id, sp_client.trace_id);
+    }
+
+    #[test]
+    fn event_loop_query_belongs_to_the_request_open_when_it_was_written() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let srv = |conn_id: u64, rport: u16| {
+            let mut t = meta(Role::Server);
+            t.conn_id = conn_id;
+            t.tuple.rport = rport;
+            t.tid = 7;
+            t
+        };
+        let mut db = meta(Role::Client);
+        db.conn_id = 100;
+        db.tuple.lport = 45000;
+        db.tuple.rport = 5432;
+        db.tid = 7;
+        let head = |meta: ConnMeta, ts: u64| Finished::HttpStart {
+            meta,
+            seq: 0,
+            traceparent: None,
+            tracestate: None,
+            start_ns: ts,
+        };
+        let query = |conn_id: u64, start: u64, end: u64| {
+            let c = DbCall {
+                system: DbSystem::Postgresql,
+                operation: Some("SELECT".into()),
+                collection: None,
+                query_text: None,
+                summary: None,
+                namespace: None,
+                status_code: None,
+                error_message: None,
+                rows: None,
+                batch_size: None,
+                start_ns: start,
+                end_ns: end,
+                approximate: false,
+            };
+            let mut mt = db;
+            mt.conn_id = conn_id;
+            Finished::Db(mt, c)
+        };
+        let send = |conn_id: u64, ts: u64| {
+            let mut mt = db;
+            mt.conn_id = conn_id;
+            Finished::DbSend { meta: mt, system: DbSystem::Postgresql, ts_ns: ts }
+        };
+        // One thread: a arrives and writes its query on connection 100; b arrives, then waits for
+        // a pooled connection; a's reply comes, the connection goes to b; b's reply comes.
+        s.span(head(srv(1, 50001), 1_000_000), &m);
+        s.span(send(100, 1_100_000), &m);
+        s.span(head(srv(2, 50002), 1_200_000), &m);
+        let qa = s.span(query(100, 1_100_000, 1_300_000), &m).unwrap();
+        s.span(send(100, 1_400_000), &m);
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let a = s.span(Finished::Http(srv(1, 50001), 0, exchange(b"GET /a HTTP/1.1\r\n\r\n", ok)), &m).unwrap();
+        let qb = s.span(query(100, 1_400_000, 1_600_000), &m).unwrap();
+        let b = s.span(Finished::Http(srv(2, 50002), 0, exchange(b"GET /b HTTP/1.1\r\n\r\n", ok)), &m).unwrap();
+        assert_eq!(qa.parent_span_id, Some(a.span_id), "a's query, though b was open when its reply came");
+        assert_eq!(qb.parent_span_id, Some(b.span_id), "b's query: the oldest open request without one");
+        let uncertain = |q: &SpanRecord| {
+            q.attributes.iter().any(|(k, v)| k == "waybill.parent.uncertain" && v.to_string() == "true")
+        };
+        assert_eq!(qa.parent_source, ParentSource::Thread);
+        assert_eq!(qb.parent_source, ParentSource::Thread);
+        assert!(!uncertain(&qa), "a was the only request open when its query was written");
+        assert!(uncertain(&qb), "a and b were open when b's query was written");
+        // A write while the thread serves nothing starts a trace of its own, even if a request
+        // opens before its reply.
+        s.span(send(101, 2_000_000), &m);
+        s.span(head(srv(3, 50003), 2_100_000), &m);
+        let q = s.span(query(101, 2_000_000, 2_200_000), &m).unwrap();
+        assert_eq!(q.parent_source, ParentSource::None);
+        assert_eq!(q.parent_span_id, None);
     }
 }
