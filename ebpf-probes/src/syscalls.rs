@@ -207,7 +207,7 @@ pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: `size` is bounded by the scratch record's size.
     let bytes = unsafe { core::slice::from_raw_parts(ev as *const u8, size as usize) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS.output::<[u8]>(bytes, crate::events::submit_flags()).is_err() {
         count_lost(LOST_RINGBUF_FULL);
     }
     let _ = ctx.as_ptr();

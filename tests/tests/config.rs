@@ -10,7 +10,8 @@ use std::{
 
 use waybill_tests::{
     harness::{
-        Agent, Proc, PythonHttp, TempDir, free_port, http_get, metric_value, repo_root, require_root, wait_port, waybill,
+        Agent, Proc, PythonHttp, TempDir, free_port, http_get, metric_value, repo_root, require_root, wait_port,
+        waybill,
     },
     otlp_receiver::{Proto, Receiver},
 };

@@ -20,6 +20,9 @@ use crate::{
 };
 
 /// Settings of the pipeline.
+/// How often the ring buffer is drained when the kernel side did not ask for a wake-up.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
 pub struct PipelineConfig {
     pub selector: Selector,
     pub max_connections: usize,
@@ -230,18 +233,20 @@ impl Pipeline {
         // for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // The kernel side submits records without waking us (see `submit_flags` in
+        // ebpf-probes/src/events.rs) until 1/16 of the buffer waits: drain on this short timer too.
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_scan = std::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
+            let mut pending = false;
             tokio::select! {
                 guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    let rb = guard.get_inner_mut();
-                    while let Some(item) = rb.next() {
-                        self.handle(&item);
-                    }
-                    guard.clear_ready();
+                    guard?.clear_ready();
+                    pending = true;
                 }
+                _ = drain.tick() => pending = true,
                 _ = tick.tick() => {
                     self.refresh_lost();
                     let now = Clock::monotonic_now();
@@ -254,6 +259,12 @@ impl Pipeline {
                     }
                 }
                 _ = &mut shutdown => break,
+            }
+            if pending {
+                let rb = ring.get_mut();
+                while let Some(item) = rb.next() {
+                    self.handle(&item);
+                }
             }
         }
         let rb = ring.get_mut();
