@@ -89,6 +89,9 @@ struct RunArgs {
     ebpf_object: Option<std::path::PathBuf>,
 }
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -305,6 +308,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);
     let n = pipeline.initial_targets();
+    // Start-up parsed vmlinux BTF and target ELF files; that memory is free now: return it.
+    // SAFETY: mi_collect has no preconditions.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(processes = n, "ready");
 

@@ -136,6 +136,9 @@ pub struct Correlator {
     threads: HashMap<(u32, u32), Vec<u64>>,
     /// (local, remote) of client contexts, for the server side on this host to find.
     clients: HashMap<(Endpoint, Endpoint), VecDeque<u64>>,
+    /// Context ids in creation order (ids only grow), so the oldest is found in O(1); ids removed
+    /// by other paths are skipped lazily and compacted on sweep.
+    order: VecDeque<u64>,
     /// Contexts dropped because the table was full.
     pub evicted: u64,
 }
@@ -160,6 +163,7 @@ impl Correlator {
         }
         let id = self.next_id;
         self.next_id += 1;
+        self.order.push_back(id);
         let key = (s.pid, s.tid);
         let (thread_parent, uncertain) = if s.server {
             self.threads.entry(key).or_default().push(id);
@@ -352,12 +356,17 @@ impl Correlator {
         for id in expired {
             self.remove(id);
         }
+        let ctxs = &self.ctxs;
+        self.order.retain(|id| ctxs.contains_key(id));
     }
 
     fn evict_oldest(&mut self) {
-        if let Some(id) = self.ctxs.keys().min().copied() {
-            self.remove(id);
-            self.evicted += 1;
+        while let Some(id) = self.order.pop_front() {
+            if self.ctxs.contains_key(&id) {
+                self.remove(id);
+                self.evicted += 1;
+                return;
+            }
         }
     }
 
