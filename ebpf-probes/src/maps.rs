@@ -17,6 +17,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
+/// `comm` values (executable names, 15 bytes + NUL padding) named with `--exe`: a process that
+/// execs one is traced from its first instruction, before user space hears of it.
+#[map]
+pub static WATCH_COMMS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(64, 0);
+
 /// Ports named with `--port`: a process that listens on or accepts from one is traced.
 #[map]
 pub static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(256, 0);

@@ -3,18 +3,19 @@
 //!
 //! | operation | hook                        | notes                                              |
 //! |-----------|-----------------------------|----------------------------------------------------|
-//! | exec      | `sched/sched_process_exec`  | sent only when user space selects by executable    |
+//! | exec      | `sched/sched_process_exec`  | sent only when user space selects by executable;   |
+//! |           |                             | an `--exe` comm is added to TARGETS right here     |
 //! | fork      | `task/task_newtask`         | threads (CLONE_THREAD) are ignored; field offsets  |
 //! |           |                             | come from tracefs at load time                     |
 //! | exit      | `sched/sched_process_exit`  | the main thread's exit ends the process's tracing  |
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use waybill_common::{KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK};
+use aya_ebpf::{helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext};
+use waybill_common::{KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, TARGET_TRACED};
 
 use crate::{
     events::emit_proc,
     helpers::{config, current, is_target, target_flags, tp_offsets},
-    maps::TARGETS,
+    maps::{TARGETS, WATCH_COMMS},
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -25,6 +26,14 @@ pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let (tgid, tid, _) = current();
+    // A short-lived program (psql -c, curl) may be done before user space could add it: when
+    // its name is an `--exe` name, trace it now. User space confirms (or excludes) it.
+    if let Ok(comm) = bpf_get_current_comm() {
+        // SAFETY: presence test only.
+        if unsafe { WATCH_COMMS.get(&comm) }.is_some() && !is_target(tgid) {
+            let _ = TARGETS.insert(&tgid, &TARGET_TRACED, 0);
+        }
+    }
     emit_proc(KIND_PROC_EXEC, tgid, tid, 0);
     0
 }

@@ -191,6 +191,8 @@ fn per_service_rule_switches_injection_off() {
         let agent = Agent::start(&["--config", cfg.to_str().unwrap(), "--metrics-addr", &maddr], &[]);
         let (code, body) = http_get(&format!("127.0.0.1:{pu}"), "/call");
         assert_eq!((code, body.as_str()), (200, "ok\n"));
+        // The kernel's injection counters are read every 500 ms.
+        std::thread::sleep(Duration::from_millis(1200));
         let (_, prom) = http_get(&maddr, "/metrics");
         let out = agent.stop();
         let recs = std::fs::read_to_string(&log).unwrap();

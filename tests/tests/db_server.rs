@@ -254,7 +254,13 @@ fn psql_client_spans_by_executable_name() {
         assert_eq!(attr(s, "db.system.name"), "postgresql");
         assert_eq!(attr(s, "db.namespace"), "shop");
         assert_eq!(attr(s, "server.port"), pg.port.to_string());
-        assert_eq!(s.resource.get("process.executable.name").map(String::as_str), Some("psql"));
+        assert_eq!(
+            s.resource.get("process.executable.name").map(String::as_str),
+            Some("psql"),
+            "{:?}\n{}",
+            s.resource,
+            out.stderr
+        );
     }
     assert_eq!(attr(&spans[0], "db.query.text"), "SELECT name FROM items WHERE qty = ? AND name <> ?");
     assert_eq!(attr(&spans[0], "db.response.returned_rows"), "1");

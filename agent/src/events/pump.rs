@@ -112,6 +112,14 @@ impl Pipeline {
 
     /// Applies the selector to what runs now: `--pid` (with descendants), `--exe`, `--port`.
     pub fn initial_targets(&mut self) -> usize {
+        for exe in self.cfg.selector.exes.clone() {
+            if !self.probes.watch_comm(&exe) {
+                tracing::warn!(
+                    exe,
+                    "too many --exe names for the kernel's exec filter (64); user space still matches it"
+                );
+            }
+        }
         for port in self.cfg.selector.ports.clone() {
             if !self.probes.watch_port(port) {
                 tracing::warn!(port, "too many watched ports");
@@ -146,6 +154,8 @@ impl Pipeline {
         self.probes.remove_target(pid);
         self.probes.detach_tls(pid);
         self.conns.on_exit(pid, ts_ns, &self.metrics, &mut self.finished);
+        // Build the spans its connections just finished while its resource is still known.
+        self.flush_finished();
         self.stitcher.forget(pid);
         self.metrics.processes_attached.set(self.traced.len() as u64);
     }
@@ -179,9 +189,21 @@ impl Pipeline {
                     self.probes.detach_tls(pid);
                     self.probes.attach_tls(pid);
                     self.stitcher.resources.forget(pid);
+                    self.stitcher.resources.set_comm(pid, comm(&ev.comm));
                     self.describe(pid);
-                } else if process::exe_matches(pid, &self.cfg.selector.exes) {
-                    self.trace(pid, "exec matches --exe");
+                } else if process::exe_matches(pid, &self.cfg.selector.exes)
+                    || process::comm_matches(&comm(&ev.comm), &self.cfg.selector.exes)
+                {
+                    // (Second case: possibly gone already, e.g. `psql -c`: the kernel traced it by
+                    // the same comm at exec and may have untraced it at exit since.)
+                    self.stitcher.resources.set_comm(pid, comm(&ev.comm));
+                    if !self.trace(pid, "exec matches --exe") {
+                        // The kernel may have added it already (its comm is an --exe name).
+                        self.probes.remove_target(pid);
+                    }
+                } else if self.probes.is_target(pid) {
+                    // Added by the kernel on a comm match user space does not confirm.
+                    self.probes.remove_target(pid);
                 }
             }
             Record::Fork(ev) => {

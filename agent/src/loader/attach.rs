@@ -106,6 +106,8 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub targets: BpfHashMap<MapData, u32, u32>,
     pub watch_ports: BpfHashMap<MapData, u16, u32>,
+    /// `--exe` names as the kernel's `comm` (15 bytes, NUL-padded): traced from exec on.
+    pub watch_comms: BpfHashMap<MapData, [u8; 16], u32>,
     pub lost: PerCpuArray<MapData, u64>,
     /// Hooks attached, as `category/name`.
     pub attached: Vec<String>,
@@ -249,6 +251,8 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         .map_err(|e| LoadError::Map { name: "TARGETS", source: e })?;
     let watch_ports = BpfHashMap::try_from(ebpf.take_map("WATCH_PORTS").ok_or(LoadError::MissingMap("WATCH_PORTS"))?)
         .map_err(|e| LoadError::Map { name: "WATCH_PORTS", source: e })?;
+    let watch_comms = BpfHashMap::try_from(ebpf.take_map("WATCH_COMMS").ok_or(LoadError::MissingMap("WATCH_COMMS"))?)
+        .map_err(|e| LoadError::Map { name: "WATCH_COMMS", source: e })?;
     let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
         .map_err(|e| LoadError::Map { name: "LOST", source: e })?;
     Ok((
@@ -256,6 +260,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             ebpf,
             targets,
             watch_ports,
+            watch_comms,
             lost,
             attached,
             skipped,
@@ -286,6 +291,16 @@ impl Probes {
 
     pub fn is_target(&self, pid: u32) -> bool {
         self.targets.get(&pid, 0).is_ok()
+    }
+
+    /// The kernel traces a process from its exec when its `comm` is `name` (the first 15 bytes:
+    /// the kernel truncates `comm` so).
+    pub fn watch_comm(&mut self, name: &str) -> bool {
+        let mut key = [0u8; 16];
+        let b = name.as_bytes();
+        let n = b.len().min(15);
+        key[..n].copy_from_slice(&b[..n]);
+        self.watch_comms.insert(key, 1, 0).is_ok()
     }
 
     pub fn watch_port(&mut self, port: u16) -> bool {

@@ -39,6 +39,11 @@ impl Selector {
     }
 }
 
+/// Whether a kernel `comm` (an executable name cut to 15 bytes) is one of `exes`.
+pub fn comm_matches(comm: &str, exes: &[String]) -> bool {
+    !comm.is_empty() && exes.iter().any(|e| e.as_bytes()[..e.len().min(15)] == *comm.as_bytes())
+}
+
 /// All PIDs currently on the host.
 pub fn all_pids() -> Vec<u32> {
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -436,13 +441,17 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// `OTEL_RESOURCE_ATTRIBUTES`: cluster, node, environment), then the process's own
 /// `OTEL_RESOURCE_ATTRIBUTES`; each wins over what comes before it, except `process.pid` and
 /// `service.name`, which are the process's.
-pub fn resource(pid: u32, host: &str, node: &[(String, String)]) -> ProcessResource {
+///
+/// `comm`: the name the kernel reported at exec, used when the process is already gone (a
+/// short-lived `psql -c`) and /proc no longer describes it.
+pub fn resource(pid: u32, host: &str, node: &[(String, String)], comm: Option<&str>) -> ProcessResource {
     let env = environ(pid, &["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"]);
     let exe_path = fs::read_link(format!("/proc/{pid}/exe")).map(|p| p.to_string_lossy().into_owned()).ok();
     let exe_name = exe_path
         .as_deref()
         .map(|p| file_name(p.trim_end_matches(" (deleted)")).to_string())
         .or_else(|| fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_string()))
+        .or_else(|| comm.map(str::to_string))
         .unwrap_or_else(|| "unknown".to_string());
     let args = argv(pid);
     let from_attrs = env.get("OTEL_RESOURCE_ATTRIBUTES").map(|s| parse_resource_attributes(s)).unwrap_or_default();
@@ -494,20 +503,22 @@ pub struct Resources {
     host: String,
     /// The agent's own `OTEL_RESOURCE_ATTRIBUTES`: defaults for every traced process.
     node: Vec<(String, String)>,
+    /// `comm` from the kernel's exec record, for processes gone before they were described.
+    comms: HashMap<u32, String>,
     by_pid: HashMap<u32, Arc<ProcessResource>>,
 }
 
 impl Resources {
     pub fn new() -> Self {
         let node = std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|v| parse_resource_attributes(&v)).unwrap_or_default();
-        Self { host: host_name(), node, by_pid: HashMap::new() }
+        Self { host: host_name(), node, comms: HashMap::new(), by_pid: HashMap::new() }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {
         if let Some(r) = self.by_pid.get(&pid) {
             return r.clone();
         }
-        let r = Arc::new(resource(pid, &self.host, &self.node));
+        let r = Arc::new(resource(pid, &self.host, &self.node, self.comms.get(&pid).map(String::as_str)));
         if self.by_pid.len() >= 8192 {
             self.by_pid.clear();
         }
@@ -515,14 +526,31 @@ impl Resources {
         r
     }
 
+    /// The kernel's name for `pid` at its exec (a fallback for [`resource`]).
+    pub fn set_comm(&mut self, pid: u32, comm: String) {
+        if self.comms.len() >= 8192 {
+            self.comms.clear();
+        }
+        self.comms.insert(pid, comm);
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
+        self.comms.remove(&pid);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_comms_match_exe_names_cut_to_15_bytes() {
+        let exes = vec!["psql".to_string(), "a-very-long-program-name".to_string()];
+        assert!(comm_matches("psql", &exes));
+        assert!(comm_matches("a-very-long-pro", &exes));
+        assert!(!comm_matches("psq", &exes) && !comm_matches("", &exes) && !comm_matches("a-very-long-program", &exes));
+    }
 
     #[test]
     fn resource_attributes_parse_and_decode() {
@@ -604,7 +632,7 @@ mod tests {
     fn own_process_is_described() {
         let me = std::process::id();
         let node = [("k8s.node.name".to_string(), "n1".to_string()), ("service.name".to_string(), "agent".to_string())];
-        let r = resource(me, "h", &node);
+        let r = resource(me, "h", &node, None);
         assert!(r.attributes.contains(&("k8s.node.name".to_string(), AttrValue::Str("n1".into()))));
         assert_ne!(r.service_name, "agent", "the agent's service.name is not the process's");
         assert_eq!(r.pid, me);
