@@ -447,6 +447,13 @@ pub fn vm_test(root: &Path, bin: &Path, args: &VmArgs) -> Result<()> {
         .arg("-initrd")
         .arg(&initrd)
         .args(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"])
+        // The repository again, at its own path: the guest puts tmpfs on /tmp, /run… and a
+        // clone may live there (CI's does).
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=repo,security_model=none,readonly=on,multidevs=remap",
+            root_abs.display()
+        ))
         .arg("-virtfs")
         .arg(format!("local,path={},mount_tag=rw0,security_model=none,multidevs=remap", scratch_abs.display()))
         .args(if kvm { ["-accel", "kvm", "-cpu", "host"] } else { ["-accel", "tcg,thread=multi", "-cpu", "max"] })
@@ -455,7 +462,11 @@ pub fn vm_test(root: &Path, bin: &Path, args: &VmArgs) -> Result<()> {
         .arg("-serial")
         .arg(format!("file:{}", guest.display()))
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 oops=panic vmtest.rw=rw0:{}", scratch_abs.display()))
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 oops=panic vmtest.rw=repo:{},rw0:{}",
+            root_abs.display(),
+            scratch_abs.display()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
