@@ -668,6 +668,21 @@ pub fn parse_metrics_output(text: &str) -> Vec<ReceivedPoint> {
     points
 }
 
+/// The attribute `k` of a received span; panics naming the span when it has none.
+pub fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
+    s.attributes.get(k).map(String::as_str).unwrap_or_else(|| panic!("{} has no {k}: {:?}", s.name, s.attributes))
+}
+
+/// The `OTEL_EXPORTER_OTLP_*` variables that point an agent at `r`.
+pub fn otlp_env(r: &Receiver) -> Vec<(&'static str, String)> {
+    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", r.protocol().to_string())]
+}
+
+/// `(key, value)` pairs borrowed, as [`crate::harness::Agent::start`] takes them.
+pub fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

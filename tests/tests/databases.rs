@@ -10,12 +10,8 @@ use std::{
 
 use waybill_tests::{
     harness::{Agent, Postgres, Proc, Redis, repo_root, require_root},
-    otlp_receiver::{Proto, ReceivedSpan, Receiver},
+    otlp_receiver::{Proto, Receiver, attr},
 };
-
-fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    s.attributes.get(k).map(String::as_str).unwrap_or_else(|| panic!("{} has no {k}: {:?}", s.name, s.attributes))
-}
 
 #[test]
 fn pooled_postgres_and_redis_calls_become_exact_redacted_client_spans() {

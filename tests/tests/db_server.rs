@@ -18,12 +18,8 @@ use std::{
 
 use waybill_tests::{
     harness::{Agent, Nginx, Postgres, Redis, require_root},
-    otlp_receiver::{Proto, ReceivedSpan, Receiver},
+    otlp_receiver::{Proto, ReceivedSpan, Receiver, attr},
 };
-
-fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    s.attributes.get(k).map(String::as_str).unwrap_or_else(|| panic!("{} has no {k}: {:?}", s.name, s.attributes))
-}
 
 fn otlp(rx: &Receiver) -> [(&'static str, String); 2] {
     [("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", rx.protocol().to_string())]

@@ -6,23 +6,8 @@ use std::{process::Command, time::Duration};
 
 use waybill_tests::{
     harness::{Agent, Nginx, PythonHttp, free_port, http_get, repo_root, require_root, sh, waybill},
-    otlp_receiver::{Proto, ReceivedSpan, Receiver},
+    otlp_receiver::{Proto, ReceivedSpan, Receiver, attr, env_refs, otlp_env},
 };
-
-fn otlp_env(r: &Receiver) -> Vec<(&'static str, String)> {
-    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", r.protocol().to_string())]
-}
-
-fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
-}
-
-fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    s.attributes
-        .get(k)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("span {:?} has no {k}: {:?}", s.name, s.attributes))
-}
 
 fn server_spans(r: &Receiver, n: usize) -> Vec<ReceivedSpan> {
     let spans = r.wait_for_spans(n, Duration::from_secs(20));

@@ -20,23 +20,8 @@ use waybill_tests::{
     harness::{
         Agent, Postgres, Proc, Redis, TempDir, free_port, repo_root, require_root, self_signed_cert, sh, wait_port,
     },
-    otlp_receiver::{Proto, ReceivedSpan, Receiver},
+    otlp_receiver::{Proto, ReceivedSpan, Receiver, attr, env_refs, otlp_env},
 };
-
-fn otlp_env(r: &Receiver) -> Vec<(&'static str, String)> {
-    vec![("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint()), ("OTEL_EXPORTER_OTLP_PROTOCOL", r.protocol().to_string())]
-}
-
-fn env_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
-}
-
-fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    s.attributes
-        .get(k)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("span {:?} has no {k}: {:?}", s.name, s.attributes))
-}
 
 /// Waits for `n` spans, then a little more so that an extra span would show up too.
 fn spans_of_kind(r: &Receiver, n: usize, kind: &str) -> Vec<ReceivedSpan> {

@@ -10,16 +10,12 @@ use std::{
 
 use waybill_tests::{
     harness::{Agent, Proc, free_port, repo_root, require_root, sh, wait_port},
-    otlp_receiver::{Proto, ReceivedSpan, Receiver},
+    otlp_receiver::{Proto, ReceivedSpan, Receiver, attr},
 };
 
 fn spawn(cmd: &str, args: &[String], name: &str) -> Proc {
     let child = Command::new(cmd).args(args).stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     Proc { child, name: name.into() }
-}
-
-fn attr<'a>(s: &'a ReceivedSpan, k: &str) -> &'a str {
-    s.attributes.get(k).map(String::as_str).unwrap_or_else(|| panic!("{} has no {k}: {:?}", s.name, s.attributes))
 }
 
 #[test]
