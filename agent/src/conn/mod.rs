@@ -128,6 +128,21 @@ struct Conn {
 const DETECT_CHUNKS: u8 = 3;
 
 impl Conn {
+    /// A connection first seen through its data (no accept/connect record yet): tuple and role
+    /// unknown until the kernel's connection record or the first bytes tell.
+    fn first_data(conn_id: u64, head: &DataHeader) -> Self {
+        Conn::new(
+            conn_id,
+            head.hdr.tgid,
+            head.fd,
+            Tuple::default(),
+            Role::Unknown,
+            head.hdr.tid,
+            head.sk,
+            head.hdr.ts_ns,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn new(conn_id: u64, pid: u32, fd: u32, tuple: Tuple, role: Role, tid: u32, sk: u64, ts_ns: u64) -> Self {
         Conn {
@@ -290,19 +305,7 @@ impl ConnTable {
             self.make_room(head.hdr.ts_ns, m, out);
             m.connections_opened.inc();
             self.next_conn_id += 1;
-            self.conns.insert(
-                key,
-                Conn::new(
-                    self.next_conn_id,
-                    head.hdr.tgid,
-                    head.fd,
-                    Tuple::default(),
-                    Role::Unknown,
-                    head.hdr.tid,
-                    head.sk,
-                    head.hdr.ts_ns,
-                ),
-            );
+            self.conns.insert(key, Conn::first_data(self.next_conn_id, head));
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
         conn.last_ns = head.hdr.ts_ns;

@@ -4,9 +4,9 @@
 //! plaintext, any ciphertext record of the same fd (the handshake, shipped before the kernel knew)
 //! is ignored, and spans say `tls.protocol.name = tls`.
 
-use waybill_common::{DataHeader, Tuple, is_tls_syscall};
+use waybill_common::{DataHeader, is_tls_syscall};
 
-use super::{Conn, ConnTable, Finished, L7, Role};
+use super::{Conn, ConnTable, Finished, L7};
 use crate::metrics::Metrics;
 
 impl ConnTable {
@@ -32,16 +32,7 @@ impl ConnTable {
                 self.make_room(head.hdr.ts_ns, m, out);
                 m.connections_opened.inc();
                 self.next_conn_id += 1;
-                let mut c = Conn::new(
-                    self.next_conn_id,
-                    head.hdr.tgid,
-                    head.fd,
-                    Tuple::default(),
-                    Role::Unknown,
-                    head.hdr.tid,
-                    head.sk,
-                    head.hdr.ts_ns,
-                );
+                let mut c = Conn::first_data(self.next_conn_id, head);
                 c.meta.tls = true;
                 self.conns.insert(key, c);
                 false
@@ -53,9 +44,10 @@ impl ConnTable {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Role;
     use waybill_common::{
         ConnEvent, DIR_READ, DIR_WRITE, EventHeader, KIND_CONN, KIND_DATA, ROLE_SERVER, SYS_READ, SYS_SSL_READ,
-        SYS_SSL_WRITE, SYS_WRITE,
+        SYS_SSL_WRITE, SYS_WRITE, Tuple,
     };
 
     use super::*;
