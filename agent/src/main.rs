@@ -3,7 +3,6 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use tokio::sync::mpsc;
 use waybill::{
     config,
     events::pump::{Pipeline, PipelineConfig},
@@ -254,8 +253,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.inject_active.set(u64::from(matches!(probes.inject, attach::InjectStatus::Active { .. })));
     metrics.inject_unavailable.set(u64::from(matches!(probes.inject, attach::InjectStatus::Unavailable(_))));
 
-    let (tx, rx) = mpsc::channel(s.span_queue);
-    // RED metrics are measured from every span on its way to the exporter (a tee task).
+    let (tx, rx) = export::span_queue(s.span_queue);
+    // RED metrics are measured from every span on its way to the exporter (the pipeline's tee).
     let rules = Arc::new(std::mem::take(&mut s.file));
     let ratio: Option<export::red::SamplingRatio> = if rules.samples() {
         let rules = rules.clone();
@@ -263,7 +262,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let (rx, tee) = export::red::spawn_tee(rx, red.clone(), ratio, 1024);
+    let tee = export::red::Tee { red: red.clone(), ratio };
     let (metric_stop, metric_stop_rx) = tokio::sync::oneshot::channel();
     let metric_exporter = match otlp_metrics {
         Some(mcfg) => {
@@ -306,7 +305,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rescan_every: Duration::from_secs(2),
         rules,
     };
-    let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx);
+    let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx, tee);
     let n = pipeline.initial_targets();
     // Start-up parsed vmlinux BTF and target ELF files; that memory is free now: return it.
     // SAFETY: mi_collect has no preconditions.
@@ -324,12 +323,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: flushing spans");
     };
     pipeline.run(ring, shutdown).await?;
-    // The pipeline owned the only sender: the tee and then the exporter drain and return.
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = tee.await;
-        let _ = exporter.await;
-    })
-    .await;
+    // The pipeline owned the only sender: the exporter drains and returns.
+    let _ = tokio::time::timeout(Duration::from_secs(10), exporter).await;
     // Last RED export, after every span was measured.
     let _ = metric_stop.send(());
     if let Some(m) = metric_exporter {

@@ -94,11 +94,9 @@ fn export(cfg: OtlpConfig, spans: Vec<SpanRecord>, before_close: impl FnOnce() +
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let stats = Arc::new(ExportStats::default());
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = waybill::export::span_queue(16);
         let task = spawn_otlp(cfg, rx, Arc::clone(&stats)).expect("exporter builds");
-        for s in spans {
-            tx.try_send(s).expect("channel has room");
-        }
+        assert_eq!(tx.try_send(spans), 0, "queue has room");
         tokio::task::spawn_blocking(before_close).await.unwrap();
         drop(tx);
         tokio::time::timeout(Duration::from_secs(15), task)

@@ -1,28 +1,32 @@
 //! The event loop: drains the ring buffer (woken by epoll through tokio's `AsyncFd`), feeds the
-//! connection table, turns finished exchanges into spans and hands them to the exporter without
-//! ever blocking (a full queue drops the span and counts it). One task owns all state: no locks
+//! connection table, turns finished exchanges into spans, measures them (RED metrics, sampling:
+//! the [`Tee`]) and hands them to the exporter in batches, one per drain, without ever blocking
+//! (what does not fit the bounded queue is dropped and counted). One task owns all state: no locks
 //! on the hot path.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::io::unix::AsyncFd;
 use waybill_common::{LOST_PAYLOAD_TRUNCATED, LOST_READ_USER, LOST_RINGBUF_FULL, LOST_STASH_FULL};
 
 use super::{Record, comm, decode};
 use crate::{
     clock::Clock,
     conn::{ConnTable, Finished},
+    export::{SpanSender, red::Tee},
     loader::attach::Probes,
     metrics::Metrics,
     process::{self, Selector},
     stitch::{Stitcher, span::SpanRecord},
 };
 
-/// Settings of the pipeline.
 /// How often the ring buffer is drained when the kernel side did not ask for a wake-up.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// Most spans handed to the exporter in one batch.
+const MAX_SHIP: usize = 1024;
 
+/// Settings of the pipeline.
 pub struct PipelineConfig {
     pub selector: Selector,
     pub max_connections: usize,
@@ -39,13 +43,16 @@ pub struct Pipeline {
     stitcher: Stitcher,
     metrics: Arc<Metrics>,
     cfg: PipelineConfig,
-    spans: mpsc::Sender<SpanRecord>,
+    spans: SpanSender,
+    tee: Tee,
+    /// Spans built since the last hand-over to the exporter.
+    outgoing: Vec<SpanRecord>,
     traced: HashSet<u32>,
     finished: Vec<Finished>,
 }
 
 impl Pipeline {
-    pub fn new(probes: Probes, cfg: PipelineConfig, metrics: Arc<Metrics>, spans: mpsc::Sender<SpanRecord>) -> Self {
+    pub fn new(probes: Probes, cfg: PipelineConfig, metrics: Arc<Metrics>, spans: SpanSender, tee: Tee) -> Self {
         let conns = ConnTable::new(cfg.max_connections, cfg.idle_timeout.as_nanos() as u64);
         Self {
             probes,
@@ -54,6 +61,8 @@ impl Pipeline {
             metrics,
             cfg,
             spans,
+            tee,
+            outgoing: Vec::new(),
             traced: HashSet::new(),
             finished: Vec::new(),
         }
@@ -227,11 +236,23 @@ impl Pipeline {
     fn flush_finished(&mut self) {
         for f in self.finished.drain(..) {
             if let Some(span) = self.stitcher.span(f, &self.metrics) {
-                if self.spans.try_send(span).is_err() {
-                    self.metrics.spans_dropped_queue_full.inc();
-                }
+                self.outgoing.push(span);
             }
         }
+        if self.outgoing.len() >= MAX_SHIP {
+            self.ship();
+        }
+    }
+
+    /// Measures the spans built so far and queues them for the exporter as one batch.
+    fn ship(&mut self) {
+        if self.outgoing.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.outgoing);
+        self.tee.pass(&mut batch);
+        let dropped = self.spans.try_send(batch);
+        self.metrics.spans_dropped_queue_full.add(dropped as u64);
     }
 
     fn refresh_lost(&self) {
@@ -288,11 +309,13 @@ impl Pipeline {
                     self.handle(&item);
                 }
             }
+            self.ship();
         }
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
             self.handle(&item);
         }
+        self.ship();
         self.refresh_lost();
         Ok(())
     }

@@ -1,45 +1,42 @@
-//! OTLP export: one task owns one `opentelemetry-otlp` span exporter.
+//! OTLP trace export: one task per agent, fed batches of finished spans.
 //!
-//! Waybill decides span ids, parents and timestamps itself, so it does not use the SDK's tracer or
-//! batch processor: it converts each [`SpanRecord`] into an SDK [`SpanData`] and hands batches to
-//! [`SpanExporter::export`]. An exporter carries one resource at a time while Waybill traces many
-//! processes, so every batch is grouped by process and each group is exported after
-//! [`SpanExporter::set_resource`].
-//!
-//! The task drains a bounded channel (the sender uses `try_send`), batches by size
+//! Waybill decides span ids, parents and timestamps itself, so it uses neither the SDK's tracer nor
+//! its batch processor nor its `SpanData`: the task collects [`SpanRecord`]s into batches by size
 //! (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512) or time (`OTEL_BSP_SCHEDULE_DELAY`, 1000 ms after the
-//! first span of a batch), retries failed exports itself with exponential backoff (the crate's own
-//! retry is disabled so that retries are counted and the channel keeps being drained meanwhile) and
-//! keeps a bounded backlog whose oldest spans are dropped, and counted, when it overflows. When the
-//! channel closes it flushes what is left, bounded in time, and returns.
+//! first span of a batch), encodes each batch once into an OTLP `ExportTraceServiceRequest`
+//! ([`super::encode`]: one `ResourceSpans` per traced process) and sends the bytes over gRPC or
+//! HTTP/protobuf ([`super::transport`]). While a request is in flight the task keeps receiving and
+//! encoding, so the span queue never backs up behind a slow collector.
 //!
-//! Retryable failures (collector unreachable, gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`/…, HTTP
-//! 429/502/503/504, timeouts, see [`is_retryable`]) are retried without a limit by default: during
-//! a collector outage nothing is lost until the backlog bound is reached. Permanent failures (a
-//! collector that rejects the data) are given up on at once and counted as failed.
+//! Failed requests are retried with exponential backoff, the same bytes again. Retryable failures
+//! (collector unreachable, timeouts, gRPC `UNAVAILABLE`/`RESOURCE_EXHAUSTED`/…, HTTP
+//! 429/502/503/504) are retried without a limit by default: during a collector outage nothing is
+//! lost until the backlog bound (`--export-backlog`, in spans) is reached; past it the oldest
+//! waiting batch is dropped and counted. Permanent failures (a collector that rejects the data)
+//! are given up on at once and counted as failed, as are spans a collector reports rejected in a
+//! `partial_success`. When the channel closes the task flushes what is left, bounded in time.
 //!
 //! Configuration follows the OpenTelemetry exporter environment variables, see
 //! [`OtlpConfig::from_env`].
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind as OtelSpanKind, Status, TraceFlags, TraceId, TraceState};
+use bytes::Bytes;
 use opentelemetry::{InstrumentationScope, KeyValue, Value};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::resource::TelemetryResourceDetector;
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::stitch::span::{AttrValue, ParentSource, ProcessResource, SpanKind, SpanRecord, SpanStatus};
+use super::SpanReceiver;
+use super::encode::Encoder;
+use super::transport::{Accepted, SendError, SendFuture, Sender};
+use crate::stitch::span::{AttrValue, ProcessResource, SpanRecord};
 
 pub const OTEL_EXPORTER_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -58,6 +55,7 @@ pub const OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CLIE
 pub const OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE";
 pub const OTEL_EXPORTER_OTLP_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
 pub const OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY: &str = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY";
+pub const OTEL_EXPORTER_OTLP_HEADERS: &str = "OTEL_EXPORTER_OTLP_HEADERS";
 pub const OTEL_EXPORTER_OTLP_TRACES_HEADERS: &str = "OTEL_EXPORTER_OTLP_TRACES_HEADERS";
 pub const OTEL_EXPORTER_OTLP_METRICS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT";
 pub const OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL";
@@ -251,39 +249,7 @@ impl OtlpConfig {
     }
 }
 
-/// Whether a failed export may succeed if sent again later, following the OTLP specification's
-/// retryable responses: the collector could not be reached or timed out, gRPC `CANCELLED`,
-/// `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `OUT_OF_RANGE`, `UNAVAILABLE`,
-/// `DATA_LOSS`, HTTP 429, 502, 503, 504. `opentelemetry-otlp` reports every failure as text, so
-/// the text is classified; anything not recognised as permanent is treated as retryable (an
-/// outage must not lose spans because an error message changed).
-pub fn is_retryable(e: &OTelSdkError) -> bool {
-    let msg = match e {
-        OTelSdkError::AlreadyShutdown => return false,
-        OTelSdkError::Timeout(_) => return true,
-        OTelSdkError::InternalFailure(m) => m.as_str(),
-    };
-    if let Some(rest) = msg.split("gRPC code: ").nth(1) {
-        let code: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
-        return matches!(
-            code.as_str(),
-            "Cancelled"
-                | "DeadlineExceeded"
-                | "ResourceExhausted"
-                | "Aborted"
-                | "OutOfRange"
-                | "Unavailable"
-                | "DataLoss"
-        );
-    }
-    if let Some(rest) = msg.split("status code: ").nth(1) {
-        let code: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        return matches!(code.as_str(), "429" | "502" | "503" | "504" | "0");
-    }
-    true
-}
-
-fn has_scheme(endpoint: &str) -> bool {
+pub(crate) fn has_scheme(endpoint: &str) -> bool {
     endpoint.split_once("://").is_some_and(|(scheme, _)| !scheme.contains(['/', '?', '#']))
 }
 
@@ -312,18 +278,17 @@ impl ExportStats {
     }
 }
 
-/// Builds the exporter for `cfg` and spawns the export task on the current Tokio runtime.
+/// Builds the sender for `cfg` (headers from `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`) and spawns
+/// the export task on the current Tokio runtime.
 ///
-/// The task ends once `rx` is closed (every sender dropped) and the backlog is flushed, at most
+/// The task ends once `rx` is closed (every sender dropped) and what it holds is flushed, at most
 /// `cfg.shutdown_timeout` later.
-pub fn spawn_otlp(
-    cfg: OtlpConfig,
-    rx: mpsc::Receiver<SpanRecord>,
-    stats: Arc<ExportStats>,
-) -> Result<JoinHandle<()>, ExportError> {
+pub fn spawn_otlp(cfg: OtlpConfig, rx: SpanReceiver, stats: Arc<ExportStats>) -> Result<JoinHandle<()>, ExportError> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| ExportError::NoRuntime)?;
-    let exporter = build_exporter(&cfg)?;
-    Ok(handle.spawn(run(exporter, rx, stats, cfg)))
+    let headers = super::transport::headers_from(&|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))?;
+    let _guard = handle.enter();
+    let sender = super::transport::build(&cfg.transport(), headers)?;
+    Ok(handle.spawn(run(sender, rx, stats, cfg)))
 }
 
 /// The transport settings shared by the span and the metric exporter.
@@ -348,10 +313,10 @@ pub struct TlsFiles {
 }
 
 /// PEM bytes: the CA bundle, and the client (certificate, key) pair.
-type TlsPem = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+pub(crate) type TlsPem = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
 
 impl TlsFiles {
-    fn read(&self) -> Result<TlsPem, ExportError> {
+    pub(crate) fn read(&self) -> Result<TlsPem, ExportError> {
         let load = |f: &Option<(&'static str, String)>| -> Result<Option<Vec<u8>>, ExportError> {
             match f {
                 None => Ok(None),
@@ -473,10 +438,6 @@ fn reqwest_client(
         b = b.identity(reqwest::Identity::from_pem(&cert).map_err(tls_err(OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE))?);
     }
     b.build().map_err(|e| ExportError::Build(e.to_string()))
-}
-
-fn build_exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
-    build_otlp!(opentelemetry_otlp::SpanExporter::builder(), &cfg.transport())
 }
 
 /// The OTLP metric exporter for the RED metrics (cumulative temporality).
@@ -630,50 +591,18 @@ fn signal_transport(get: &dyn Fn(&str) -> Option<String>, s: &SignalVars) -> Res
 }
 
 // ---------------------------------------------------------------------------------------------
-// Conversion
+// Resource and scope
 
-/// The instrumentation scope of every exported span.
+/// The instrumentation scope of every exported span and metric.
 pub fn scope() -> InstrumentationScope {
     InstrumentationScope::builder(SCOPE_NAME).with_version(env!("CARGO_PKG_VERSION")).build()
 }
 
 fn otel_value(v: &AttrValue) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(s.clone().into()),
+        AttrValue::Str(s) => Value::String(s.to_string().into()),
         AttrValue::Int(i) => Value::I64(*i),
         AttrValue::Bool(b) => Value::Bool(*b),
-    }
-}
-
-/// `SpanRecord` → SDK `SpanData`, field for field.
-pub fn to_span_data(r: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
-    let trace_state = r.trace_state.as_deref().and_then(|s| TraceState::from_str(s).ok()).unwrap_or_default();
-    let flags = if r.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-    let span_context =
-        SpanContext::new(TraceId::from_bytes(r.trace_id), SpanId::from_bytes(r.span_id), flags, false, trace_state);
-    let mut attributes: Vec<KeyValue> = Vec::with_capacity(r.attributes.len() + 1);
-    attributes.extend(r.attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))));
-    attributes.push(KeyValue::new(PARENT_SOURCE_ATTR, r.parent_source.as_str()));
-    SpanData {
-        span_context,
-        parent_span_id: r.parent_span_id.map_or(SpanId::INVALID, SpanId::from_bytes),
-        parent_span_is_remote: r.parent_span_id.is_some() && r.parent_source == ParentSource::Header,
-        span_kind: match r.kind {
-            SpanKind::Server => OtelSpanKind::Server,
-            SpanKind::Client => OtelSpanKind::Client,
-        },
-        name: r.name.clone().into(),
-        start_time: UNIX_EPOCH + Duration::from_nanos(r.start_unix_ns),
-        end_time: UNIX_EPOCH + Duration::from_nanos(r.end_unix_ns),
-        attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status: match &r.status {
-            SpanStatus::Unset => Status::Unset,
-            SpanStatus::Error(d) => Status::error(d.clone()),
-        },
-        instrumentation_scope: scope.clone(),
     }
 }
 
@@ -693,7 +622,7 @@ pub fn to_resource(p: &ProcessResource, host_name: Option<&str>) -> Resource {
     if !has("service.name") {
         kvs.push(KeyValue::new("service.name", p.service_name.clone()));
     }
-    kvs.extend(p.attributes.iter().map(|(k, v)| KeyValue::new(k.clone(), otel_value(v))));
+    kvs.extend(p.attributes.iter().map(|(k, v)| KeyValue::new(k.to_string(), otel_value(v))));
     Resource::builder_empty().with_detector(Box::new(TelemetryResourceDetector)).with_attributes(kvs).build()
 }
 
@@ -701,67 +630,15 @@ pub(crate) fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// Splits a batch by process, keeping arrival order within each group. Groups are keyed by the
-/// `Arc`'s address, which is sound because the batch holds every `Arc` while grouping.
-fn group_by_resource(batch: Vec<SpanRecord>) -> Vec<(Arc<ProcessResource>, Vec<SpanRecord>)> {
-    let mut index: HashMap<*const ProcessResource, usize> = HashMap::new();
-    let mut groups: Vec<(Arc<ProcessResource>, Vec<SpanRecord>)> = Vec::new();
-    for r in batch {
-        let key = Arc::as_ptr(&r.resource);
-        let i = *index.entry(key).or_insert_with(|| {
-            groups.push((Arc::clone(&r.resource), Vec::new()));
-            groups.len() - 1
-        });
-        groups[i].1.push(r);
-    }
-    groups
-}
-
 // ---------------------------------------------------------------------------------------------
 // The export task
 
-/// The channel end and the backlog, drained while an export or a backoff is pending.
-struct Intake<'a> {
-    rx: &'a mut mpsc::Receiver<SpanRecord>,
-    backlog: VecDeque<SpanRecord>,
-    max_backlog: usize,
-    closed: bool,
-    stats: &'a ExportStats,
-}
-
-impl Intake<'_> {
-    fn push(&mut self, r: SpanRecord) {
-        if self.backlog.len() >= self.max_backlog.max(1) {
-            self.backlog.pop_front();
-            ExportStats::add(&self.stats.dropped, 1);
-            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
-        }
-        self.backlog.push_back(r);
-        ExportStats::add(&self.stats.pending, 1);
-    }
-
-    fn take(&mut self, r: Option<SpanRecord>) {
-        match r {
-            Some(r) => self.push(r),
-            None => self.closed = true,
-        }
-    }
-
-    /// Awaits `fut` while moving whatever arrives on the channel into the backlog, so the sender
-    /// never sees a full channel because an export is slow.
-    async fn while_pending<F: Future>(&mut self, fut: F) -> F::Output {
-        tokio::pin!(fut);
-        loop {
-            if self.closed {
-                return fut.await;
-            }
-            tokio::select! {
-                biased;
-                out = &mut fut => return out,
-                r = self.rx.recv() => self.take(r),
-            }
-        }
-    }
+/// One encoded request waiting to be sent (or sent again).
+struct Batch {
+    body: Bytes,
+    spans: usize,
+    tries: u32,
+    backoff: Duration,
 }
 
 /// Log state: warn when exports start failing, info when they recover, not once per batch.
@@ -771,131 +648,229 @@ struct Health {
     gave_up: bool,
 }
 
-async fn run<E: SpanExporter>(
-    mut exporter: E,
-    mut rx: mpsc::Receiver<SpanRecord>,
-    stats: Arc<ExportStats>,
-    cfg: OtlpConfig,
-) {
-    let scope = scope();
-    let host = host_name();
-    let max_batch = cfg.max_batch_size.max(1);
-    let mut health = Health::default();
-    let mut intake =
-        Intake { rx: &mut rx, backlog: VecDeque::new(), max_backlog: cfg.max_backlog, closed: false, stats: &stats };
-    let ctx = BatchCtx { cfg: &cfg, scope: &scope, host: host.as_deref() };
+/// The task's state: spans being collected into the next batch, encoded batches waiting, and the
+/// one batch being sent or waiting for its retry (never dropped by the backlog bound).
+struct Exporter<'a> {
+    cfg: &'a OtlpConfig,
+    stats: &'a ExportStats,
+    encoder: Encoder,
+    filling: Vec<SpanRecord>,
+    /// When `filling` must be encoded (the schedule delay after its first span).
+    fill_deadline: Option<Instant>,
+    ready: VecDeque<Batch>,
+    /// Spans in `ready` (the backlog bound counts these and `filling`).
+    ready_spans: usize,
+    current: Option<Batch>,
+    /// The earliest time `current` may be sent again.
+    retry_at: Option<Instant>,
+    health: Health,
+}
 
-    while !intake.closed {
-        if intake.backlog.is_empty() {
-            let r = intake.rx.recv().await;
-            intake.take(r);
-            continue;
-        }
-        // Collect until the batch is full or the schedule delay has passed since it started.
-        let deadline = Instant::now() + cfg.schedule_delay;
-        while !intake.closed && intake.backlog.len() < max_batch {
-            tokio::select! {
-                r = intake.rx.recv() => intake.take(r),
-                _ = tokio::time::sleep_until(deadline) => break,
+impl Exporter<'_> {
+    fn add_pending(&self, n: usize) {
+        ExportStats::add(&self.stats.pending, n);
+    }
+
+    fn sub_pending(&self, n: usize) {
+        self.stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    fn take(&mut self, spans: Vec<SpanRecord>) {
+        let max_batch = self.cfg.max_batch_size.max(1);
+        self.add_pending(spans.len());
+        for r in spans {
+            if self.filling.is_empty() {
+                self.fill_deadline = Some(Instant::now() + self.cfg.schedule_delay);
+            }
+            self.filling.push(r);
+            if self.filling.len() >= max_batch {
+                self.seal();
             }
         }
-        if intake.closed {
+        self.bound();
+    }
+
+    /// Encodes `filling` into a batch.
+    fn seal(&mut self) {
+        self.fill_deadline = None;
+        if self.filling.is_empty() {
+            return;
+        }
+        let body = self.encoder.encode(&self.filling);
+        let spans = self.filling.len();
+        self.filling.clear();
+        self.ready_spans += spans;
+        self.ready.push_back(Batch { body, spans, tries: 0, backoff: self.cfg.initial_backoff });
+        self.promote();
+    }
+
+    /// With nothing being sent, the oldest waiting batch becomes the next one sent: it is out of
+    /// the backlog bound's reach from now on, even if a burst arrives before it goes out.
+    fn promote(&mut self) {
+        if self.current.is_none() {
+            if let Some(b) = self.ready.pop_front() {
+                self.ready_spans -= b.spans;
+                self.current = Some(b);
+            }
+        }
+    }
+
+    /// Drops the oldest waiting batches while more than `max_backlog` spans wait.
+    fn bound(&mut self) {
+        let max = self.cfg.max_backlog.max(1);
+        while self.ready_spans + self.filling.len() > max {
+            let Some(b) = self.ready.pop_front() else {
+                // Only a batch still being filled (max_backlog < max_batch_size): drop its oldest.
+                let n = self.filling.len() - max;
+                self.filling.drain(..n);
+                ExportStats::add(&self.stats.dropped, n);
+                self.sub_pending(n);
+                break;
+            };
+            self.ready_spans -= b.spans;
+            ExportStats::add(&self.stats.dropped, b.spans);
+            self.sub_pending(b.spans);
+        }
+    }
+
+    /// The next batch to send, if one may be sent now.
+    fn next_to_send(&mut self, now: Instant) -> Option<Bytes> {
+        if self.retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.retry_at = None;
+        self.promote();
+        let b = self.current.as_mut()?;
+        b.tries += 1;
+        if b.tries > 1 {
+            ExportStats::add(&self.stats.retried, b.spans);
+        }
+        Some(b.body.clone())
+    }
+
+    /// Handles the outcome of sending `current`. `out_of_time`: no retry is possible (shutdown).
+    fn done(&mut self, result: Result<Accepted, SendError>, out_of_time: bool) {
+        let Some(b) = self.current.take() else { return };
+        let n = b.spans;
+        let error = match result {
+            Ok(a) => {
+                let rejected = (a.rejected as usize).min(n);
+                ExportStats::add(&self.stats.exported, n - rejected);
+                ExportStats::add(&self.stats.failed, rejected);
+                self.sub_pending(n);
+                if rejected > 0 {
+                    tracing::warn!(rejected, message = %a.message, "the collector rejected some spans (partial success)");
+                }
+                if std::mem::take(&mut self.health.failing) {
+                    self.health.gave_up = false;
+                    tracing::info!("OTLP export recovered");
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let tries = b.tries;
+        if !error.retryable || tries > self.cfg.max_retries || out_of_time {
+            ExportStats::add(&self.stats.failed, n);
+            self.sub_pending(n);
+            self.health.failing = true;
+            if !std::mem::replace(&mut self.health.gave_up, true) {
+                tracing::warn!(
+                    endpoint = %self.cfg.endpoint,
+                    error = %error.message,
+                    spans = n,
+                    tries,
+                    "OTLP export failed; spans dropped (further failures logged at debug)"
+                );
+            } else {
+                tracing::debug!(error = %error.message, spans = n, tries, "OTLP export failed");
+            }
+            return;
+        }
+        if !std::mem::replace(&mut self.health.failing, true) {
+            tracing::warn!(
+                endpoint = %self.cfg.endpoint,
+                error = %error.message,
+                spans = n,
+                "OTLP export failing; retrying with backoff, spans held in the backlog (bounded)"
+            );
+        } else {
+            tracing::debug!(error = %error.message, spans = n, tries, "OTLP export failed; retrying");
+        }
+        self.retry_at = Some(Instant::now() + b.backoff);
+        let backoff = (b.backoff * 2).min(self.cfg.max_backoff);
+        self.current = Some(Batch { backoff, ..b });
+    }
+
+    fn idle(&self) -> bool {
+        self.filling.is_empty() && self.ready.is_empty() && self.current.is_none()
+    }
+}
+
+/// The export loop: collects spans from `rx` into batches (size or schedule delay), sends one
+/// request at a time and keeps receiving and encoding while it is in flight, retries with
+/// exponential backoff, bounds what waits. Once `rx` closes it flushes within
+/// `cfg.shutdown_timeout`; what cannot be sent by then counts as failed.
+async fn run(sender: Box<dyn Sender>, mut rx: SpanReceiver, stats: Arc<ExportStats>, cfg: OtlpConfig) {
+    let mut ex = Exporter {
+        cfg: &cfg,
+        stats: &stats,
+        encoder: Encoder::new(host_name()),
+        filling: Vec::with_capacity(cfg.max_batch_size.clamp(1, 4096)),
+        fill_deadline: None,
+        ready: VecDeque::new(),
+        ready_spans: 0,
+        current: None,
+        retry_at: None,
+        health: Health::default(),
+    };
+    let mut closed = false;
+    let mut shutdown_deadline: Option<Instant> = None;
+    let mut inflight: Option<SendFuture> = None;
+    loop {
+        if closed && ex.idle() && inflight.is_none() {
             break;
         }
-        let n = intake.backlog.len().min(max_batch);
-        let batch: Vec<SpanRecord> = intake.backlog.drain(..n).collect();
-        export_batch(&mut exporter, &mut intake, &mut health, &ctx, batch, None).await;
-    }
-
-    // Shutdown: the channel is closed and drained; flush the backlog within the time bound.
-    let deadline = Instant::now() + cfg.shutdown_timeout;
-    while !intake.backlog.is_empty() {
-        let n = intake.backlog.len().min(max_batch);
-        let batch: Vec<SpanRecord> = intake.backlog.drain(..n).collect();
-        export_batch(&mut exporter, &mut intake, &mut health, &ctx, batch, Some(deadline)).await;
-    }
-    if let Err(e) = exporter.shutdown() {
-        tracing::debug!(error = %e, "OTLP exporter shutdown");
-    }
-}
-
-struct BatchCtx<'a> {
-    cfg: &'a OtlpConfig,
-    scope: &'a InstrumentationScope,
-    host: Option<&'a str>,
-}
-
-/// Exports one batch, one request per process, each retried with exponential backoff. With a
-/// `deadline` (shutdown), nothing is attempted past it and what is left counts as failed.
-async fn export_batch<E: SpanExporter>(
-    exporter: &mut E,
-    intake: &mut Intake<'_>,
-    health: &mut Health,
-    ctx: &BatchCtx<'_>,
-    batch: Vec<SpanRecord>,
-    deadline: Option<Instant>,
-) {
-    let stats = intake.stats;
-    for (process, records) in group_by_resource(batch) {
-        let n = records.len();
-        let data: Vec<SpanData> = records.iter().map(|r| to_span_data(r, ctx.scope)).collect();
-        drop(records);
-        exporter.set_resource(&to_resource(&process, ctx.host));
-        let mut backoff = ctx.cfg.initial_backoff;
-        let mut tries: u32 = 0;
-        loop {
-            tries += 1;
-            let result = match deadline {
-                None => intake.while_pending(exporter.export(data.clone())).await,
-                Some(d) if Instant::now() >= d => Err(OTelSdkError::Timeout(Duration::ZERO)),
-                Some(d) => intake
-                    .while_pending(tokio::time::timeout_at(d, exporter.export(data.clone())))
-                    .await
-                    .unwrap_or(Err(OTelSdkError::Timeout(ctx.cfg.shutdown_timeout))),
-            };
-            let error = match result {
-                Ok(()) => {
-                    ExportStats::add(&stats.exported, n);
-                    stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
-                    if std::mem::take(&mut health.failing) {
-                        health.gave_up = false;
-                        tracing::info!("OTLP export recovered");
-                    }
-                    break;
+        if inflight.is_none() {
+            if let Some(body) = ex.next_to_send(Instant::now()) {
+                inflight = Some(sender.send(body));
+            }
+        }
+        let far = Instant::now() + Duration::from_secs(3600);
+        let fill_at = ex.fill_deadline.unwrap_or(far);
+        let retry_at = ex.retry_at.unwrap_or(far);
+        let stop_at = shutdown_deadline.unwrap_or(far);
+        tokio::select! {
+            biased;
+            out = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
+                inflight = None;
+                ex.done(out, shutdown_deadline.is_some_and(|d| Instant::now() >= d));
+            }
+            r = rx.recv(), if !closed => match r {
+                Some(spans) => ex.take(spans),
+                None => {
+                    closed = true;
+                    ex.seal();
+                    shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
                 }
-                Err(e) => e,
-            };
-            let out_of_time = deadline.is_some_and(|d| Instant::now() + backoff >= d);
-            if !is_retryable(&error) || tries > ctx.cfg.max_retries || out_of_time {
-                ExportStats::add(&stats.failed, n);
-                stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
-                health.failing = true;
-                if !std::mem::replace(&mut health.gave_up, true) {
-                    tracing::warn!(
-                        endpoint = %ctx.cfg.endpoint,
-                        error = %error,
-                        spans = n,
-                        tries,
-                        "OTLP export failed; spans dropped (further failures logged at debug)"
-                    );
-                } else {
-                    tracing::debug!(error = %error, spans = n, tries, "OTLP export failed");
+            },
+            _ = tokio::time::sleep_until(fill_at), if ex.fill_deadline.is_some() => ex.seal(),
+            _ = tokio::time::sleep_until(retry_at), if ex.retry_at.is_some() && inflight.is_none() => {
+                if shutdown_deadline.is_some_and(|d| retry_at >= d) {
+                    ex.retry_at = None;
+                    ex.done(Err(SendError { retryable: false, message: "shutdown".into() }), true);
+                }
+            }
+            _ = tokio::time::sleep_until(stop_at), if shutdown_deadline.is_some() => {
+                // Out of time: what is left (the request in flight too) counts as failed.
+                let left = ex.ready_spans + ex.filling.len() + ex.current.as_ref().map_or(0, |b| b.spans);
+                ExportStats::add(&stats.failed, left);
+                ex.sub_pending(left);
+                if left > 0 {
+                    tracing::warn!(spans = left, "OTLP export: shutdown timeout reached; spans not sent");
                 }
                 break;
             }
-            if !std::mem::replace(&mut health.failing, true) {
-                tracing::warn!(
-                    endpoint = %ctx.cfg.endpoint,
-                    error = %error,
-                    spans = n,
-                    "OTLP export failing; retrying with backoff, spans held in the backlog (bounded)"
-                );
-            } else {
-                tracing::debug!(error = %error, spans = n, tries, "OTLP export failed; retrying");
-            }
-            intake.while_pending(tokio::time::sleep(backoff)).await;
-            ExportStats::add(&stats.retried, n);
-            backoff = (backoff * 2).min(ctx.cfg.max_backoff);
         }
     }
 }
@@ -903,7 +878,9 @@ async fn export_batch<E: SpanExporter>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry_sdk::error::OTelSdkResult;
+    use crate::export::span_queue;
+    use crate::stitch::span::{ParentSource, SpanKind, SpanStatus};
+    use std::collections::HashMap;
     use std::sync::Mutex;
 
     fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
@@ -1023,40 +1000,6 @@ mod tests {
     }
 
     #[test]
-    fn span_data_conversion() {
-        let p = process(7, "shop");
-        let mut r = record(1, &p);
-        r.parent_span_id = Some([9; 8]);
-        r.parent_source = ParentSource::Header;
-        r.trace_state = Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE".into());
-        r.kind = SpanKind::Client;
-        r.status = SpanStatus::Error("boom".into());
-        let d = to_span_data(&r, &scope());
-        assert_eq!(d.span_context.trace_id(), TraceId::from_bytes([1; 16]));
-        assert_eq!(d.span_context.span_id(), SpanId::from_bytes([1; 8]));
-        assert!(d.span_context.is_sampled());
-        assert_eq!(d.span_context.trace_state().get("rojo"), Some("00f067aa0ba902b7"));
-        assert_eq!(d.parent_span_id, SpanId::from_bytes([9; 8]));
-        assert!(d.parent_span_is_remote);
-        assert_eq!(d.span_kind, OtelSpanKind::Client);
-        assert_eq!(d.status, Status::error("boom"));
-        assert_eq!(d.end_time.duration_since(d.start_time).unwrap(), Duration::from_millis(5));
-        assert_eq!(d.attributes.last(), Some(&KeyValue::new(PARENT_SOURCE_ATTR, "header")));
-        assert_eq!(d.instrumentation_scope.name(), "waybill");
-        assert_eq!(d.instrumentation_scope.version(), Some(env!("CARGO_PKG_VERSION")));
-
-        let mut r = record(2, &p);
-        r.trace_state = Some("not a valid=trace state=".into());
-        r.sampled = false;
-        let d = to_span_data(&r, &scope());
-        assert_eq!(d.parent_span_id, SpanId::INVALID);
-        assert!(!d.parent_span_is_remote);
-        assert!(!d.span_context.is_sampled());
-        assert_eq!(d.span_context.trace_state().header(), "");
-        assert_eq!(d.status, Status::Unset);
-    }
-
-    #[test]
     fn resource_attributes() {
         let p = process(42, "api");
         let res = to_resource(&p, Some("box"));
@@ -1077,48 +1020,66 @@ mod tests {
         assert_eq!(get("service.name").as_deref(), Some("api"));
     }
 
-    /// (service.name of the resource, span names) per successful export.
+    /// (service.name of the resource, span names) per resource of each successful export.
     type Calls = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
-    /// Records every export; fails the first `fail_first` calls; each call takes `delay`.
+    /// A collector: decodes every request with the official OTLP types and records it; fails the
+    /// first `fail_first` calls; each call takes `delay`.
     #[derive(Debug, Default)]
     struct Mock {
         calls: Calls,
-        resource_service: String,
         fail_first: Arc<Mutex<usize>>,
         delay: Duration,
         /// Fails every call before this instant (a collector outage).
         fail_until: Option<Instant>,
-        /// The failure reported (default: an unclassified "unavailable").
-        error: Option<String>,
+        /// Failures are permanent rejections (default: retryable, "unavailable").
+        permanent: bool,
     }
 
-    impl SpanExporter for Mock {
-        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-            tokio::time::sleep(self.delay).await;
-            let error = || OTelSdkError::InternalFailure(self.error.clone().unwrap_or_else(|| "unavailable".into()));
-            if self.fail_until.is_some_and(|t| Instant::now() < t) {
-                return Err(error());
-            }
-            {
-                let mut f = self.fail_first.lock().unwrap();
-                if *f > 0 {
-                    *f -= 1;
-                    return Err(error());
+    impl Sender for Mock {
+        fn send(&self, body: Bytes) -> SendFuture {
+            use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+            use opentelemetry_proto::tonic::common::v1::any_value::Value as PV;
+            use prost::Message;
+            let (calls, fail_first, delay, fail_until, permanent) =
+                (Arc::clone(&self.calls), Arc::clone(&self.fail_first), self.delay, self.fail_until, self.permanent);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let error = SendError { retryable: !permanent, message: "unavailable".into() };
+                if fail_until.is_some_and(|t| Instant::now() < t) {
+                    return Err(error);
                 }
-            }
-            self.calls
-                .lock()
-                .unwrap()
-                .push((self.resource_service.clone(), batch.iter().map(|s| s.name.to_string()).collect()));
-            Ok(())
+                {
+                    let mut f = fail_first.lock().unwrap();
+                    if *f > 0 {
+                        *f -= 1;
+                        return Err(error);
+                    }
+                }
+                let req = ExportTraceServiceRequest::decode(body.as_ref()).expect("valid request");
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .unwrap()
+                        .attributes
+                        .into_iter()
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| kv.value?.value)
+                        .map(|v| match v {
+                            PV::StringValue(s) => s,
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default();
+                    let names = rs.scope_spans.into_iter().flat_map(|ss| ss.spans).map(|s| s.name).collect();
+                    calls.lock().unwrap().push((service, names));
+                }
+                Ok(Accepted::default())
+            })
         }
-        fn set_resource(&mut self, resource: &Resource) {
-            self.resource_service = resource
-                .get(&opentelemetry::Key::from_static_str("service.name"))
-                .map(|v| v.to_string())
-                .unwrap_or_default();
-        }
+    }
+
+    fn spawn(mock: Mock, rx: SpanReceiver, stats: &Arc<ExportStats>, cfg: OtlpConfig) -> JoinHandle<()> {
+        tokio::spawn(run(Box::new(mock), rx, Arc::clone(stats), cfg))
     }
 
     fn test_cfg() -> OtlpConfig {
@@ -1130,14 +1091,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn batches_grouped_by_resource() {
-        let (tx, rx) = mpsc::channel(100);
+        let (tx, rx) = span_queue(100);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock::default();
         let calls = Arc::clone(&mock.calls);
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let task = spawn(mock, rx, &stats, test_cfg());
         let (a, b) = (process(1, "a"), process(2, "b"));
         for (n, p) in [(1, &a), (2, &b), (3, &a), (4, &a)] {
-            tx.try_send(record(n, p)).unwrap();
+            assert_eq!(tx.try_send(vec![record(n, p)]), 0);
         }
         // First batch is full at 3 spans; the 4th waits for the schedule delay.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1158,13 +1119,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retries_then_succeeds_and_flushes_on_close() {
-        let (tx, rx) = mpsc::channel(100);
+        let (tx, rx) = span_queue(100);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock { fail_first: Arc::new(Mutex::new(2)), ..Default::default() };
         let calls = Arc::clone(&mock.calls);
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let task = spawn(mock, rx, &stats, test_cfg());
         let a = process(1, "a");
-        tx.try_send(record(1, &a)).unwrap();
+        assert_eq!(tx.try_send(vec![record(1, &a)]), 0);
         drop(tx);
         task.await.unwrap();
         assert_eq!(calls.lock().unwrap().len(), 1);
@@ -1175,7 +1136,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_retries_and_bounds_backlog() {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = span_queue(4);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock {
             fail_first: Arc::new(Mutex::new(usize::MAX)),
@@ -1186,12 +1147,12 @@ mod tests {
         cfg.max_backlog = 5;
         cfg.max_batch_size = 1;
         cfg.max_retries = 3;
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let task = spawn(mock, rx, &stats, cfg);
         let a = process(1, "a");
         // The channel (capacity 4) never fills although exports are failing: the task keeps
         // draining it into the bounded backlog while it retries.
         for n in 0..20u8 {
-            tx.try_send(record(n, &a)).expect("channel drained during retries");
+            assert_eq!(tx.try_send(vec![record(n, &a)]), 0, "channel drained during retries");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(tx);
@@ -1206,14 +1167,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_flush_is_bounded() {
-        let (tx, rx) = mpsc::channel(100);
+        let (tx, rx) = span_queue(100);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock { delay: Duration::from_secs(60), ..Default::default() };
         let mut cfg = test_cfg();
         cfg.shutdown_timeout = Duration::from_secs(2);
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let task = spawn(mock, rx, &stats, cfg);
         let a = process(1, "a");
-        tx.try_send(record(1, &a)).unwrap();
+        assert_eq!(tx.try_send(vec![record(1, &a)]), 0);
         drop(tx);
         let started = Instant::now();
         task.await.unwrap();
@@ -1221,44 +1182,25 @@ mod tests {
         assert_eq!(stats.failed.load(Ordering::Relaxed), 1);
     }
 
-    #[test]
-    fn retryable_failures_are_classified() {
-        let f = |m: &str| is_retryable(&OTelSdkError::InternalFailure(m.to_string()));
-        assert!(f("TonicTracesClient export failed with gRPC code: Unavailable: tcp connect error"));
-        assert!(f("TonicTracesClient export failed with gRPC code: ResourceExhausted"));
-        assert!(f("TonicMetricsClient export failed with gRPC code: DeadlineExceeded"));
-        assert!(!f("TonicTracesClient export failed with gRPC code: InvalidArgument"));
-        assert!(!f("TonicTracesClient export failed with gRPC code: Unauthenticated"));
-        assert!(f("HTTP export failed: network error"));
-        assert!(f("HTTP export failed with status code: 503"));
-        assert!(f("HTTP export failed with status code: 429"));
-        assert!(!f("HTTP export failed with status code: 400"));
-        assert!(!f("HTTP export failed with status code: 404"));
-        assert!(f("something new"));
-        assert!(is_retryable(&OTelSdkError::Timeout(Duration::from_secs(1))));
-        assert!(!is_retryable(&OTelSdkError::AlreadyShutdown));
-    }
-
     /// A 60 s collector outage under steady load: every span arrives once it is back, none is
     /// dropped or failed, and the channel never fills.
     #[tokio::test(start_paused = true)]
     async fn outage_of_a_minute_loses_nothing() {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = span_queue(16);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock {
             fail_until: Some(Instant::now() + Duration::from_secs(60)),
-            error: Some("TonicTracesClient export failed with gRPC code: Unavailable: connection refused".into()),
             delay: Duration::from_millis(5),
             ..Default::default()
         };
         let calls = Arc::clone(&mock.calls);
         let mut cfg = test_cfg();
         cfg.max_batch_size = 50;
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let task = spawn(mock, rx, &stats, cfg);
         let a = process(1, "a");
         // 50 spans/s for 90 s.
         for n in 0..4500u32 {
-            tx.try_send(record((n % 251) as u8, &a)).expect("never blocks");
+            assert_eq!(tx.try_send(vec![record((n % 251) as u8, &a)]), 0, "never blocks");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop(tx);
@@ -1274,7 +1216,7 @@ mod tests {
     /// Past the backlog bound the oldest spans are dropped, and counted exactly.
     #[tokio::test(start_paused = true)]
     async fn backlog_overflow_drops_oldest_exactly() {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = span_queue(16);
         let stats = Arc::new(ExportStats::default());
         let mock = Mock { fail_until: Some(Instant::now() + Duration::from_secs(30)), ..Default::default() };
         let calls = Arc::clone(&mock.calls);
@@ -1282,12 +1224,12 @@ mod tests {
         cfg.max_batch_size = 10;
         cfg.schedule_delay = Duration::from_secs(1);
         cfg.max_backlog = 100;
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), cfg));
+        let task = spawn(mock, rx, &stats, cfg);
         let a = process(1, "a");
         // 300 spans during the outage: the first batch (10 spans, full before the 1 s schedule
         // delay) is the request being retried, 100 are kept, 190 dropped.
         for n in 0..300u32 {
-            tx.try_send(record((n % 251) as u8, &a)).unwrap();
+            assert_eq!(tx.try_send(vec![record((n % 251) as u8, &a)]), 0);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -1303,20 +1245,40 @@ mod tests {
         assert_eq!(names, expected);
     }
 
+    /// A burst that arrives in one piece during an outage: its first batch is the one being
+    /// retried, the newest `max_backlog` wait, the rest are dropped, counted exactly.
+    #[tokio::test(start_paused = true)]
+    async fn burst_keeps_first_and_newest() {
+        let (tx, rx) = span_queue(100);
+        let stats = Arc::new(ExportStats::default());
+        let mock = Mock { fail_until: Some(Instant::now() + Duration::from_secs(5)), ..Default::default() };
+        let calls = Arc::clone(&mock.calls);
+        let mut cfg = test_cfg();
+        cfg.max_batch_size = 1;
+        cfg.max_backlog = 10;
+        let task = spawn(mock, rx, &stats, cfg);
+        let a = process(1, "a");
+        assert_eq!(tx.try_send((0..30u8).map(|n| record(n, &a)).collect()), 0);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(tx);
+        task.await.unwrap();
+        let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!((s(&stats.exported), s(&stats.dropped), s(&stats.failed)), (11, 19, 0), "{stats:?}");
+        let names: Vec<String> = calls.lock().unwrap().iter().flat_map(|(_, n)| n.clone()).collect();
+        let expected: Vec<String> = [0u8].into_iter().chain(20..30).map(|n| format!("span {n}")).collect();
+        assert_eq!(names, expected);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn permanent_failures_are_not_retried() {
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = span_queue(16);
         let stats = Arc::new(ExportStats::default());
-        let mock = Mock {
-            fail_first: Arc::new(Mutex::new(1)),
-            error: Some("HTTP export failed with status code: 400".into()),
-            ..Default::default()
-        };
-        let task = tokio::spawn(run(mock, rx, Arc::clone(&stats), test_cfg()));
+        let mock = Mock { fail_first: Arc::new(Mutex::new(1)), permanent: true, ..Default::default() };
+        let task = spawn(mock, rx, &stats, test_cfg());
         let a = process(1, "a");
-        tx.try_send(record(1, &a)).unwrap();
+        assert_eq!(tx.try_send(vec![record(1, &a)]), 0);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        tx.try_send(record(2, &a)).unwrap();
+        assert_eq!(tx.try_send(vec![record(2, &a)]), 0);
         drop(tx);
         task.await.unwrap();
         let s = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -1331,12 +1293,12 @@ mod tests {
             OtlpConfig::new(Protocol::HttpProtobuf, "http://127.0.0.1:1"),
             OtlpConfig::new(Protocol::HttpProtobuf, "https://127.0.0.1:1"),
         ] {
-            let (tx, rx) = mpsc::channel(1);
+            let (tx, rx) = span_queue(1);
             let task = spawn_otlp(cfg.clone(), rx, Arc::default()).expect("builds");
             drop(tx);
             task.await.unwrap();
         }
-        let (_tx, rx) = mpsc::channel(1);
+        let (_tx, rx) = span_queue(1);
         let err = spawn_otlp(OtlpConfig::new(Protocol::Grpc, "127.0.0.1:1"), rx, Arc::default()).unwrap_err();
         assert!(matches!(err, ExportError::Config { .. }), "{err}");
     }

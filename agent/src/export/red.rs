@@ -1,8 +1,8 @@
 //! RED metrics (rate, errors, duration) computed from finished spans, per traced process.
 //!
-//! A tee task ([`spawn_tee`]) sits between the stitcher's span queue and the exporter: it records
-//! every span into [`Red`], applies the per-service sampling ratio of the configuration (so the
-//! metrics count every request, sampled or not), and forwards the spans it keeps.
+//! A [`Tee`] sits in the pipeline between span building and the exporter's queue: it records every
+//! span into [`Red`], applies the per-service sampling ratio of the configuration (so the metrics
+//! count every request, sampled or not), and passes on the spans it keeps.
 //!
 //! Three histograms, in seconds, with the semantic-convention bucket boundaries and
 //! low-cardinality attributes only:
@@ -46,7 +46,7 @@ use opentelemetry_sdk::{
         reader::MetricReader,
     },
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use crate::stitch::span::{AttrValue, ProcessResource, SpanKind, SpanRecord};
 
@@ -423,32 +423,24 @@ pub fn keep(r: &SpanRecord, ratio: f64) -> bool {
     (v as f64) < ratio * (1u64 << 56) as f64
 }
 
-/// Spawns the tee: records every span from `rx` into `red`, keeps the ones `ratio` samples and
-/// forwards them on the returned channel (capacity `cap`). The tee waits when the exporter's
-/// channel is full, which only backs up the stitcher's queue, never the pipeline (it uses
-/// `try_send` and counts what it cannot queue).
-pub fn spawn_tee(
-    mut rx: mpsc::Receiver<SpanRecord>,
-    red: Arc<Red>,
-    ratio: Option<SamplingRatio>,
-    cap: usize,
-) -> (mpsc::Receiver<SpanRecord>, JoinHandle<()>) {
-    let (tx, out) = mpsc::channel(cap.max(1));
-    let task = tokio::spawn(async move {
-        while let Some(r) = rx.recv().await {
-            red.record(&r);
-            if let Some(ratio) = &ratio {
-                if !keep(&r, ratio(&r.resource)) {
-                    red.stats.sampled_out.fetch_add(1, Relaxed);
-                    continue;
-                }
-            }
-            if tx.send(r).await.is_err() {
-                break;
-            }
+/// Records every span into `red` and keeps the ones `ratio` samples (all without a ratio).
+pub struct Tee {
+    pub red: Arc<Red>,
+    pub ratio: Option<SamplingRatio>,
+}
+
+impl Tee {
+    /// Measures `spans` and removes the ones sampled out (counted).
+    pub fn pass(&self, spans: &mut Vec<SpanRecord>) {
+        for r in spans.iter() {
+            self.red.record(r);
         }
-    });
-    (out, task)
+        if let Some(ratio) = &self.ratio {
+            let before = spans.len();
+            spans.retain(|r| keep(r, ratio(&r.resource)));
+            self.red.stats.sampled_out.fetch_add((before - spans.len()) as u64, Relaxed);
+        }
+    }
 }
 
 /// Exports `red` every `interval` until `stop` fires, then once more (bounded by `final_timeout`).
@@ -681,22 +673,18 @@ mod tests {
         assert!((2200..2800).contains(&kept), "{kept}");
     }
 
-    #[tokio::test]
-    async fn tee_forwards_and_measures() {
+    #[test]
+    fn tee_measures_all_and_keeps_sampled() {
         let red = Arc::new(Red::new(10, Arc::default()));
-        let (tx, rx) = mpsc::channel(4);
         let ratio: SamplingRatio = Arc::new(|p: &ProcessResource| if p.service_name == "drop" { 0.0 } else { 1.0 });
-        let (mut out, task) = spawn_tee(rx, Arc::clone(&red), Some(ratio), 4);
+        let tee = Tee { red: Arc::clone(&red), ratio: Some(ratio) };
         let keep_p = process(1, "keep");
         let drop_p = process(2, "drop");
         let attrs = [("http.request.method", AttrValue::from("GET"))];
-        tx.send(span(&keep_p, SpanKind::Server, 1, &attrs)).await.unwrap();
-        tx.send(span(&drop_p, SpanKind::Server, 1, &attrs)).await.unwrap();
-        drop(tx);
-        let got = out.recv().await.unwrap();
-        assert_eq!(got.resource.service_name, "keep");
-        assert!(out.recv().await.is_none());
-        task.await.unwrap();
+        let mut spans = vec![span(&keep_p, SpanKind::Server, 1, &attrs), span(&drop_p, SpanKind::Server, 1, &attrs)];
+        tee.pass(&mut spans);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].resource.service_name, "keep");
         assert_eq!(red.stats.measured.load(Relaxed), 2);
         assert_eq!(red.stats.sampled_out.load(Relaxed), 1);
     }

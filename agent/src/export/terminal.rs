@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use crate::export::SpanReceiver;
 use tokio::task::JoinHandle;
 
 use crate::stitch::span::{AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus, hex};
@@ -367,11 +367,11 @@ impl TraceGrouper {
 }
 
 /// Prints settled traces to `out` until `rx` closes, then prints what is left and returns.
-pub fn spawn_terminal(rx: mpsc::Receiver<SpanRecord>, out: Box<dyn Write + Send>) -> JoinHandle<()> {
+pub fn spawn_terminal(rx: SpanReceiver, out: Box<dyn Write + Send>) -> JoinHandle<()> {
     tokio::spawn(run_terminal(rx, out, GroupingConfig::default()))
 }
 
-async fn run_terminal(mut rx: mpsc::Receiver<SpanRecord>, mut out: Box<dyn Write + Send>, cfg: GroupingConfig) {
+async fn run_terminal(mut rx: SpanReceiver, mut out: Box<dyn Write + Send>, cfg: GroupingConfig) {
     let mut grouper = TraceGrouper::new(cfg);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -393,9 +393,11 @@ async fn run_terminal(mut rx: mpsc::Receiver<SpanRecord>, mut out: Box<dyn Write
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(span) => {
-                    let evicted = grouper.push(span, tokio::time::Instant::now().into_std());
-                    print(evicted, &mut out);
+                Some(spans) => {
+                    for span in spans {
+                        let evicted = grouper.push(span, tokio::time::Instant::now().into_std());
+                        print(evicted, &mut out);
+                    }
                 }
                 None => break,
             },
@@ -708,11 +710,9 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
     #[tokio::test(start_paused = true)]
     async fn terminal_task_prints_settled_traces() {
         let buf = Buf::default();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = crate::export::span_queue(16);
         let task = spawn_terminal(rx, Box::new(buf.clone()));
-        for s in shop_trace() {
-            tx.send(s).await.unwrap();
-        }
+        assert_eq!(tx.try_send(shop_trace()), 0);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(buf.0.lock().unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -720,7 +720,10 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
         assert_eq!(text, format!("{}\n", render_trace(&shop_trace())));
         // A rootless trace is flushed at shutdown.
         let p = proc_(9, "late");
-        tx.send(span(9, 2, Some(1), ParentSource::None, "orphan", SpanKind::Client, 0.0, 1.0, &[], &p)).await.unwrap();
+        assert_eq!(
+            tx.try_send(vec![span(9, 2, Some(1), ParentSource::None, "orphan", SpanKind::Client, 0.0, 1.0, &[], &p)]),
+            0
+        );
         drop(tx);
         task.await.unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
