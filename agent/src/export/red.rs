@@ -24,7 +24,7 @@
 //! `waybill_red_overflow_total`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fmt::Write as _,
     sync::{
         Arc, Mutex, Weak,
@@ -103,11 +103,11 @@ fn str_attr(r: &SpanRecord, key: &str) -> Option<String> {
 
 /// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
 /// span that feeds none.
-pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)>)> {
-    let mut attrs: Vec<(String, AttrValue)> = Vec::with_capacity(5);
-    let copy = |attrs: &mut Vec<(String, AttrValue)>, key: &str| {
+pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(&'static str, AttrValue)>)> {
+    let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(5);
+    let copy = |attrs: &mut Vec<(&'static str, AttrValue)>, key: &'static str| {
         if let Some(v) = r.attr(key) {
-            attrs.push((key.to_string(), v.clone()));
+            attrs.push((key, v.clone()));
         }
     };
     let metric = if r.attr("db.system.name").is_some() {
@@ -120,13 +120,13 @@ pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)
         }
         RedMetric::DbClient
     } else if let Some(method) = r.attr("http.request.method") {
-        attrs.push(("http.request.method".into(), method.clone()));
+        attrs.push(("http.request.method", method.clone()));
         match r.kind {
             SpanKind::Server => {
                 let route = str_attr(r, "http.route")
                     .or_else(|| str_attr(r, "url.path").map(|p| waybill_protocols::http1::path_template(&p)));
                 if let Some(route) = route {
-                    attrs.push(("http.route".into(), AttrValue::Str(route)));
+                    attrs.push(("http.route", AttrValue::from(route)));
                 }
                 copy(&mut attrs, "http.response.status_code");
                 RedMetric::HttpServer
@@ -142,8 +142,34 @@ pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)
         return None;
     };
     copy(&mut attrs, "error.type");
-    attrs.sort_by(|a, b| a.0.cmp(&b.0));
+    attrs.sort_by(|a, b| a.0.cmp(b.0));
     Some((metric, attrs))
+}
+
+/// A keyed hash of a measurement's attribute set: the series it belongs to. Keyed (SipHash with a
+/// random key), so traffic cannot pick values that collide.
+fn series_key(hasher: &std::hash::RandomState, attrs: &[(&'static str, AttrValue)]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = hasher.build_hasher();
+    for (k, v) in attrs {
+        k.hash(&mut h);
+        match v {
+            AttrValue::Str(s) => {
+                0u8.hash(&mut h);
+                let s: &str = s.as_ref();
+                s.hash(&mut h);
+            }
+            AttrValue::Int(i) => {
+                1u8.hash(&mut h);
+                i.hash(&mut h);
+            }
+            AttrValue::Bool(b) => {
+                2u8.hash(&mut h);
+                b.hash(&mut h);
+            }
+        }
+    }
+    h.finish()
 }
 
 /// Counters of the RED machinery, published as self-metrics.
@@ -187,7 +213,9 @@ struct ProcessMetrics {
     _provider: SdkMeterProvider,
     reader: SharedReader,
     histograms: [Histogram<f64>; 3],
-    series: [HashSet<Vec<(String, String)>>; 3],
+    /// Per metric, the series admitted under the cardinality budget (by [`series_key`]) and their
+    /// attributes, built once.
+    series: [HashMap<u64, Vec<KeyValue>>; 3],
     /// Measurements since the last collection for OTLP (a dead process is dropped once clean).
     dirty: bool,
 }
@@ -197,6 +225,8 @@ pub struct Red {
     procs: Mutex<HashMap<u32, ProcessMetrics>>,
     series_limit: usize,
     host: Option<String>,
+    /// Keys [`series_key`].
+    hasher: std::hash::RandomState,
     pub stats: Arc<RedStats>,
 }
 
@@ -215,6 +245,7 @@ impl Red {
             procs: Mutex::new(HashMap::new()),
             series_limit: series_limit.max(1),
             host: super::otlp::host_name(),
+            hasher: std::hash::RandomState::new(),
             stats,
         }
     }
@@ -250,9 +281,10 @@ impl Red {
             return;
         };
         let seconds = r.end_unix_ns.saturating_sub(r.start_unix_ns) as f64 / 1e9;
+        let key = series_key(&self.hasher, &attrs);
         let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
         let pm = match procs.get_mut(&r.resource.pid) {
-            Some(pm) if *pm.resource == *r.resource => pm,
+            Some(pm) if Arc::ptr_eq(&pm.resource, &r.resource) || *pm.resource == *r.resource => pm,
             _ => {
                 // New process, or the PID now names another program (exec, reuse).
                 let pm = self.process_metrics(&r.resource);
@@ -260,16 +292,18 @@ impl Red {
                 procs.get_mut(&r.resource.pid).expect("just inserted")
             }
         };
-        let key: Vec<(String, String)> = attrs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         let series = &mut pm.series[metric.index()];
-        let kvs: Vec<KeyValue> = if series.contains(&key) || series.len() < self.series_limit {
-            series.insert(key);
-            attrs.into_iter().map(|(k, v)| KeyValue::new(k, otel_value(v))).collect()
+        let histogram = &pm.histograms[metric.index()];
+        if let Some(kvs) = series.get(&key) {
+            histogram.record(seconds, kvs);
+        } else if series.len() < self.series_limit {
+            let kvs: Vec<KeyValue> = attrs.into_iter().map(|(k, v)| KeyValue::new(k, otel_value(v))).collect();
+            histogram.record(seconds, &kvs);
+            series.insert(key, kvs);
         } else {
             self.stats.overflow.fetch_add(1, Relaxed);
-            vec![KeyValue::new(OVERFLOW_ATTR, true)]
-        };
-        pm.histograms[metric.index()].record(seconds, &kvs);
+            histogram.record(seconds, &[KeyValue::new(OVERFLOW_ATTR, true)]);
+        }
         pm.dirty = true;
         self.stats.measured.fetch_add(1, Relaxed);
     }
@@ -494,7 +528,7 @@ mod tests {
 
     fn get(r: &SpanRecord) -> (RedMetric, Vec<(String, String)>) {
         let (m, a) = measurement(r).unwrap();
-        (m, a.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+        (m, a.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
