@@ -1374,14 +1374,22 @@ fn strip_userinfo(authority: &str) -> &str {
 /// hex, digit-heavy or long mixed tokens, e-mail addresses); words are kept. The query, fragment
 /// and `;params` of segments are dropped. An empty path gives `/`; at most 32 segments are kept.
 pub fn path_template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(256));
+    push_path_template(&mut out, path);
+    out
+}
+
+/// [`path_template`] appended to `out` (a span name being built: no string of its own).
+pub fn push_path_template(out: &mut String, path: &str) {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if path.is_empty() {
-        return "/".into();
+        out.push('/');
+        return;
     }
     if path == "*" {
-        return "*".into();
+        out.push('*');
+        return;
     }
-    let mut out = String::with_capacity(path.len().min(256));
     for (i, seg) in path.split('/').take(33).enumerate() {
         if i > 0 {
             out.push('/');
@@ -1393,7 +1401,6 @@ pub fn path_template(path: &str) -> String {
             out.push_str(seg);
         }
     }
-    out
 }
 
 fn is_id_segment(seg: &str) -> bool {

@@ -48,7 +48,7 @@ use opentelemetry_sdk::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::stitch::span::{AttrValue, ProcessResource, SpanKind, SpanRecord};
+use crate::stitch::span::{Attr, AttrValue, ProcessResource, SpanKind, SpanRecord};
 
 /// `http.server.request.duration` and `http.client.request.duration` buckets (seconds).
 pub const HTTP_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
@@ -103,11 +103,11 @@ fn str_attr(r: &SpanRecord, key: &str) -> Option<String> {
 
 /// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
 /// span that feeds none.
-pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)>)> {
-    let mut attrs: Vec<(String, AttrValue)> = Vec::with_capacity(5);
-    let copy = |attrs: &mut Vec<(String, AttrValue)>, key: &str| {
+pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<Attr>)> {
+    let mut attrs: Vec<Attr> = Vec::with_capacity(5);
+    let copy = |attrs: &mut Vec<Attr>, key: &'static str| {
         if let Some(v) = r.attr(key) {
-            attrs.push((key.to_string(), v.clone()));
+            attrs.push((key.into(), v.clone()));
         }
     };
     let metric = if r.attr("db.system.name").is_some() {
@@ -126,7 +126,7 @@ pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(String, AttrValue)
                 let route = str_attr(r, "http.route")
                     .or_else(|| str_attr(r, "url.path").map(|p| waybill_protocols::http1::path_template(&p)));
                 if let Some(route) = route {
-                    attrs.push(("http.route".into(), AttrValue::Str(route)));
+                    attrs.push(("http.route".into(), route.into()));
                 }
                 copy(&mut attrs, "http.response.status_code");
                 RedMetric::HttpServer
@@ -187,7 +187,9 @@ struct ProcessMetrics {
     _provider: SdkMeterProvider,
     reader: SharedReader,
     histograms: [Histogram<f64>; 3],
-    series: [HashSet<Vec<(String, String)>>; 3],
+    /// Attribute sets seen, per metric. std's SipHash on purpose: the values (routes, addresses)
+    /// come from traced traffic and could be chosen to collide under a weaker hash.
+    series: [HashSet<Vec<Attr>>; 3],
     /// Measurements since the last collection for OTLP (a dead process is dropped once clean).
     dirty: bool,
 }
@@ -260,10 +262,12 @@ impl Red {
                 procs.get_mut(&r.resource.pid).expect("just inserted")
             }
         };
-        let key: Vec<(String, String)> = attrs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         let series = &mut pm.series[metric.index()];
-        let kvs: Vec<KeyValue> = if series.contains(&key) || series.len() < self.series_limit {
-            series.insert(key);
+        let known = series.contains(&attrs);
+        let kvs: Vec<KeyValue> = if known || series.len() < self.series_limit {
+            if !known {
+                series.insert(attrs.clone());
+            }
             attrs.into_iter().map(|(k, v)| KeyValue::new(k, otel_value(v))).collect()
         } else {
             self.stats.overflow.fetch_add(1, Relaxed);
@@ -493,7 +497,7 @@ mod tests {
             kind,
             start_unix_ns: 1_000_000_000,
             end_unix_ns: 1_000_000_000 + ms * 1_000_000,
-            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string().into(), v.clone())).collect(),
             status: SpanStatus::Unset,
             parent_source: ParentSource::None,
             resource: Arc::clone(p),
@@ -502,7 +506,7 @@ mod tests {
 
     fn get(r: &SpanRecord) -> (RedMetric, Vec<(String, String)>) {
         let (m, a) = measurement(r).unwrap();
-        (m, a.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+        (m, a.into_iter().map(|(k, v)| (k.into_owned(), v.to_string())).collect())
     }
 
     fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -593,7 +597,7 @@ mod tests {
                 ms,
                 &[
                     ("http.request.method", "GET".into()),
-                    ("url.path", path.into()),
+                    ("url.path", path.to_string().into()),
                     ("http.response.status_code", AttrValue::Int(200)),
                 ],
             )

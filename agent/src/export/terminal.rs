@@ -101,7 +101,7 @@ fn protocol(s: &SpanRecord) -> String {
 
 fn status_code(s: &SpanRecord) -> Option<String> {
     ["http.response.status_code", "rpc.grpc.status_code"].iter().find_map(|k| s.attr(k)).map(|v| match v {
-        AttrValue::Str(s) => s.clone(),
+        AttrValue::Str(s) => s.to_string(),
         other => other.to_string(),
     })
 }
@@ -422,7 +422,7 @@ mod tests {
         Arc::new(ProcessResource {
             pid,
             service_name: name.into(),
-            attributes: vec![("service.name".into(), name.into())],
+            attributes: vec![("service.name".into(), name.to_string().into())],
         })
     }
 
@@ -452,7 +452,7 @@ mod tests {
             kind,
             start_unix_ns: T0 + (start_ms * MS as f64) as u64,
             end_unix_ns: T0 + (end_ms * MS as f64) as u64,
-            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string().into(), v.clone())).collect(),
             status: SpanStatus::Unset,
             parent_source: src,
             resource: Arc::clone(p),
