@@ -286,6 +286,8 @@ struct Pending {
 /// Collects spans into traces and says when each is ready, from the times it is given.
 pub struct TraceGrouper {
     cfg: GroupingConfig,
+    /// std's SipHash on purpose: trace ids come from incoming `traceparent` headers, i.e. from
+    /// the traffic, and could be chosen to collide under FxHash.
     pending: HashMap<[u8; 16], Pending>,
     /// Arrival order of traces (`seq`, id); entries whose trace left or was re-created are stale.
     order: VecDeque<(u64, [u8; 16])>,

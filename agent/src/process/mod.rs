@@ -16,6 +16,8 @@ use std::{
     sync::Arc,
 };
 
+use rustc_hash::FxHashMap;
+
 use crate::stitch::span::{Attr, AttrValue, ProcessResource};
 
 /// What the operator asked to trace.
@@ -504,14 +506,15 @@ pub struct Resources {
     /// The agent's own `OTEL_RESOURCE_ATTRIBUTES`: defaults for every traced process.
     node: Vec<(String, String)>,
     /// `comm` from the kernel's exec record, for processes gone before they were described.
-    comms: HashMap<u32, String>,
-    by_pid: HashMap<u32, Arc<ProcessResource>>,
+    comms: FxHashMap<u32, String>,
+    /// FxHash (as `comms`): keyed by pid, looked up for every span.
+    by_pid: FxHashMap<u32, Arc<ProcessResource>>,
 }
 
 impl Resources {
     pub fn new() -> Self {
         let node = std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|v| parse_resource_attributes(&v)).unwrap_or_default();
-        Self { host: host_name(), node, comms: HashMap::new(), by_pid: HashMap::new() }
+        Self { host: host_name(), node, comms: FxHashMap::default(), by_pid: FxHashMap::default() }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {

@@ -32,7 +32,11 @@
 //! Bounds: at most `MAX_CONTEXTS` contexts; finished ones are kept `KEEP_FINISHED_NS` for late
 //! lookups and then dropped; unfinished ones are dropped after `MAX_AGE_NS`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// FxHash: every key here is an integer the agent or the kernel chose (context ids, pid/tid,
+// socket endpoints of the traced processes' own outgoing connections), hashed per request.
+use rustc_hash::FxHashMap;
 
 use super::span::ParentSource;
 use crate::ids::{self, TraceParent};
@@ -130,12 +134,12 @@ struct Ctx {
 
 #[derive(Default)]
 pub struct Correlator {
-    ctxs: HashMap<u64, Ctx>,
+    ctxs: FxHashMap<u64, Ctx>,
     next_id: u64,
     /// (pid, tid) → server contexts open on that thread, most recent last.
-    threads: HashMap<(u32, u32), Vec<u64>>,
+    threads: FxHashMap<(u32, u32), Vec<u64>>,
     /// (local, remote) of client contexts, for the server side on this host to find.
-    clients: HashMap<(Endpoint, Endpoint), VecDeque<u64>>,
+    clients: FxHashMap<(Endpoint, Endpoint), VecDeque<u64>>,
     /// Context ids in creation order (ids only grow), so the oldest is found in O(1); ids removed
     /// by other paths are skipped lazily and compacted on sweep.
     order: VecDeque<u64>,

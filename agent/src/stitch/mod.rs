@@ -5,7 +5,11 @@
 pub mod context;
 pub mod span;
 
-use std::{borrow::Cow, collections::HashMap, fmt::Write as _, net::IpAddr};
+use std::{borrow::Cow, fmt::Write as _, net::IpAddr};
+
+// FxHash: the tables below are keyed by integers (connection ids, pids, fds, ports, kernel
+// timestamps), looked up per request.
+use rustc_hash::FxHashMap;
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::{
@@ -135,13 +139,13 @@ pub struct Stitcher {
     pub resources: Resources,
     corr: Correlator,
     /// (connection id, request sequence number) → context id.
-    ctx_of: HashMap<(u64, u64), u64>,
+    ctx_of: FxHashMap<(u64, u64), u64>,
     /// (pid, fd, timestamp of the read) → the ids the kernel decided for the request it starts.
-    server_ids: HashMap<(u32, u32, u64), KernelIds>,
+    server_ids: FxHashMap<(u32, u32, u64), KernelIds>,
     /// (pid, local port, remote port) → injections not yet claimed by a client request head.
-    injections: HashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
+    injections: FxHashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
     /// Connection id → database writes not yet answered, with the request each was claimed by.
-    db_sends: HashMap<u64, DbSends>,
+    db_sends: FxHashMap<u64, DbSends>,
 }
 
 /// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
@@ -162,10 +166,10 @@ impl Stitcher {
             clock,
             resources: Resources::new(),
             corr: Correlator::new(),
-            ctx_of: HashMap::new(),
-            server_ids: HashMap::new(),
-            injections: HashMap::new(),
-            db_sends: HashMap::new(),
+            ctx_of: FxHashMap::default(),
+            server_ids: FxHashMap::default(),
+            injections: FxHashMap::default(),
+            db_sends: FxHashMap::default(),
         }
     }
 
