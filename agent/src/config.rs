@@ -250,7 +250,7 @@ mod tests {
         ProcessResource {
             pid: 1,
             service_name: service.into(),
-            attributes: vec![("process.executable.name".into(), AttrValue::Str(exe.into()))],
+            attributes: vec![("process.executable.name".into(), exe.to_string().into())],
         }
     }
 

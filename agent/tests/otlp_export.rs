@@ -17,7 +17,7 @@ fn process(pid: u32, service: &str) -> Arc<ProcessResource> {
         pid,
         service_name: service.into(),
         attributes: vec![
-            ("service.name".into(), service.into()),
+            ("service.name".into(), service.to_string().into()),
             ("process.pid".into(), AttrValue::Int(pid.into())),
             ("process.executable.name".into(), format!("{service}-bin").into()),
         ],

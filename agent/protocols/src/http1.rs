@@ -241,9 +241,10 @@ impl Http1Conn {
         for dir in [FlowDir::ToServer, FlowDir::ToClient] {
             let phase = std::mem::replace(&mut self.side_mut(dir).phase, Phase::Desync);
             let phase = match phase {
-                Phase::Head(hb) if !hb.buf.is_empty() => {
+                Phase::Head(mut hb) if !hb.buf.is_empty() => {
                     let last = hb.last_ts;
-                    match self.on_head(dir, hb, HeadEnd::Truncated, last) {
+                    let buf = std::mem::take(&mut hb.buf);
+                    match self.on_head(dir, hb, &buf, HeadEnd::Truncated, last) {
                         // A complete framing cannot come out of a truncated head.
                         Phase::Start => Phase::Desync,
                         p => p,
@@ -378,19 +379,24 @@ impl Http1Conn {
                     }
                 }
                 Phase::Head(mut hb) => {
+                    let from = pos;
                     let (n, done) = hb.push(&data[pos..], ts);
                     pos += n;
-                    if hb.check_start(dir) == LineCheck::Invalid {
+                    // A head that starts and ends in this chunk is parsed where it lies.
+                    let buf = std::mem::take(&mut hb.buf);
+                    let bytes = if buf.is_empty() { &data[from..pos] } else { &buf[..] };
+                    if hb.check_start(dir, bytes) == LineCheck::Invalid {
                         if !hb.tentative {
                             self.stats.parse_errors += 1;
                         }
                         pos = data.len();
                         Phase::Desync
                     } else if done {
-                        self.on_head(dir, hb, HeadEnd::Complete, ts)
-                    } else if hb.buf.len() >= MAX_HEAD_BYTES {
-                        self.on_head(dir, hb, HeadEnd::Overflow, ts)
+                        self.on_head(dir, hb, bytes, HeadEnd::Complete, ts)
+                    } else if bytes.len() >= MAX_HEAD_BYTES {
+                        self.on_head(dir, hb, bytes, HeadEnd::Overflow, ts)
                     } else {
+                        hb.buf = buf;
                         Phase::Head(hb)
                     }
                 }
@@ -472,7 +478,10 @@ impl Http1Conn {
         match phase {
             // The next message starts in bytes we did not see.
             Phase::Start => Phase::Desync,
-            Phase::Head(hb) => self.on_head(dir, hb, HeadEnd::Truncated, ts),
+            Phase::Head(mut hb) => {
+                let buf = std::mem::take(&mut hb.buf);
+                self.on_head(dir, hb, &buf, HeadEnd::Truncated, ts)
+            }
             Phase::HeadTail { msg, framing, .. } => {
                 Phase::Lost { msg: Msg { last_ts: ts, ..msg }, chunked: framing == Framing::Chunked, approx: false }
             }
@@ -500,10 +509,11 @@ impl Http1Conn {
         }
     }
 
-    /// A head ended (or was cut). Parse it, register/pair the message, and pick the next phase.
-    fn on_head(&mut self, dir: FlowDir, hb: HeadBuf, end: HeadEnd, ts: u64) -> Phase {
+    /// A head ended (or was cut). Parse it (`buf`: its bytes, buffered in `hb` or still in the
+    /// chunk), register/pair the message, and pick the next phase.
+    fn on_head(&mut self, dir: FlowDir, hb: HeadBuf, buf: &[u8], end: HeadEnd, ts: u64) -> Phase {
         let complete = end == HeadEnd::Complete;
-        let Some(head) = parse_head(dir, &hb.buf) else {
+        let Some(head) = parse_head(dir, buf) else {
             if !hb.tentative {
                 self.stats.parse_errors += 1;
             }
@@ -796,6 +806,8 @@ impl HeadBuf {
     }
 
     /// Append bytes up to the end of the head or the buffer limit. Returns (consumed, head ended).
+    /// When the whole head is in `data` (nothing buffered yet), nothing is copied: the head is
+    /// `data[..consumed]`.
     fn push(&mut self, data: &[u8], ts: u64) -> (usize, bool) {
         let lim = data.len().min(MAX_HEAD_BYTES.saturating_sub(self.buf.len()));
         let mut end = None;
@@ -817,28 +829,32 @@ impl HeadBuf {
         }
         let n = end.unwrap_or(lim);
         if n > 0 {
-            self.buf.extend_from_slice(&data[..n]);
+            // A whole head within `data` is not copied: the caller parses it in place.
+            if end.is_none() || !self.buf.is_empty() {
+                self.buf.extend_from_slice(&data[..n]);
+            }
             self.last_ts = ts;
         }
         (n, end.is_some())
     }
 
-    /// Check the start line as far as it is buffered. Cheap: the first [`PREFIX_CHECK`] bytes are
-    /// checked until that many are buffered, and the whole line once, when it ends.
-    fn check_start(&mut self, dir: FlowDir) -> LineCheck {
+    /// Check the start line as far as it is buffered (`buf`: the head's bytes so far, see
+    /// [`HeadBuf::push`]). Cheap: the first [`PREFIX_CHECK`] bytes are checked until that many
+    /// are buffered, and the whole line once, when it ends.
+    fn check_start(&mut self, dir: FlowDir, buf: &[u8]) -> LineCheck {
         if self.line_ok {
             return LineCheck::Valid;
         }
         if let Some(e) = self.first_line_end {
-            let r = check_line(dir, &self.buf[..e], true, self.tentative);
+            let r = check_line(dir, &buf[..e], true, self.tentative);
             self.line_ok = r == LineCheck::Valid;
             return r;
         }
         if self.prefix_ok {
             return LineCheck::Partial;
         }
-        let n = self.buf.len().min(PREFIX_CHECK);
-        let r = check_line(dir, &self.buf[..n], false, self.tentative);
+        let n = buf.len().min(PREFIX_CHECK);
+        let r = check_line(dir, &buf[..n], false, self.tentative);
         self.prefix_ok = r != LineCheck::Invalid && n == PREFIX_CHECK;
         r
     }
@@ -1142,11 +1158,13 @@ pub fn looks_like_response(data: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Heads
 
-/// Fields of a head, both kinds.
+/// Fields of a head, both kinds (`'a`: the head's bytes).
 #[derive(Debug, Default)]
-struct Head {
+struct Head<'a> {
     method: String,
-    target: String,
+    /// The request-target, capped at [`MAX_FIELD_BYTES`]: split into path, query and authority
+    /// by [`Head::into_request`], never stored whole.
+    target: &'a [u8],
     status: u16,
     version_minor: u8,
     host: Option<String>,
@@ -1163,7 +1181,7 @@ struct Head {
     bad_lines: u32,
 }
 
-impl Head {
+impl Head<'_> {
     fn request_framing(&self) -> Framing {
         if self.te_present {
             if self.te_chunked { Framing::Chunked } else { Framing::Unknown }
@@ -1196,7 +1214,8 @@ impl Head {
     }
 
     fn into_request(self, head_truncated: bool) -> HttpRequest {
-        let (path, query, authority) = split_target(&self.method, &self.target);
+        let target = String::from_utf8_lossy(self.target);
+        let (path, query, authority) = split_target(&self.method, &target);
         HttpRequest {
             method: self.method,
             path,
@@ -1242,7 +1261,7 @@ fn trim_ows(mut b: &[u8]) -> &[u8] {
 /// Parse a head: the start line (complete, or a long enough prefix if the head was cut) and every
 /// header line ended by '\n' (a last line without one was cut and is ignored). None when the start
 /// line is invalid.
-fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head> {
+fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
     let mut lines = buf.split(|&b| b == b'\n');
     let nl_count = buf.iter().filter(|&&b| b == b'\n').count();
     let first = lines.next()?;
@@ -1257,7 +1276,8 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head> {
             }
             let mut parts = first.splitn(3, |&b| b == b' ');
             head.method = capped(parts.next()?);
-            head.target = capped(parts.next()?);
+            let target = parts.next()?;
+            head.target = &target[..target.len().min(MAX_FIELD_BYTES)];
             head.version_minor = parts.next().and_then(parse_version).unwrap_or(1);
         }
         FlowDir::ToClient => {
@@ -1374,14 +1394,22 @@ fn strip_userinfo(authority: &str) -> &str {
 /// hex, digit-heavy or long mixed tokens, e-mail addresses); words are kept. The query, fragment
 /// and `;params` of segments are dropped. An empty path gives `/`; at most 32 segments are kept.
 pub fn path_template(path: &str) -> String {
+    let mut out = String::with_capacity(path.len().min(256));
+    push_path_template(&mut out, path);
+    out
+}
+
+/// [`path_template`] appended to `out` (a span name being built: no string of its own).
+pub fn push_path_template(out: &mut String, path: &str) {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if path.is_empty() {
-        return "/".into();
+        out.push('/');
+        return;
     }
     if path == "*" {
-        return "*".into();
+        out.push('*');
+        return;
     }
-    let mut out = String::with_capacity(path.len().min(256));
     for (i, seg) in path.split('/').take(33).enumerate() {
         if i > 0 {
             out.push('/');
@@ -1393,7 +1421,6 @@ pub fn path_template(path: &str) -> String {
             out.push_str(seg);
         }
     }
-    out
 }
 
 fn is_id_segment(seg: &str) -> bool {

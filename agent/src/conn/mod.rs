@@ -22,7 +22,8 @@
 //! Bounds: at most `max_conns` entries (the least recently active is evicted and counted),
 //! idle entries expire after `idle_ns`.
 
-use std::collections::HashMap;
+// FxHash: the table is keyed by (pid, fd), looked up for every data record.
+use rustc_hash::FxHashMap;
 
 use waybill_common::{CloseEvent, ConnEvent, DIR_READ, DataHeader, ROLE_CLIENT, ROLE_SERVER, Tuple};
 use waybill_protocols::{
@@ -157,7 +158,7 @@ impl Conn {
 }
 
 pub struct ConnTable {
-    conns: HashMap<(u32, u32), Conn>,
+    conns: FxHashMap<(u32, u32), Conn>,
     max_conns: usize,
     idle_ns: u64,
     next_conn_id: u64,
@@ -167,7 +168,14 @@ pub struct ConnTable {
 
 impl ConnTable {
     pub fn new(max_conns: usize, idle_ns: u64) -> Self {
-        Self { conns: HashMap::new(), max_conns, idle_ns, next_conn_id: 1, scratch: Vec::new(), db_scratch: Vec::new() }
+        Self {
+            conns: FxHashMap::default(),
+            max_conns,
+            idle_ns,
+            next_conn_id: 1,
+            scratch: Vec::new(),
+            db_scratch: Vec::new(),
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -519,7 +519,7 @@ mod tests {
             kind,
             start_unix_ns: 1_000_000_000,
             end_unix_ns: 1_000_000_000 + ms * 1_000_000,
-            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string().into(), v.clone())).collect(),
             status: SpanStatus::Unset,
             parent_source: ParentSource::None,
             resource: Arc::clone(p),
@@ -619,7 +619,7 @@ mod tests {
                 ms,
                 &[
                     ("http.request.method", "GET".into()),
-                    ("url.path", path.into()),
+                    ("url.path", path.to_string().into()),
                     ("http.response.status_code", AttrValue::Int(200)),
                 ],
             )

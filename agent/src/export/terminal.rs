@@ -101,7 +101,7 @@ fn protocol(s: &SpanRecord) -> String {
 
 fn status_code(s: &SpanRecord) -> Option<String> {
     ["http.response.status_code", "rpc.grpc.status_code"].iter().find_map(|k| s.attr(k)).map(|v| match v {
-        AttrValue::Str(s) => s.clone(),
+        AttrValue::Str(s) => s.to_string(),
         other => other.to_string(),
     })
 }
@@ -286,6 +286,8 @@ struct Pending {
 /// Collects spans into traces and says when each is ready, from the times it is given.
 pub struct TraceGrouper {
     cfg: GroupingConfig,
+    /// std's SipHash on purpose: trace ids come from incoming `traceparent` headers, i.e. from
+    /// the traffic, and could be chosen to collide under FxHash.
     pending: HashMap<[u8; 16], Pending>,
     /// Arrival order of traces (`seq`, id); entries whose trace left or was re-created are stale.
     order: VecDeque<(u64, [u8; 16])>,
@@ -424,7 +426,7 @@ mod tests {
         Arc::new(ProcessResource {
             pid,
             service_name: name.into(),
-            attributes: vec![("service.name".into(), name.into())],
+            attributes: vec![("service.name".into(), name.to_string().into())],
         })
     }
 
@@ -454,7 +456,7 @@ mod tests {
             kind,
             start_unix_ns: T0 + (start_ms * MS as f64) as u64,
             end_unix_ns: T0 + (end_ms * MS as f64) as u64,
-            attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            attributes: attrs.iter().map(|(k, v)| (k.to_string().into(), v.clone())).collect(),
             status: SpanStatus::Unset,
             parent_source: src,
             resource: Arc::clone(p),

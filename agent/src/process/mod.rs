@@ -16,7 +16,9 @@ use std::{
     sync::Arc,
 };
 
-use crate::stitch::span::{AttrValue, ProcessResource};
+use rustc_hash::FxHashMap;
+
+use crate::stitch::span::{Attr, AttrValue, ProcessResource};
 
 /// What the operator asked to trace.
 #[derive(Clone, Debug, Default)]
@@ -462,36 +464,36 @@ pub fn resource(pid: u32, host: &str, node: &[(String, String)], comm: Option<&s
         .or_else(|| from_attrs.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
         .unwrap_or_else(|| default_service_name(&args, &exe_name));
     let runtime = runtime_of(&exe_name);
-    let mut attributes = vec![
-        ("service.name".to_string(), AttrValue::Str(service_name.clone())),
-        ("service.instance.id".to_string(), AttrValue::Str(format!("{host}/{pid}/{}", start_ticks(pid).unwrap_or(0)))),
-        ("process.pid".to_string(), AttrValue::Int(pid as i64)),
-        ("process.executable.name".to_string(), AttrValue::Str(exe_name)),
+    let mut attributes: Vec<Attr> = vec![
+        ("service.name".into(), service_name.clone().into()),
+        ("service.instance.id".into(), format!("{host}/{pid}/{}", start_ticks(pid).unwrap_or(0)).into()),
+        ("process.pid".into(), AttrValue::Int(pid as i64)),
+        ("process.executable.name".into(), exe_name.into()),
     ];
     if let Some(p) = exe_path {
-        attributes.push(("process.executable.path".to_string(), AttrValue::Str(p)));
+        attributes.push(("process.executable.path".into(), AttrValue::Str(p.into())));
     }
     if !args.is_empty() {
-        attributes.push(("process.command_line".to_string(), AttrValue::Str(redact_command_line(&args))));
+        attributes.push(("process.command_line".into(), AttrValue::Str(redact_command_line(&args).into())));
     }
     if let Some(r) = runtime {
-        attributes.push(("process.runtime.name".to_string(), AttrValue::Str(r.to_string())));
+        attributes.push(("process.runtime.name".into(), AttrValue::Str(r.into())));
     }
     if !host.is_empty() {
-        attributes.push(("host.name".to_string(), AttrValue::Str(host.to_string())));
+        attributes.push(("host.name".into(), AttrValue::Str(host.to_string().into())));
     }
-    attributes.push(("host.arch".to_string(), AttrValue::Str(host_arch().to_string())));
-    attributes.push(("os.type".to_string(), AttrValue::Str("linux".to_string())));
+    attributes.push(("host.arch".into(), AttrValue::Str(host_arch().into())));
+    attributes.push(("os.type".into(), AttrValue::Str("linux".into())));
     if let Some(id) = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok().and_then(|c| container_id(&c)) {
-        attributes.push(("container.id".to_string(), AttrValue::Str(id)));
+        attributes.push(("container.id".into(), AttrValue::Str(id.into())));
     }
     for (k, v) in node.iter().cloned().chain(from_attrs) {
         if k == "process.pid" || k == "service.name" {
             continue;
         }
         match attributes.iter_mut().find(|(a, _)| *a == k) {
-            Some(slot) => slot.1 = AttrValue::Str(v),
-            None => attributes.push((k, AttrValue::Str(v))),
+            Some(slot) => slot.1 = v.into(),
+            None => attributes.push((k.into(), v.into())),
         }
     }
     ProcessResource { pid, service_name, attributes }
@@ -504,14 +506,15 @@ pub struct Resources {
     /// The agent's own `OTEL_RESOURCE_ATTRIBUTES`: defaults for every traced process.
     node: Vec<(String, String)>,
     /// `comm` from the kernel's exec record, for processes gone before they were described.
-    comms: HashMap<u32, String>,
-    by_pid: HashMap<u32, Arc<ProcessResource>>,
+    comms: FxHashMap<u32, String>,
+    /// FxHash (as `comms`): keyed by pid, looked up for every span.
+    by_pid: FxHashMap<u32, Arc<ProcessResource>>,
 }
 
 impl Resources {
     pub fn new() -> Self {
         let node = std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|v| parse_resource_attributes(&v)).unwrap_or_default();
-        Self { host: host_name(), node, comms: HashMap::new(), by_pid: HashMap::new() }
+        Self { host: host_name(), node, comms: FxHashMap::default(), by_pid: FxHashMap::default() }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {
@@ -633,7 +636,7 @@ mod tests {
         let me = std::process::id();
         let node = [("k8s.node.name".to_string(), "n1".to_string()), ("service.name".to_string(), "agent".to_string())];
         let r = resource(me, "h", &node, None);
-        assert!(r.attributes.contains(&("k8s.node.name".to_string(), AttrValue::Str("n1".into()))));
+        assert!(r.attributes.contains(&("k8s.node.name".into(), AttrValue::Str("n1".into()))));
         assert_ne!(r.service_name, "agent", "the agent's service.name is not the process's");
         assert_eq!(r.pid, me);
         assert!(r.attributes.iter().any(|(k, v)| k == "process.pid" && *v == AttrValue::Int(me as i64)));

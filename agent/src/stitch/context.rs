@@ -32,7 +32,11 @@
 //! Bounds: at most `MAX_CONTEXTS` contexts; finished ones are kept `KEEP_FINISHED_NS` for late
 //! lookups and then dropped; unfinished ones are dropped after `MAX_AGE_NS`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// FxHash: every key here is an integer the agent or the kernel chose (context ids, pid/tid,
+// socket endpoints of the traced processes' own outgoing connections), hashed per request.
+use rustc_hash::FxHashMap;
 
 use super::span::ParentSource;
 use crate::ids::{self, TraceParent};
@@ -130,15 +134,21 @@ struct Ctx {
 
 #[derive(Default)]
 pub struct Correlator {
-    ctxs: HashMap<u64, Ctx>,
+    ctxs: FxHashMap<u64, Ctx>,
     next_id: u64,
     /// (pid, tid) → server contexts open on that thread, most recent last.
-    threads: HashMap<(u32, u32), Vec<u64>>,
+    threads: FxHashMap<(u32, u32), Vec<u64>>,
     /// (local, remote) of client contexts, for the server side on this host to find.
-    clients: HashMap<(Endpoint, Endpoint), VecDeque<u64>>,
+    clients: FxHashMap<(Endpoint, Endpoint), VecDeque<u64>>,
     /// Context ids in creation order (ids only grow), so the oldest is found in O(1); ids removed
-    /// by other paths are skipped lazily and compacted on sweep.
+    /// by other paths are skipped lazily, and the queue is compacted once it holds more than
+    /// twice as many ids as there are contexts (amortised O(1) per context).
     order: VecDeque<u64>,
+    /// (finish time, id) in the order `finish` was called: finish times come from the event
+    /// stream, so this is their order up to the stream's small disorder, and expired finished
+    /// contexts are found at its front. An entry whose context was removed (or finished again)
+    /// since is stale and skipped.
+    finished: VecDeque<(u64, u64)>,
     /// Contexts dropped because the table was full.
     pub evicted: u64,
 }
@@ -199,20 +209,23 @@ impl Correlator {
         }
         let span_id = ctx.span_id;
         let uncertain = ctx.uncertain;
-        let start_info = ctx.start.clone();
         let thread_parent = ctx.thread_parent;
+        // What the rules need of the request, copied out (no clone of its header strings).
+        let st = &ctx.start;
+        let (server, start_ns, local, remote, kernel) = (st.server, st.start_ns, st.local, st.remote, st.kernel);
+        let header =
+            if server { st.traceparent.as_deref().map(|tp| (TraceParent::parse(tp), &st.tracestate)) } else { None };
         let mut out = Resolved::root([0; 16], span_id);
-        let kernel = start_info.kernel;
         let mut parent: Option<Resolved> = None;
         let mut source = ParentSource::None;
-        if start_info.server {
-            if let Some(tp) = start_info.traceparent.as_deref() {
-                match TraceParent::parse(tp) {
+        if server {
+            if let Some((tp, tracestate)) = header {
+                match tp {
                     Some(tp) => {
                         out.trace_id = tp.trace_id;
                         out.parent_span_id = Some(tp.parent_id);
                         out.sampled = tp.sampled;
-                        out.trace_state = start_info.tracestate.clone();
+                        out.trace_state = tracestate.clone();
                         out.source = ParentSource::Header;
                         out.kernel_mismatch = kernel.is_some_and(|k| !k.from_header || k.trace_id != tp.trace_id);
                     }
@@ -221,8 +234,8 @@ impl Correlator {
             }
             if depth < 16 {
                 // Same host: is the other end of this connection a traced client?
-                let start = start_info.start_ns;
-                let key = (start_info.remote, start_info.local);
+                let start = start_ns;
+                let key = (remote, local);
                 let candidate = self.clients.get(&key).and_then(|q| {
                     q.iter()
                         .rev()
@@ -275,7 +288,7 @@ impl Correlator {
                 None => match kernel {
                     // A server request with no parent: the kernel's trace id, which calls made
                     // while serving it already carried downstream.
-                    Some(k) if start_info.server => {
+                    Some(k) if server => {
                         out.trace_id = k.trace_id;
                         out.sampled = k.sampled;
                     }
@@ -295,6 +308,7 @@ impl Correlator {
         let r = self.resolve(id);
         if let Some(ctx) = self.ctxs.get_mut(&id) {
             ctx.finished_ns = Some(now_ns);
+            self.finished.push_back((now_ns, id));
             if ctx.start.server {
                 let key = (ctx.start.pid, ctx.start.tid);
                 if let Some(v) = self.threads.get_mut(&key) {
@@ -342,22 +356,45 @@ impl Correlator {
         self.threads.retain(|(p, _), _| *p != pid);
     }
 
-    /// Drops expired contexts.
+    /// Drops expired contexts: finished ones `KEEP_FINISHED_NS` after they finished, unfinished
+    /// ones `MAX_AGE_NS` after they started. Both are found at the front of their queue (finish
+    /// order, creation order), so a sweep costs what it removes, not the table's size.
     pub fn sweep(&mut self, now_ns: u64) {
-        let expired: Vec<u64> = self
-            .ctxs
-            .iter()
-            .filter(|(_, c)| match c.finished_ns {
-                Some(f) => now_ns.saturating_sub(f) > KEEP_FINISHED_NS,
-                None => now_ns.saturating_sub(c.start.start_ns) > MAX_AGE_NS,
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for id in expired {
-            self.remove(id);
+        while let Some(&(f, id)) = self.finished.front() {
+            if now_ns.saturating_sub(f) <= KEEP_FINISHED_NS {
+                break;
+            }
+            self.finished.pop_front();
+            if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
+                self.remove(id);
+            }
         }
+        // Unfinished contexts start in creation order, give or take the event stream's disorder.
+        // A finished one ahead stops the scan until the loop above drops it (at most
+        // KEEP_FINISHED_NS later): on a 10-minute limit, that delay does not matter.
+        while let Some(&id) = self.order.front() {
+            match self.ctxs.get(&id) {
+                None => {}
+                Some(c) if c.finished_ns.is_none() && now_ns.saturating_sub(c.start.start_ns) > MAX_AGE_NS => {
+                    self.remove(id)
+                }
+                Some(_) => break,
+            }
+            self.order.pop_front();
+        }
+        self.compact();
+    }
+
+    /// Drops stale entries of the queues once they outnumber the contexts (amortised O(1)).
+    fn compact(&mut self) {
+        let limit = 2 * self.ctxs.len() + 1024;
         let ctxs = &self.ctxs;
-        self.order.retain(|id| ctxs.contains_key(id));
+        if self.order.len() > limit {
+            self.order.retain(|id| ctxs.contains_key(id));
+        }
+        if self.finished.len() > limit {
+            self.finished.retain(|(f, id)| ctxs.get(id).is_some_and(|c| c.finished_ns == Some(*f)));
+        }
     }
 
     fn evict_oldest(&mut self) {
@@ -522,5 +559,93 @@ mod tests {
         }
         assert_eq!(c.len(), MAX_CONTEXTS);
         assert_eq!(c.evicted, 10);
+    }
+
+    #[test]
+    fn sweep_expires_finished_by_finish_time_and_unfinished_by_age() {
+        let mut c = Correlator::new();
+        let old = c.start(start(1, 1, true, 80, 5, 1, None));
+        let a = c.start(start(1, 2, true, 80, 6, 2, None));
+        let b = c.start(start(1, 3, true, 80, 7, 3, None));
+        c.finish(b, 100);
+        c.finish(a, 200);
+        // b is due, a is not: b goes though it was created after both others.
+        c.sweep(100 + KEEP_FINISHED_NS + 1);
+        assert!(c.ctxs.contains_key(&old) && c.ctxs.contains_key(&a) && !c.ctxs.contains_key(&b));
+        c.sweep(200 + KEEP_FINISHED_NS);
+        assert!(c.ctxs.contains_key(&a), "kept KEEP_FINISHED_NS after its finish, not less");
+        c.sweep(200 + KEEP_FINISHED_NS + 1);
+        assert!(!c.ctxs.contains_key(&a));
+        assert!(c.ctxs.contains_key(&old), "unfinished: kept until MAX_AGE_NS");
+        c.sweep(1 + MAX_AGE_NS);
+        assert!(c.ctxs.contains_key(&old));
+        c.sweep(1 + MAX_AGE_NS + 1);
+        assert!(c.is_empty());
+        assert!(c.order.is_empty() && c.finished.is_empty());
+    }
+
+    #[test]
+    fn sweep_drops_what_is_due_and_nothing_else() {
+        // A random workload with time going forward: after each sweep no finished context is
+        // past its keep time, and every context dropped by a sweep was due.
+        let mut c = Correlator::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut open: Vec<u64> = Vec::new();
+        let mut now = 0u64;
+        for _ in 0..20_000 {
+            now += next(100_000_000);
+            match next(3) {
+                0 | 1 => open.push(c.start(start(1, next(8) as u32, next(2) == 0, 80, 5, now, None))),
+                _ if !open.is_empty() => {
+                    let id = open.swap_remove(next(open.len() as u64) as usize);
+                    c.finish(id, now);
+                }
+                _ => {}
+            }
+            if next(20) == 0 {
+                let before: Vec<(u64, Option<u64>, u64)> =
+                    c.ctxs.iter().map(|(id, x)| (*id, x.finished_ns, x.start.start_ns)).collect();
+                c.sweep(now);
+                for (id, finished, started) in before {
+                    let due = match finished {
+                        Some(f) => now - f > KEEP_FINISHED_NS,
+                        None => now - started > MAX_AGE_NS,
+                    };
+                    if finished.is_some() {
+                        assert_eq!(c.ctxs.contains_key(&id), !due, "finished context {id}");
+                    } else if !due {
+                        assert!(c.ctxs.contains_key(&id), "unfinished context {id} dropped early");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn queues_stay_bounded_behind_a_long_request() {
+        let mut c = Correlator::new();
+        let long = c.start(start(1, 1, true, 80, 5, 0, None));
+        for i in 1..10_000u64 {
+            let id = c.start(start(1, 2, true, 80, 6, i, None));
+            c.finish(id, i);
+            c.sweep(i + KEEP_FINISHED_NS + 1);
+            assert!(c.order.len() <= 2 * c.len() + 1024 && c.finished.len() <= 2 * c.len() + 1024);
+        }
+        assert_eq!(c.len(), 1);
+        assert!(c.ctxs.contains_key(&long));
+        // Finished again (a re-resolved exchange): the newer time counts.
+        let x = c.start(start(1, 3, true, 80, 7, 20_000, None));
+        c.finish(x, 20_000);
+        c.finish(x, 30_000);
+        c.sweep(20_000 + KEEP_FINISHED_NS + 1);
+        assert!(c.ctxs.contains_key(&x));
+        c.sweep(30_000 + KEEP_FINISHED_NS + 1);
+        assert!(!c.ctxs.contains_key(&x));
     }
 }

@@ -5,7 +5,11 @@
 pub mod context;
 pub mod span;
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{borrow::Cow, fmt::Write as _, net::IpAddr};
+
+// FxHash: the tables below are keyed by integers (connection ids, pids, fds, ports, kernel
+// timestamps), looked up per request.
+use rustc_hash::FxHashMap;
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::{
@@ -40,21 +44,45 @@ pub fn ip(t: &Tuple, local: bool) -> Option<IpAddr> {
 }
 
 /// Splits a Host header into host and optional port (IPv6 literals in brackets kept whole).
-fn split_host(h: &str) -> (String, Option<u16>) {
+fn split_host(h: &str) -> (&str, Option<u16>) {
     let h = h.trim();
     if let Some(rest) = h.strip_prefix('[') {
         if let Some((host, tail)) = rest.split_once(']') {
-            return (host.to_string(), tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+            return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
     }
     match h.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host.to_string(), port.parse().ok()),
-        _ => (h.to_string(), None),
+        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+        _ => (h, None),
     }
 }
 
-fn attr(k: &str, v: impl Into<AttrValue>) -> Attr {
-    (k.to_string(), v.into())
+/// `ip.to_string()`, without the formatting machinery for IPv4 (every span formats one or two).
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if o >= 100 {
+                    s.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    s.push(char::from(b'0' + o / 10 % 10));
+                }
+                s.push(char::from(b'0' + o % 10));
+            }
+            s
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
+/// A semantic-convention attribute: the key is static, so it costs no allocation.
+fn attr(k: &'static str, v: impl Into<AttrValue>) -> Attr {
+    (Cow::Borrowed(k), v.into())
 }
 
 fn request_start(
@@ -111,13 +139,13 @@ pub struct Stitcher {
     pub resources: Resources,
     corr: Correlator,
     /// (connection id, request sequence number) → context id.
-    ctx_of: HashMap<(u64, u64), u64>,
+    ctx_of: FxHashMap<(u64, u64), u64>,
     /// (pid, fd, timestamp of the read) → the ids the kernel decided for the request it starts.
-    server_ids: HashMap<(u32, u32, u64), KernelIds>,
+    server_ids: FxHashMap<(u32, u32, u64), KernelIds>,
     /// (pid, local port, remote port) → injections not yet claimed by a client request head.
-    injections: HashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
+    injections: FxHashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
     /// Connection id → database writes not yet answered, with the request each was claimed by.
-    db_sends: HashMap<u64, DbSends>,
+    db_sends: FxHashMap<u64, DbSends>,
 }
 
 /// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
@@ -138,10 +166,10 @@ impl Stitcher {
             clock,
             resources: Resources::new(),
             corr: Correlator::new(),
-            ctx_of: HashMap::new(),
-            server_ids: HashMap::new(),
-            injections: HashMap::new(),
-            db_sends: HashMap::new(),
+            ctx_of: FxHashMap::default(),
+            server_ids: FxHashMap::default(),
+            injections: FxHashMap::default(),
+            db_sends: FxHashMap::default(),
         }
     }
 
@@ -311,62 +339,80 @@ impl Stitcher {
             return None;
         }
         let system = call.system.as_str();
-        let mut a: Vec<Attr> = Vec::with_capacity(14);
+        let name = call.summary.clone().or_else(|| call.operation.clone()).unwrap_or_else(|| system.to_string());
+        let DbCall {
+            operation,
+            collection,
+            query_text,
+            summary,
+            namespace,
+            status_code,
+            error_message,
+            rows,
+            batch_size,
+            start_ns,
+            end_ns,
+            approximate,
+            ..
+        } = call;
+        let mut a: Vec<Attr> = Vec::with_capacity(16);
         a.push(attr("db.system.name", system));
-        let opt = |a: &mut Vec<Attr>, k: &str, v: &Option<String>| {
+        let mut opt = |k: &'static str, v: Option<String>| {
             if let Some(v) = v {
-                a.push(attr(k, v.as_str()));
+                a.push(attr(k, v));
             }
         };
-        opt(&mut a, "db.operation.name", &call.operation);
-        opt(&mut a, "db.collection.name", &call.collection);
-        opt(&mut a, "db.query.text", &call.query_text);
-        opt(&mut a, "db.query.summary", &call.summary);
-        opt(&mut a, "db.namespace", &call.namespace);
-        opt(&mut a, "db.response.status_code", &call.status_code);
-        if let Some(n) = call.rows {
+        opt("db.operation.name", operation);
+        opt("db.collection.name", collection);
+        opt("db.query.text", query_text);
+        opt("db.query.summary", summary);
+        opt("db.namespace", namespace);
+        opt("db.response.status_code", status_code.clone());
+        if let Some(n) = rows {
             a.push(attr("db.response.returned_rows", n as i64));
         }
-        if let Some(n) = call.batch_size {
+        if let Some(n) = batch_size {
             a.push(attr("db.operation.batch.size", n as i64));
         }
         // The server is the remote end for a client, this process for a server.
-        let (srv, srv_port, peer, peer_port) = if server {
-            (ip(&meta.tuple, true), meta.tuple.lport, ip(&meta.tuple, false), meta.tuple.rport)
+        let remote = ip(&meta.tuple, false).map(ip_text);
+        let (srv, srv_port) = if server {
+            (ip(&meta.tuple, true).map(ip_text), meta.tuple.lport)
         } else {
-            (ip(&meta.tuple, false), meta.tuple.rport, ip(&meta.tuple, false), meta.tuple.rport)
+            (remote.clone(), meta.tuple.rport)
         };
         if let Some(s) = srv {
-            a.push(attr("server.address", s.to_string()));
+            a.push(attr("server.address", s));
             a.push(attr("server.port", srv_port as i64));
         }
-        if let Some(p) = peer {
-            a.push(attr("network.peer.address", p.to_string()));
-            a.push(attr("network.peer.port", peer_port as i64));
-        }
-        if server {
-            if let Some(p) = ip(&meta.tuple, false) {
-                a.push(attr("client.address", p.to_string()));
+        if let Some(p) = remote {
+            if server {
+                a.push(attr("network.peer.address", p.clone()));
+                a.push(attr("network.peer.port", meta.tuple.rport as i64));
+                a.push(attr("client.address", p));
                 a.push(attr("client.port", meta.tuple.rport as i64));
+            } else {
+                a.push(attr("network.peer.address", p));
+                a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         }
         a.push(attr("network.transport", "tcp"));
         if meta.tls {
             a.push(attr("tls.protocol.name", "tls"));
         }
-        if call.approximate {
+        if approximate {
             a.push(attr("waybill.timing.approximate", true));
         }
-        let status = match (&call.status_code, &call.error_message) {
+        let status = match (status_code, error_message) {
             (Some(code), msg) => {
-                a.push(attr("error.type", code.as_str()));
-                SpanStatus::Error(msg.clone().unwrap_or_else(|| code.clone()))
+                let msg = msg.unwrap_or_else(|| code.clone());
+                a.push(attr("error.type", code));
+                SpanStatus::Error(msg)
             }
-            (None, Some(msg)) => SpanStatus::Error(msg.clone()),
+            (None, Some(msg)) => SpanStatus::Error(msg),
             (None, None) => SpanStatus::Unset,
         };
-        let name = call.summary.clone().or_else(|| call.operation.clone()).unwrap_or_else(|| system.to_string());
-        Some(self.record(meta, ctx, m, name, (call.start_ns, call.end_ns.max(call.start_ns)), a, status))
+        Some(self.record(meta, ctx, m, name, (start_ns, end_ns.max(start_ns)), a, status))
     }
 
     /// Whether a span with this context is exported (the caller's sampled flag), counting its
@@ -467,28 +513,48 @@ impl Stitcher {
     }
 
     fn http_span(&mut self, meta: &ConnMeta, seq: u64, ex: HttpExchange, m: &Metrics) -> Option<SpanRecord> {
-        let req = &ex.request;
         let server = meta.role != Role::Client;
-        let method_known = KNOWN_METHODS.contains(&req.method.as_str());
-        let method = if method_known { req.method.clone() } else { "_OTHER".to_string() };
-        let template = http1::path_template(&req.path);
-        let name = if server { format!("{method} {template}") } else { method.clone() };
-        let mut a: Vec<Attr> = Vec::with_capacity(16);
-        a.push(attr("http.request.method", method.as_str()));
-        if !method_known {
-            a.push(attr("http.request.method_original", req.method.as_str()));
+        // The context first: an exchange that is not exported builds no attributes.
+        let ctx = self.resolve(meta, seq, &ex);
+        if ctx.malformed_header {
+            m.traceparent_malformed.inc();
         }
-        let local = ip(&meta.tuple, true);
-        let remote = ip(&meta.tuple, false);
+        if ctx.kernel_mismatch {
+            m.kernel_context_mismatch.inc();
+        }
+        if !Self::admit(&ctx, m) {
+            return None;
+        }
+        let end = if ex.response_end_ns != 0 { ex.response_end_ns } else { ex.request_end_ns.max(ex.request_start_ns) };
+        let (start, approximate) = (ex.request_start_ns, ex.approximate);
+        // The exchange is ours: its strings move into the attributes instead of being copied.
+        let HttpExchange { request: req, response, .. } = ex;
+        let known: Option<&'static str> = KNOWN_METHODS.iter().copied().find(|k| *k == req.method);
+        let method = known.unwrap_or("_OTHER");
+        let name = if server {
+            let mut n = String::with_capacity(method.len() + 1 + req.path.len().min(256));
+            n.push_str(method);
+            n.push(' ');
+            http1::push_path_template(&mut n, &req.path);
+            n
+        } else {
+            method.to_string()
+        };
+        let mut a: Vec<Attr> = Vec::with_capacity(20);
+        a.push(attr("http.request.method", method));
+        if known.is_none() {
+            a.push(attr("http.request.method_original", req.method));
+        }
+        let remote = ip(&meta.tuple, false).map(ip_text);
         let (host, host_port) = req.host.as_deref().map(split_host).unwrap_or_default();
         if server {
-            a.push(attr("url.path", req.path.as_str()));
-            if let Some(q) = &req.query {
-                a.push(attr("url.query", q.as_str()));
+            a.push(attr("url.path", req.path));
+            if let Some(q) = req.query {
+                a.push(attr("url.query", q));
             }
             a.push(attr("url.scheme", if meta.tls { "https" } else { "http" }));
             let server_addr =
-                if host.is_empty() { local.map(|i| i.to_string()).unwrap_or_default() } else { host.clone() };
+                if host.is_empty() { ip(&meta.tuple, true).map(ip_text).unwrap_or_default() } else { host.to_string() };
             if !server_addr.is_empty() {
                 a.push(attr("server.address", server_addr));
             }
@@ -496,18 +562,24 @@ impl Stitcher {
                 a.push(attr("server.port", p as i64));
             }
             if let Some(r) = remote {
-                a.push(attr("client.address", r.to_string()));
+                a.push(attr("client.address", r.clone()));
                 a.push(attr("client.port", meta.tuple.rport as i64));
-                a.push(attr("network.peer.address", r.to_string()));
+                a.push(attr("network.peer.address", r));
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         } else {
-            let addr = if host.is_empty() { remote.map(|i| i.to_string()).unwrap_or_default() } else { host.clone() };
+            let addr = if host.is_empty() { remote.clone().unwrap_or_default() } else { host.to_string() };
             let port = host_port.unwrap_or(meta.tuple.rport);
             let default_port = if meta.tls { 443 } else { 80 };
-            let authority = if port == default_port || port == 0 { addr.clone() } else { format!("{addr}:{port}") };
-            let scheme = if meta.tls { "https" } else { "http" };
-            let mut full = format!("{scheme}://{authority}{}", req.path);
+            let scheme = if meta.tls { "https://" } else { "http://" };
+            let query_len = req.query.as_ref().map_or(0, |q| q.len() + 1);
+            let mut full = String::with_capacity(scheme.len() + addr.len() + 6 + req.path.len() + query_len);
+            full.push_str(scheme);
+            full.push_str(&addr);
+            if port != default_port && port != 0 {
+                let _ = write!(full, ":{port}");
+            }
+            full.push_str(&req.path);
             // A client's URL goes to another service: every query value is redacted (names kept).
             if let Some(q) = &req.query {
                 full.push('?');
@@ -521,7 +593,7 @@ impl Stitcher {
                 a.push(attr("server.port", port as i64));
             }
             if let Some(r) = remote {
-                a.push(attr("network.peer.address", r.to_string()));
+                a.push(attr("network.peer.address", r));
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         }
@@ -532,13 +604,13 @@ impl Stitcher {
         }
         a.push(attr("network.protocol.name", "http"));
         a.push(attr("network.protocol.version", if req.version_minor == 0 { "1.0" } else { "1.1" }));
-        if let Some(ua) = &req.user_agent {
-            a.push(attr("user_agent.original", ua.as_str()));
+        if let Some(ua) = req.user_agent {
+            a.push(attr("user_agent.original", ua));
         }
         if let Some(n) = req.content_length.filter(|n| *n > 0) {
             a.push(attr("http.request.body.size", n as i64));
         }
-        let status = match &ex.response {
+        let status = match &response {
             Some(r) => {
                 a.push(attr("http.response.status_code", r.status as i64));
                 if let Some(n) = r.content_length {
@@ -557,28 +629,16 @@ impl Stitcher {
                 SpanStatus::Error("no response before the connection ended".into())
             }
         };
-        if ex.approximate {
+        if approximate {
             a.push(attr("waybill.timing.approximate", true));
         }
         if req.head_truncated {
             a.push(attr("waybill.request.head_truncated", true));
         }
-
-        let ctx = self.resolve(meta, seq, &ex);
-        if ctx.malformed_header {
-            m.traceparent_malformed.inc();
-        }
-        if ctx.kernel_mismatch {
-            m.kernel_context_mismatch.inc();
-        }
         if ctx.injected {
             a.push(attr("waybill.traceparent.injected", true));
         }
-        if !Self::admit(&ctx, m) {
-            return None;
-        }
-        let end = if ex.response_end_ns != 0 { ex.response_end_ns } else { ex.request_end_ns.max(ex.request_start_ns) };
-        Some(self.record(meta, ctx, m, name, (ex.request_start_ns, end), a, status))
+        Some(self.record(meta, ctx, m, name, (start, end), a, status))
     }
 }
 
@@ -677,9 +737,19 @@ mod tests {
 
     #[test]
     fn host_header_split() {
-        assert_eq!(split_host("a.b:81"), ("a.b".to_string(), Some(81)));
-        assert_eq!(split_host("[::1]:8080"), ("::1".to_string(), Some(8080)));
-        assert_eq!(split_host("host"), ("host".to_string(), None));
+        assert_eq!(split_host("a.b:81"), ("a.b", Some(81)));
+        assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
+        assert_eq!(split_host("host"), ("host", None));
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for o in [0u8, 1, 9, 10, 42, 99, 100, 127, 199, 200, 255] {
+            let v4 = IpAddr::from([o, 255 - o, o / 2, 7]);
+            assert_eq!(ip_text(v4), v4.to_string());
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_text(v6), v6.to_string());
     }
 
     #[test]

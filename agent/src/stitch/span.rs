@@ -1,23 +1,43 @@
 //! The agent's span model: what the stitcher builds from parsed exchanges and what every
 //! exporter (OTLP, terminal) consumes. Ids, parents and timestamps are decided by Waybill.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
+
+/// Attribute text: semantic-convention keys and constant values (`"tcp"`, `"GET"`, …) are
+/// borrowed `'static` strings and cost no allocation per span; text taken from traffic or from a
+/// process's environment is owned.
+pub type AttrStr = Cow<'static, str>;
 
 /// An attribute value (the subset of OpenTelemetry's `AnyValue` that Waybill produces).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AttrValue {
-    Str(String),
+    Str(AttrStr),
     Int(i64),
     Bool(bool),
 }
 
-impl From<&str> for AttrValue {
-    fn from(v: &str) -> Self {
-        AttrValue::Str(v.to_string())
+impl AttrValue {
+    /// The text of a string value (None for other kinds).
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            AttrValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl From<&'static str> for AttrValue {
+    fn from(v: &'static str) -> Self {
+        AttrValue::Str(Cow::Borrowed(v))
     }
 }
 impl From<String> for AttrValue {
     fn from(v: String) -> Self {
+        AttrValue::Str(Cow::Owned(v))
+    }
+}
+impl From<AttrStr> for AttrValue {
+    fn from(v: AttrStr) -> Self {
         AttrValue::Str(v)
     }
 }
@@ -42,8 +62,9 @@ impl std::fmt::Display for AttrValue {
     }
 }
 
-/// A key/value attribute. Keys are OpenTelemetry semantic-convention names.
-pub type Attr = (String, AttrValue);
+/// A key/value attribute. Keys are OpenTelemetry semantic-convention names (static), or, for
+/// process resources, names from the process's `OTEL_RESOURCE_ATTRIBUTES` (owned).
+pub type Attr = (AttrStr, AttrValue);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
@@ -98,7 +119,7 @@ impl ProcessResource {
             pid,
             service_name: service.to_string(),
             attributes: vec![
-                ("service.name".into(), service.into()),
+                ("service.name".into(), service.to_string().into()),
                 ("process.pid".into(), AttrValue::Int(pid as i64)),
             ],
         })
