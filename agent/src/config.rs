@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub span_queue: Option<usize>,
     #[serde(default, deserialize_with = "export_backlog")]
     pub export_backlog: Option<usize>,
+    #[serde(default, deserialize_with = "export_concurrency")]
+    pub export_concurrency: Option<usize>,
     #[serde(default, deserialize_with = "red_series_limit")]
     pub red_series_limit: Option<usize>,
     /// `false`: no `traceparent` injection (as `--no-inject`).
@@ -237,7 +239,14 @@ macro_rules! positive_fields {
         }
     )*};
 }
-positive_fields!(max_connections: usize, idle_timeout_secs: u64, span_queue: usize, export_backlog: usize, red_series_limit: usize);
+positive_fields!(
+    max_connections: usize,
+    idle_timeout_secs: u64,
+    span_queue: usize,
+    export_backlog: usize,
+    export_concurrency: usize,
+    red_series_limit: usize
+);
 
 fn ratio<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
     checked(d, "sampling_ratio", "a ratio from 0.0 to 1.0", |v: f64| (0.0..=1.0).contains(&v))

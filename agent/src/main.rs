@@ -67,13 +67,16 @@ struct RunArgs {
     /// Seconds after which an idle connection's state is dropped [default: 300].
     #[arg(long, env = "WAYBILL_IDLE_TIMEOUT_SECS")]
     idle_timeout_secs: Option<u64>,
-    /// Spans queued for export before new ones are dropped and counted [default: 65536].
+    /// Spans queued for export before new ones are dropped and counted [default: 16384].
     #[arg(long, env = "WAYBILL_SPAN_QUEUE")]
     span_queue: Option<usize>,
     /// Spans the OTLP exporter holds while the collector is unreachable; beyond it the oldest are
     /// dropped and counted [default: 65536].
     #[arg(long, env = "WAYBILL_EXPORT_BACKLOG")]
     export_backlog: Option<usize>,
+    /// OTLP export requests in flight at once (more keep up with a slow collector) [default: 4].
+    #[arg(long, env = "WAYBILL_EXPORT_CONCURRENCY")]
+    export_concurrency: Option<usize>,
     /// Distinct attribute sets per traced process and RED metric; beyond it measurements are
     /// recorded under otel.metric.overflow=true and counted [default: 500].
     #[arg(long, env = "WAYBILL_RED_SERIES_LIMIT")]
@@ -86,6 +89,32 @@ struct RunArgs {
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
+}
+
+/// Schedules the agent (and every thread it starts: they inherit it) so that it never delays the
+/// applications it traces: SCHED_BATCH (the same CPU share as any process, but its wake-ups —
+/// ring buffer, drain timer, exports — never preempt a running application thread) with a
+/// 0.1 ms slice (Linux ≥ 6.12 honours a fair task's `sched_runtime` as its slice: an application
+/// thread that wakes while the agent runs gets the CPU after at most that). Older kernels ignore
+/// the slice; if the call is refused, SCHED_BATCH alone. Measured: docs/performance.md.
+fn yield_to_applications() {
+    let attr = libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
+        sched_policy: libc::SCHED_BATCH as u32,
+        sched_flags: 0,
+        sched_nice: 0,
+        sched_priority: 0,
+        sched_runtime: 100_000,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr(0, attr, 0) on the calling thread; `attr` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0) };
+    if r != 0 {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain syscall on the calling thread with a valid parameter struct.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    }
 }
 
 #[global_allocator]
@@ -118,6 +147,7 @@ fn main() -> ExitCode {
             if f.privileged { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Cmd::Run(args) => {
+            yield_to_applications();
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
@@ -164,6 +194,7 @@ struct Settings {
     idle_timeout_secs: u64,
     span_queue: usize,
     export_backlog: usize,
+    export_concurrency: usize,
     red_series_limit: usize,
     /// The file's `inject` (flags and WAYBILL_INJECT are applied in [`inject_enabled`]).
     inject: Option<bool>,
@@ -192,8 +223,13 @@ impl Settings {
             ring_buffer_bytes: pick(args.ring_buffer_bytes, file.ring_buffer_bytes, 8 * 1024 * 1024),
             max_connections: pick(args.max_connections, file.max_connections, 16384),
             idle_timeout_secs: pick(args.idle_timeout_secs, file.idle_timeout_secs, 300),
-            span_queue: pick(args.span_queue, file.span_queue, 65536),
+            span_queue: pick(args.span_queue, file.span_queue, 16384),
             export_backlog: pick(args.export_backlog, file.export_backlog, export::otlp::DEFAULT_MAX_BACKLOG),
+            export_concurrency: pick(
+                args.export_concurrency,
+                file.export_concurrency,
+                export::otlp::DEFAULT_MAX_CONCURRENT,
+            ),
             red_series_limit: pick(args.red_series_limit, file.red_series_limit, export::red::DEFAULT_SERIES_LIMIT),
             inject: file.inject,
             file,
@@ -225,6 +261,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ("--max-connections", s.max_connections),
         ("--span-queue", s.span_queue),
         ("--export-backlog", s.export_backlog),
+        ("--export-concurrency", s.export_concurrency),
         ("--red-series-limit", s.red_series_limit),
         ("--idle-timeout-secs", s.idle_timeout_secs as usize),
     ] {
@@ -286,6 +323,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let exporter = match otlp {
         Some(mut cfg) => {
             cfg.max_backlog = s.export_backlog;
+            cfg.max_concurrent = s.export_concurrency;
             tracing::info!(endpoint = %cfg.endpoint, protocol = ?cfg.protocol, "exporting OTLP");
             export::otlp::spawn_otlp(cfg, rx, metrics.export.clone())?
         }

@@ -123,7 +123,8 @@ fn collector_outage_of_15s_loses_no_span_over_http_protobuf_gzip() {
 }
 
 /// Past the export backlog bound the oldest spans are dropped, and counted exactly: one span in
-/// the request being retried (batch size 1), the newest 10 in the backlog, the rest dropped.
+/// the request being retried (batch size 1, one request at a time), the newest 10 in the backlog,
+/// the rest dropped.
 #[test]
 fn backlog_overflow_drops_oldest_and_counts_exactly() {
     if !require_root() {
@@ -134,7 +135,16 @@ fn backlog_overflow_drops_oldest_and_counts_exactly() {
     let maddr = format!("127.0.0.1:{}", free_port());
     let env = otlp_env(&rx, &[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")]);
     let agent = Agent::start(
-        &["--pid", &app.proc.pid().to_string(), "--metrics-addr", &maddr, "--export-backlog", "10"],
+        &[
+            "--pid",
+            &app.proc.pid().to_string(),
+            "--metrics-addr",
+            &maddr,
+            "--export-backlog",
+            "10",
+            "--export-concurrency",
+            "1",
+        ],
         &env_refs(&env),
     );
     rx.stop();
