@@ -365,7 +365,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: flushing spans");
     };
-    pipeline.run(ring, shutdown).await?;
+    // On a worker thread, the one that also drives the runtime's timers and epoll when idle: a drain
+    // wakes one thread, not a timer thread and then this one.
+    tokio::spawn(pipeline.run(ring, shutdown)).await.map_err(|e| anyhow::anyhow!("the event loop failed: {e}"))??;
     // The pipeline owned the only sender: the exporter drains and returns.
     let _ = tokio::time::timeout(Duration::from_secs(10), exporter).await;
     // Last RED export, after every span was measured.
