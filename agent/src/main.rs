@@ -67,11 +67,11 @@ struct RunArgs {
     /// Seconds after which an idle connection's state is dropped [default: 300].
     #[arg(long, env = "WAYBILL_IDLE_TIMEOUT_SECS")]
     idle_timeout_secs: Option<u64>,
-    /// Spans queued for export before new ones are dropped and counted [default: 16384].
+    /// Spans queued for export before new ones are dropped and counted [default: 8192].
     #[arg(long, env = "WAYBILL_SPAN_QUEUE")]
     span_queue: Option<usize>,
     /// Spans the OTLP exporter holds while the collector is unreachable; beyond it the oldest are
-    /// dropped and counted [default: 65536].
+    /// dropped and counted [default: 16384].
     #[arg(long, env = "WAYBILL_EXPORT_BACKLOG")]
     export_backlog: Option<usize>,
     /// OTLP export requests in flight at once (more keep up with a slow collector) [default: 4].
@@ -223,7 +223,7 @@ impl Settings {
             ring_buffer_bytes: pick(args.ring_buffer_bytes, file.ring_buffer_bytes, 8 * 1024 * 1024),
             max_connections: pick(args.max_connections, file.max_connections, 16384),
             idle_timeout_secs: pick(args.idle_timeout_secs, file.idle_timeout_secs, 300),
-            span_queue: pick(args.span_queue, file.span_queue, 16384),
+            span_queue: pick(args.span_queue, file.span_queue, 8192),
             export_backlog: pick(args.export_backlog, file.export_backlog, export::otlp::DEFAULT_MAX_BACKLOG),
             export_concurrency: pick(
                 args.export_concurrency,

@@ -326,27 +326,14 @@ mod tests {
     use prost::Message;
 
     fn record(n: u8, p: &Arc<ProcessResource>) -> SpanRecord {
-        SpanRecord {
-            trace_id: [n; 16],
-            span_id: [n; 8],
-            parent_span_id: None,
-            trace_state: None,
-            sampled: true,
-            name: format!("span {n}"),
-            kind: SpanKind::Server,
-            start_unix_ns: 1_700_000_000_000_000_000,
-            end_unix_ns: 1_700_000_000_005_000_000,
-            attributes: vec![
-                ("http.request.method".into(), "GET".into()),
-                ("http.response.status_code".into(), AttrValue::Int(200)),
-                ("server.port".into(), AttrValue::Int(-1)),
-                ("tls".into(), AttrValue::Bool(true)),
-                ("long".into(), AttrValue::from("x".repeat(300))),
-            ],
-            status: SpanStatus::Unset,
-            parent_source: ParentSource::None,
-            resource: Arc::clone(p),
-        }
+        let mut r = SpanRecord::for_test(n, p);
+        r.attributes.extend([
+            ("http.response.status_code".into(), AttrValue::Int(200)),
+            ("server.port".into(), AttrValue::Int(-1)),
+            ("tls".into(), AttrValue::Bool(true)),
+            ("long".into(), AttrValue::from("x".repeat(300))),
+        ]);
+        r
     }
 
     fn decode(b: &Bytes) -> ExportTraceServiceRequest {

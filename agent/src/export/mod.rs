@@ -83,24 +83,10 @@ impl SpanReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stitch::span::{ParentSource, ProcessResource, SpanKind, SpanStatus};
+    use crate::stitch::span::ProcessResource;
 
     fn span() -> SpanRecord {
-        SpanRecord {
-            trace_id: [1; 16],
-            span_id: [1; 8],
-            parent_span_id: None,
-            trace_state: None,
-            sampled: true,
-            name: "s".into(),
-            kind: SpanKind::Server,
-            start_unix_ns: 0,
-            end_unix_ns: 1,
-            attributes: vec![],
-            status: SpanStatus::Unset,
-            parent_source: ParentSource::None,
-            resource: ProcessResource::for_test(1, "a"),
-        }
+        SpanRecord::for_test(1, &ProcessResource::for_test(1, "a"))
     }
 
     #[tokio::test]

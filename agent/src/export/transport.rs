@@ -19,7 +19,7 @@ use prost::Message;
 
 use super::otlp::{
     Compression, ExportError, OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
-    OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, Protocol, Transport, has_scheme,
+    OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, Protocol, Transport,
 };
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -111,13 +111,8 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
     let timeout = t.timeout.unwrap_or(DEFAULT_TIMEOUT);
     match t.protocol {
         Protocol::Grpc => {
-            if !has_scheme(&t.endpoint) {
-                return Err(ExportError::Config {
-                    var: "endpoint",
-                    message: format!("gRPC endpoint '{}' needs a scheme (http:// or https://)", t.endpoint),
-                });
-            }
-            use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+            t.require_scheme()?;
+            use tonic::transport::Channel;
             let mut ep = Channel::from_shared(t.endpoint.clone())
                 .map_err(|e| ExportError::Config { var: "endpoint", message: format!("'{}': {e}", t.endpoint) })?
                 .timeout(timeout)
@@ -125,15 +120,7 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
                 .user_agent(user_agent())
                 .map_err(|e| ExportError::Build(e.to_string()))?;
             if t.endpoint.starts_with("https://") {
-                let mut tls = ClientTlsConfig::new();
-                tls = match ca {
-                    Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
-                    None => tls.with_native_roots(),
-                };
-                if let Some((cert, key)) = identity {
-                    tls = tls.identity(Identity::from_pem(cert, key));
-                }
-                ep = ep.tls_config(tls).map_err(|e| ExportError::Build(e.to_string()))?;
+                ep = ep.tls_config(grpc_tls(ca, identity)).map_err(|e| ExportError::Build(e.to_string()))?;
             }
             let mut grpc = tonic::client::Grpc::new(ep.connect_lazy());
             if t.compression == Some(Compression::Gzip) {
@@ -142,24 +129,7 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
             Ok(Box::new(GrpcSender { grpc, metadata: tonic::metadata::MetadataMap::from_headers(headers) }))
         }
         Protocol::HttpProtobuf => {
-            let tls_err =
-                |var: &'static str| move |e: reqwest::Error| ExportError::Config { var, message: e.to_string() };
-            let mut b = reqwest::Client::builder().timeout(timeout).user_agent(user_agent());
-            if let Some(pem) = ca {
-                for cert in
-                    reqwest::Certificate::from_pem_bundle(&pem).map_err(tls_err(OTEL_EXPORTER_OTLP_CERTIFICATE))?
-                {
-                    b = b.add_root_certificate(cert);
-                }
-            }
-            if let Some((mut cert, key)) = identity {
-                cert.push(b'\n');
-                cert.extend_from_slice(&key);
-                b = b.identity(
-                    reqwest::Identity::from_pem(&cert).map_err(tls_err(OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE))?,
-                );
-            }
-            let client = b.build().map_err(|e| ExportError::Build(e.to_string()))?;
+            let client = http_client(ca, identity, timeout)?;
             Ok(Box::new(HttpSender {
                 client,
                 url: t.endpoint.clone(),
@@ -168,6 +138,43 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
             }))
         }
     }
+}
+
+/// The TLS settings of a gRPC channel: `ca` (PEM) trusted, else the system roots; `identity`
+/// (certificate and key PEM) presented for mutual TLS. Shared with the metric exporter.
+pub(crate) fn grpc_tls(ca: Option<Vec<u8>>, identity: Option<(Vec<u8>, Vec<u8>)>) -> tonic::transport::ClientTlsConfig {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new();
+    tls = match ca {
+        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+        None => tls.with_native_roots(),
+    };
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    tls
+}
+
+/// An HTTP client with `timeout`, trusting `ca` (PEM) besides the defaults and presenting
+/// `identity` (certificate and key PEM). Shared with the metric exporter.
+pub(crate) fn http_client(
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    timeout: Duration,
+) -> Result<reqwest::Client, ExportError> {
+    let tls_err = |var: &'static str| move |e: reqwest::Error| ExportError::Config { var, message: e.to_string() };
+    let mut b = reqwest::Client::builder().timeout(timeout).user_agent(user_agent());
+    if let Some(pem) = ca {
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(tls_err(OTEL_EXPORTER_OTLP_CERTIFICATE))? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    if let Some((mut cert, key)) = identity {
+        cert.push(b'\n');
+        cert.extend_from_slice(&key);
+        b = b.identity(reqwest::Identity::from_pem(&cert).map_err(tls_err(OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE))?);
+    }
+    b.build().map_err(|e| ExportError::Build(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -147,6 +147,26 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
+    /// A 5 ms SERVER span `span {n}` with ids made of `n`, one attribute, for tests.
+    #[cfg(test)]
+    pub fn for_test(n: u8, resource: &Arc<ProcessResource>) -> SpanRecord {
+        SpanRecord {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            parent_span_id: None,
+            trace_state: None,
+            sampled: true,
+            name: format!("span {n}"),
+            kind: SpanKind::Server,
+            start_unix_ns: 1_700_000_000_000_000_000,
+            end_unix_ns: 1_700_000_000_005_000_000,
+            attributes: vec![("http.request.method".into(), "GET".into())],
+            status: SpanStatus::Unset,
+            parent_source: ParentSource::None,
+            resource: Arc::clone(resource),
+        }
+    }
+
     /// The value of attribute `key`, if present.
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
         self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v)
