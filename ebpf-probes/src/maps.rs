@@ -32,9 +32,12 @@ pub static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(256, 0);
 pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
 
 /// Syscall arguments from sys_enter_* kept for sys_exit_*, keyed by pid_tgid (one syscall per
-/// thread at a time). LRU so a thread that never returns cannot leak an entry forever.
+/// thread at a time). A plain hash, not LRU: it is written and deleted on every traced syscall,
+/// and LRU list upkeep cost more than the lookup itself. An entry is removed by its syscall's exit
+/// (which also runs for a syscall interrupted by a fatal signal) and overwritten by the thread's
+/// next syscall; a full map drops the syscall and counts it (`LOST_STASH_FULL`).
 #[map]
-pub static STASH: LruHashMap<u64, SyscallArgs> = LruHashMap::with_max_entries(16384, 0);
+pub static STASH: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
 
 /// Per-CPU scratch space where a data record is assembled before it is copied to `EVENTS`.
 #[map]
