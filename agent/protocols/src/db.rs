@@ -71,7 +71,8 @@ pub struct DbCall {
 }
 
 impl DbCall {
-    pub(crate) fn new(system: DbSystem, start_ns: u64) -> Self {
+    /// A call of `system` that started at `start_ns`, nothing else known yet.
+    pub fn new(system: DbSystem, start_ns: u64) -> Self {
         DbCall {
             system,
             operation: None,

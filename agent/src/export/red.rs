@@ -277,12 +277,23 @@ impl Red {
 
     /// Records one span (no-op for spans that feed no metric).
     pub fn record(&self, r: &SpanRecord) {
+        self.record_all(std::slice::from_ref(r));
+    }
+
+    /// Records a batch of spans, taking the lock once.
+    pub fn record_all(&self, spans: &[SpanRecord]) {
+        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        for r in spans {
+            self.record_locked(&mut procs, r);
+        }
+    }
+
+    fn record_locked(&self, procs: &mut HashMap<u32, ProcessMetrics>, r: &SpanRecord) {
         let Some((metric, attrs)) = measurement(r) else {
             return;
         };
         let seconds = r.end_unix_ns.saturating_sub(r.start_unix_ns) as f64 / 1e9;
         let key = series_key(&self.hasher, &attrs);
-        let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
         let pm = match procs.get_mut(&r.resource.pid) {
             Some(pm) if Arc::ptr_eq(&pm.resource, &r.resource) || *pm.resource == *r.resource => pm,
             _ => {
@@ -466,9 +477,7 @@ pub struct Tee {
 impl Tee {
     /// Measures `spans` and removes the ones sampled out (counted).
     pub fn pass(&self, spans: &mut Vec<SpanRecord>) {
-        for r in spans.iter() {
-            self.red.record(r);
-        }
+        self.red.record_all(spans);
         if let Some(ratio) = &self.ratio {
             let before = spans.len();
             spans.retain(|r| keep(r, ratio(&r.resource)));

@@ -809,21 +809,8 @@ mod tests {
             start_ns: ts,
         };
         let query = |conn_id: u64, start: u64, end: u64| {
-            let c = DbCall {
-                system: DbSystem::Postgresql,
-                operation: Some("SELECT".into()),
-                collection: None,
-                query_text: None,
-                summary: None,
-                namespace: None,
-                status_code: None,
-                error_message: None,
-                rows: None,
-                batch_size: None,
-                start_ns: start,
-                end_ns: end,
-                approximate: false,
-            };
+            let c =
+                DbCall { operation: Some("SELECT".into()), end_ns: end, ..DbCall::new(DbSystem::Postgresql, start) };
             let mut mt = db;
             mt.conn_id = conn_id;
             Finished::Db(mt, c)
