@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
-use waybill_common::{ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTERS, SockInfo, Tuple};
+use waybill_common::{ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTERS, SYSCALL_TABLE, SockInfo, Tuple};
 
 /// Records to user space. Size set by user space at load time (`--ring-buffer-bytes`); when it is
 /// full a record is dropped and `LOST[LOST_RINGBUF_FULL]` counts it.
@@ -31,13 +31,48 @@ pub static WATCH_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(256, 0);
 #[map]
 pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65536, 0);
 
-/// Syscall arguments from sys_enter_* kept for sys_exit_*, keyed by pid_tgid (one syscall per
-/// thread at a time). A plain hash, not LRU: it is written and deleted on every traced syscall,
-/// and LRU list upkeep cost more than the lookup itself. An entry is removed by its syscall's exit
-/// (which also runs for a syscall interrupted by a fatal signal) and overwritten by the thread's
-/// next syscall; a full map drops the syscall and counts it (`LOST_STASH_FULL`).
+/// connect() arguments from `sys_enter_connect` kept for `sys_exit_connect`, keyed by pid_tgid
+/// (one syscall per thread at a time). The data syscalls need no stash: their program reads the
+/// arguments from the saved registers at exit. A plain hash, not LRU: written and deleted on every
+/// connect(). An entry is removed by its syscall's exit (which also runs for a syscall interrupted
+/// by a fatal signal) and overwritten by the thread's next connect(); a full map drops the
+/// syscall and counts it (`LOST_STASH_FULL`).
 #[map]
 pub static STASH: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+
+/// Syscall number → `SYS_* + 1` for the data syscalls (0: not traced), filled by user space
+/// before attach from its own architecture's numbers. Fixed size, never evicts.
+#[map]
+pub static SYSCALL_KIND: Array<u32> = Array::with_max_entries(SYSCALL_TABLE, 0);
+
+/// The data syscall being recorded on this CPU: `raw_sys_exit_data` (filter, socket lookup)
+/// leaves it here and tail-calls `raw_sys_exit_copy` (payload copy, trace context, record)
+/// through `DATA_PROG`. Two programs, so the verifier checks each half on its own (together they
+/// exceed its 1M-instruction budget). Overwritten by the next syscall on the CPU.
+#[map]
+pub static DATA_PENDING: PerCpuArray<PendingData> = PerCpuArray::with_max_entries(1, 0);
+
+/// The halves `raw_sys_exit_data` tail-calls (`SLOT_*`), installed by user space before it is
+/// attached.
+#[map]
+pub static DATA_PROG: ProgramArray = ProgramArray::with_max_entries(3, 0);
+/// `raw_sys_exit_copy`: payload copy, trace context, data record.
+pub const SLOT_COPY: u32 = 0;
+/// `raw_sys_exit_accept`: a new server connection.
+pub const SLOT_ACCEPT: u32 = 1;
+/// `raw_sys_exit_connect`: a new client connection.
+pub const SLOT_CONNECT: u32 = 2;
+
+/// A data syscall's arguments and result, from the first half of the exit program to the second.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingData {
+    pub args: SyscallArgs,
+    /// Bytes the syscall moved (> 0).
+    pub total: u64,
+    /// `bpf_get_current_pid_tgid()` of the syscall (checked by the second half).
+    pub pid_tgid: u64,
+}
 
 /// Per-CPU scratch space where a data record is assembled before it is copied to `EVENTS`.
 #[map]
@@ -47,7 +82,7 @@ pub static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_COUNTERS, 0);
 
-/// What sys_enter_* hands to sys_exit_*.
+/// A data syscall's arguments (read at exit), or what sys_enter_connect hands to its exit.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SyscallArgs {

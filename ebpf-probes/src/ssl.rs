@@ -29,7 +29,7 @@ use crate::{
     maps::{EVENTS, LAST_READ_FD, SCRATCH, SOCKS, SSL_ARGS, SSL_FD, SslArgs, SslKey},
 };
 
-/// Called by the syscall tracepoints for every TCP socket syscall of a traced process (entry).
+/// Called by the data-syscall program for every successful TCP socket syscall of a traced process.
 /// Ties the `SSL*` of a TLS call in progress on this thread to `fd`, remembers the last socket
 /// read by the thread, and returns true when the payload must not be shipped (ciphertext).
 #[inline(always)]
@@ -42,7 +42,12 @@ pub fn on_socket_syscall(pid_tgid: u64, tgid: u32, fd: u32, syscall: u32, info: 
         return true;
     }
     if matches!(syscall, SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG) {
-        let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
+        // Written only when it changes: an LRU update costs several lookups, and a keep-alive
+        // server thread reads the same socket again and again.
+        // SAFETY: the value is compared only.
+        if unsafe { LAST_READ_FD.get(&pid_tgid) } != Some(&fd) {
+            let _ = LAST_READ_FD.insert(&pid_tgid, &fd, 0);
+        }
     }
     info.is_tcp == SOCK_TLS
 }

@@ -1,33 +1,44 @@
-//! Socket I/O of traced processes, from the portable syscall tracepoints (every kernel ≥ 4.x).
+//! Socket I/O of traced processes, from the portable syscall hooks (every kernel ≥ 4.17).
 //!
 //! | operation            | hooks                                                            |
 //! |----------------------|------------------------------------------------------------------|
-//! | bytes in / out       | `sys_enter_*` stash (fd, buffer) → `sys_exit_*` copies the prefix |
-//! |                      | read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg,   |
-//! |                      | sendfile64 (length only: the payload comes from a file)           |
-//! | connection role      | `sys_exit_accept4`/`accept` (server), `sys_enter/exit_connect`    |
+//! | bytes in / out       | `raw_tracepoint/sys_exit` reads the arguments from the saved user |
+//! |                      | registers and copies the payload prefix: read, write, readv,      |
+//! |                      | writev, recvfrom, sendto, recvmsg, sendmsg, sendfile (length only)|
+//! | connection role      | accept/accept4 exit (server), `sys_enter_connect` + connect exit  |
+//! |                      | (client); both exits through the same `sys_exit` program          |
 //! | connection end       | `sys_enter_close`                                                |
 //! | `--port` selection   | `sys_enter_listen`, `sys_exit_accept*` of untraced processes      |
+//!
+//! Why exit-only for the data syscalls: one program run per syscall instead of an entry and an
+//! exit program plus a per-thread stash written and deleted in between, and a failed call
+//! (`EAGAIN` reads of an event loop) costs a compare. The registers a syscall takes its arguments
+//! from are not changed by the syscall (only the return-value register is), so they are still
+//! there at exit; where they sit in `struct pt_regs` comes from BTF (`SyscallRegs`), and the
+//! syscall numbers from user space (`SYSCALL_KIND`), so the object is the same on every
+//! architecture and kernel.
 //!
 //! fd → TCP 4-tuple comes from walking kernel structs with offsets read from BTF at load time
 //! (helpers.rs), cached per (tgid, fd). kprobe/fentry variants (tcp_sendmsg/tcp_recvmsg) would be
 //! cheaper where the kernel allows them; the loader reports their availability, and this
 //! tracepoint path is the one that works everywhere, including under lockdown.
 //!
-//! Syscall tracepoint layout (stable): args at 16 + 8·i on entry, return value at 16 on exit.
+//! Syscall enter tracepoint layout (stable): args at 16 + 8·i.
 
 use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use waybill_common::*;
 
 use crate::{
     events::emit_close,
     helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, walk_fd},
-    maps::{EVENTS, SCRATCH, SOCKS, STASH, SYS_CONNECT_STASH, SyscallArgs, TARGETS, WATCH_PORTS},
+    maps::{
+        DATA_PENDING, DATA_PROG, EVENTS, PendingData, SCRATCH, SLOT_ACCEPT, SLOT_CONNECT, SLOT_COPY, SOCKS, STASH,
+        SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, TARGETS, WATCH_PORTS,
+    },
 };
 
 #[inline(always)]
@@ -36,20 +47,69 @@ fn arg(ctx: &TracePointContext, i: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0)
 }
 
+/// `struct pt_regs` layout of this architecture, written by user space from BTF before load.
+#[unsafe(no_mangle)]
+static REGS: SyscallRegs =
+    SyscallRegs { nr: 0, nr_is_u32: 0, arg: [0; 3], compat_off: 0, compat_mask: 0, compat_value: 0, valid: 0, _pad: 0 };
+
 #[inline(always)]
-fn ret(ctx: &TracePointContext) -> i64 {
-    // SAFETY: as above.
-    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+fn regs_layout() -> SyscallRegs {
+    // SAFETY: a plain read of a .rodata global that user space filled in before load.
+    unsafe { core::ptr::read_volatile(&REGS) }
 }
 
-/// Entry of a data syscall: keep (fd, buffer, length) if the fd is a TCP socket of a target.
+/// A u64 of the saved user registers (kernel memory; a failed read gives 0).
 #[inline(always)]
-fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
-    let (tgid, tid, pid_tgid) = current();
-    if !is_target(tgid) {
+fn reg(regs: u64, off: u32) -> u64 {
+    // SAFETY: bpf_probe_read_kernel is fault-safe.
+    unsafe { bpf_probe_read_kernel((regs + off as u64) as *const u64) }.unwrap_or(0)
+}
+
+/// Exit of every syscall on the host (`raw_tracepoint/sys_exit`, args: `struct pt_regs *`, ret).
+/// Cheapest checks first: a failed call, then the tgid filter, then the syscall number. Data
+/// syscalls continue in `raw_sys_exit_copy`, accept/connect in their own programs (tail calls).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_data(ctx: RawTracePointContext) -> i32 {
+    let r: i64 = ctx.arg(1);
+    if r < 0 && r != -EINPROGRESS {
         return 0;
     }
-    let fd = arg(ctx, 0) as u32;
+    let (tgid, tid, pid_tgid) = current();
+    let traced = is_target(tgid);
+    // Untraced processes matter only for `--port` (an accept on a watched port).
+    if !traced && config().watch_ports == 0 {
+        return 0;
+    }
+    let l = regs_layout();
+    if l.valid == 0 {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    let mut nr = reg(regs, l.nr);
+    if l.nr_is_u32 != 0 {
+        nr &= 0xffff_ffff;
+    }
+    if nr >= SYSCALL_TABLE as u64 {
+        return 0;
+    }
+    let syscall = match SYSCALL_KIND.get(nr as u32) {
+        Some(&k) if k != 0 => k - 1,
+        _ => return 0,
+    };
+    if l.compat_mask != 0 && reg(regs, l.compat_off) & l.compat_mask as u64 == l.compat_value as u64 {
+        return 0;
+    }
+    if syscall == SYS_ACCEPT || syscall == SYS_CONNECT {
+        let slot = if syscall == SYS_ACCEPT { SLOT_ACCEPT } else { SLOT_CONNECT };
+        // SAFETY: on success the call does not return.
+        unsafe { DATA_PROG.tail_call(&ctx, slot) };
+        count_lost(LOST_STASH_FULL);
+        return 0;
+    }
+    if !traced || r == 0 {
+        return 0;
+    }
+    let fd = reg(regs, l.arg[0]) as u32;
     let Some(info) = sock_info(tgid, tid, fd, ROLE_UNKNOWN) else {
         return 0;
     };
@@ -61,34 +121,32 @@ fn enter_data(ctx: &TracePointContext, syscall: u32) -> u32 {
         return 0;
     }
     let (ptr, len) = match syscall {
-        SYS_SENDFILE => (0, arg(ctx, 3)),
-        _ => (arg(ctx, 1), arg(ctx, 2)),
+        SYS_SENDFILE => (0, 0),
+        _ => (reg(regs, l.arg[1]), reg(regs, l.arg[2])),
     };
+    let Some(slot) = DATA_PENDING.get_ptr_mut(0) else { return 0 };
     let args = SyscallArgs { ptr, len, sk: info.sk, fd, syscall, role: info.role, _pad: 0 };
-    if STASH.insert(&pid_tgid, &args, 0).is_err() {
-        count_lost(LOST_STASH_FULL);
-    }
+    // SAFETY: this CPU's slot; the tail call below runs on the same CPU before anything else.
+    unsafe { *slot = PendingData { args, total: r as u64, pid_tgid } };
+    // SAFETY: on success the call does not return; slot 0 holds `raw_sys_exit_copy`.
+    unsafe { DATA_PROG.tail_call(&ctx, SLOT_COPY) };
+    count_lost(LOST_STASH_FULL);
     0
 }
 
-macro_rules! enter_prog {
-    ($name:ident, $sys:expr) => {
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            enter_data(&ctx, $sys)
-        }
-    };
+/// Second half of the data-syscall exit: copy the payload prefix and send the record.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_copy(_ctx: RawTracePointContext) -> i32 {
+    let (tgid, tid, pid_tgid) = current();
+    let Some(slot) = DATA_PENDING.get_ptr_mut(0) else { return 0 };
+    // SAFETY: this CPU's slot, written by the first half just before the tail call.
+    let p = unsafe { *slot };
+    if p.pid_tgid != pid_tgid {
+        return 0;
+    }
+    data_record(tgid, tid, pid_tgid, &p.args, p.total);
+    0
 }
-
-enter_prog!(tp_sys_enter_read, SYS_READ);
-enter_prog!(tp_sys_enter_write, SYS_WRITE);
-enter_prog!(tp_sys_enter_readv, SYS_READV);
-enter_prog!(tp_sys_enter_writev, SYS_WRITEV);
-enter_prog!(tp_sys_enter_recvfrom, SYS_RECVFROM);
-enter_prog!(tp_sys_enter_sendto, SYS_SENDTO);
-enter_prog!(tp_sys_enter_recvmsg, SYS_RECVMSG);
-enter_prog!(tp_sys_enter_sendmsg, SYS_SENDMSG);
-enter_prog!(tp_sys_enter_sendfile64, SYS_SENDFILE);
 
 /// Copy `n` bytes of user memory at `src` to `dst_off` in the scratch record. Bounded for the
 /// verifier: the offset is below MAX_CAPTURE and the length at most MAX_CAPTURE, and the
@@ -114,21 +172,10 @@ fn copy_user(ev: *mut DataEvent, dst_off: u64, src: u64, n: u64) -> bool {
     r == 0
 }
 
-/// Exit of every data syscall (one program attached to each sys_exit_*).
-#[tracepoint]
-pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
-    let (tgid, tid, pid_tgid) = current();
-    // SAFETY: copied out before the entry is removed.
-    let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else {
-        return 0;
-    };
-    let _ = STASH.remove(&pid_tgid);
-    let r = ret(&ctx);
-    if r <= 0 || args.syscall == SYS_CONNECT_STASH {
-        return 0;
-    }
-    let total = r as u64;
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else { return 0 };
+/// Copies the payload prefix of a successful data syscall (`total` bytes moved) into a record.
+#[inline(always)]
+fn data_record(tgid: u32, tid: u32, pid_tgid: u64, args: &SyscallArgs, total: u64) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else { return };
     let cfg = config();
     let mut window = cfg.capture_bytes as u64;
     if window > MAX_CAPTURE as u64 {
@@ -210,15 +257,14 @@ pub fn tp_sys_exit_data(ctx: TracePointContext) -> u32 {
     if EVENTS.output::<[u8]>(bytes, crate::events::submit_flags()).is_err() {
         count_lost(LOST_RINGBUF_FULL);
     }
-    let _ = ctx.as_ptr();
-    0
 }
 
-/// accept()/accept4() returned a new connection: the process is its server.
-#[tracepoint]
-pub fn tp_sys_exit_accept(ctx: TracePointContext) -> u32 {
+/// accept()/accept4() returned a new connection: the process is its server (tail-called from
+/// `raw_sys_exit_data`).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_accept(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid, _) = current();
-    let r = ret(&ctx);
+    let r: i64 = ctx.arg(1);
     if r < 0 {
         return 0;
     }
@@ -262,15 +308,16 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 const EINPROGRESS: i64 = 115;
 
-#[tracepoint]
-pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
+/// connect() returned (tail-called from `raw_sys_exit_data`): the process is the client.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_connect(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid, pid_tgid) = current();
     // SAFETY: copied out before removal.
     let Some(args) = (unsafe { STASH.get(&pid_tgid) }).copied() else {
         return 0;
     };
     let _ = STASH.remove(&pid_tgid);
-    let r = ret(&ctx);
+    let r: i64 = ctx.arg(1);
     if args.syscall != SYS_CONNECT_STASH || (r != 0 && r != -EINPROGRESS) {
         return 0;
     }

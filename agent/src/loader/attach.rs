@@ -1,18 +1,21 @@
 //! Loads the embedded eBPF object with this kernel's offsets and attaches the programs.
 //!
 //! Hook choice: the syscall tracepoints carry the data path on every kernel (they exist since
-//! 4.x, work under lockdown and need no kprobes). Where kprobes or fentry are available they
+//! 4.17, work under lockdown and need no kprobes): one raw tracepoint program on `sys_exit` for
+//! the data syscalls, per-syscall tracepoints for connect/accept/close/listen. Where kprobes or fentry are available they
 //! could serve as cheaper accelerators; `features.rs` probes them and the choice is logged.
 
 use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
-    programs::{SkMsg, SockOps, TracePoint, links::CgroupAttachMode},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    programs::{RawTracePoint, SkMsg, SockOps, TracePoint, links::CgroupAttachMode},
 };
 use thiserror::Error;
-use waybill_common::{INJ_COUNTERS, KernelOffsets, LOST_COUNTERS, ProbeConfig, TracepointOffsets, Tuple};
+use waybill_common::{
+    INJ_COUNTERS, KernelOffsets, LOST_COUNTERS, ProbeConfig, SYSCALL_TABLE, SyscallRegs, TracepointOffsets, Tuple,
+};
 
 use super::{btf, tracefs};
 
@@ -58,30 +61,10 @@ pub enum LoadError {
     },
 }
 
-/// Which tracepoint each program is attached to.
+/// Which tracepoint each program is attached to. Syscall exits are not here: one raw tracepoint
+/// program on `sys_exit` serves them all ([`attach_sys_exit`]).
 const ATTACH: &[(&str, &str, &str)] = &[
-    ("tp_sys_enter_read", "syscalls", "sys_enter_read"),
-    ("tp_sys_enter_write", "syscalls", "sys_enter_write"),
-    ("tp_sys_enter_readv", "syscalls", "sys_enter_readv"),
-    ("tp_sys_enter_writev", "syscalls", "sys_enter_writev"),
-    ("tp_sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
-    ("tp_sys_enter_sendto", "syscalls", "sys_enter_sendto"),
-    ("tp_sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
-    ("tp_sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    ("tp_sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_read"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_write"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_readv"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_writev"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_recvfrom"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_sendto"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_recvmsg"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_sendmsg"),
-    ("tp_sys_exit_data", "syscalls", "sys_exit_sendfile64"),
-    ("tp_sys_exit_accept", "syscalls", "sys_exit_accept4"),
-    ("tp_sys_exit_accept", "syscalls", "sys_exit_accept"),
     ("tp_sys_enter_connect", "syscalls", "sys_enter_connect"),
-    ("tp_sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("tp_sys_enter_close", "syscalls", "sys_enter_close"),
     ("tp_sys_enter_listen", "syscalls", "sys_enter_listen"),
     ("tp_sched_process_exec", "sched", "sched_process_exec"),
@@ -90,7 +73,7 @@ const ATTACH: &[(&str, &str, &str)] = &[
 ];
 
 /// Hooks that are not essential: the agent runs without them (and says so).
-const OPTIONAL: &[&str] = &["sys_exit_accept", "sys_enter_listen", "sched_process_exec", "task_newtask"];
+const OPTIONAL: &[&str] = &["sys_enter_listen", "sched_process_exec", "task_newtask"];
 
 /// Options for loading.
 #[derive(Clone, Debug)]
@@ -173,6 +156,69 @@ fn attach_inject(ebpf: &mut Ebpf) -> Result<String, String> {
     Ok(cg)
 }
 
+/// The syscalls the `sys_exit` program follows (name, this architecture's number, `SYS_*` kind):
+/// the data syscalls, then the connection syscalls.
+const EXIT_SYSCALLS: [(&str, libc::c_long, u32); 12] = [
+    ("read", libc::SYS_read, waybill_common::SYS_READ),
+    ("write", libc::SYS_write, waybill_common::SYS_WRITE),
+    ("readv", libc::SYS_readv, waybill_common::SYS_READV),
+    ("writev", libc::SYS_writev, waybill_common::SYS_WRITEV),
+    ("recvfrom", libc::SYS_recvfrom, waybill_common::SYS_RECVFROM),
+    ("sendto", libc::SYS_sendto, waybill_common::SYS_SENDTO),
+    ("recvmsg", libc::SYS_recvmsg, waybill_common::SYS_RECVMSG),
+    ("sendmsg", libc::SYS_sendmsg, waybill_common::SYS_SENDMSG),
+    ("sendfile", libc::SYS_sendfile, waybill_common::SYS_SENDFILE),
+    ("accept", libc::SYS_accept, waybill_common::SYS_ACCEPT),
+    ("accept4", libc::SYS_accept4, waybill_common::SYS_ACCEPT),
+    ("connect", libc::SYS_connect, waybill_common::SYS_CONNECT),
+];
+
+/// The programs `raw_sys_exit_data` tail-calls, by `DATA_PROG` slot (ebpf-probes/src/maps.rs).
+const EXIT_SLOTS: [&str; 3] = ["raw_sys_exit_copy", "raw_sys_exit_accept", "raw_sys_exit_connect"];
+
+/// Fills `SYSCALL_KIND`, loads the tail-called halves into `DATA_PROG` and attaches the syscall
+/// exit program to `raw_tracepoint/sys_exit`.
+fn attach_sys_exit(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    const PROG: &str = "raw_sys_exit_data";
+    let prog_err = |program: &str| {
+        let program = program.to_string();
+        move |source| LoadError::Program { program, source }
+    };
+    {
+        let mut kinds: Array<_, u32> =
+            Array::try_from(ebpf.map_mut("SYSCALL_KIND").ok_or(LoadError::MissingMap("SYSCALL_KIND"))?)
+                .map_err(|e| LoadError::Map { name: "SYSCALL_KIND", source: e })?;
+        for (_, nr, kind) in EXIT_SYSCALLS {
+            let nr = u32::try_from(nr).ok().filter(|&n| n < SYSCALL_TABLE).expect("socket syscall numbers are small");
+            kinds.set(nr, kind + 1, 0).map_err(|e| LoadError::Map { name: "SYSCALL_KIND", source: e })?;
+        }
+    }
+    // The tail-called programs are never attached: loaded, then put in the program array.
+    let mut fds = Vec::with_capacity(EXIT_SLOTS.len());
+    for name in EXIT_SLOTS {
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingMap("a sys_exit program"))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        p.load().map_err(prog_err(name))?;
+        fds.push(p.fd().map_err(prog_err(name))?.try_clone().map_err(|e| prog_err(name)(e.into()))?);
+    }
+    let mut slots = ProgramArray::try_from(ebpf.map_mut("DATA_PROG").ok_or(LoadError::MissingMap("DATA_PROG"))?)
+        .map_err(|e| LoadError::Map { name: "DATA_PROG", source: e })?;
+    for (slot, fd) in fds.iter().enumerate() {
+        slots.set(slot as u32, fd, 0).map_err(|e| LoadError::Map { name: "DATA_PROG", source: e })?;
+    }
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(PROG)
+        .ok_or(LoadError::MissingMap("program raw_sys_exit_data"))?
+        .try_into()
+        .map_err(prog_err(PROG))?;
+    p.load().map_err(prog_err(PROG))?;
+    p.attach("sys_exit").map_err(prog_err("raw_sys_exit_data (raw_tracepoint/sys_exit)"))?;
+    Ok(())
+}
+
 /// Computes offsets, loads the object and attaches every program.
 pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError> {
     let owned;
@@ -189,10 +235,12 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
     super::mounts::ensure_tracefs().map_err(LoadError::Mount)?;
     let btf = btf::Btf::from_sys_fs()?;
     let offs: KernelOffsets = btf::kernel_offsets(&btf)?;
+    let regs: SyscallRegs = btf::syscall_regs(&btf)?;
     let tp: TracepointOffsets = tracefs::tracepoint_offsets().unwrap_or_default();
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFS", &offs, true)
         .override_global("TP_OFFS", &tp, true)
+        .override_global("REGS", &regs, true)
         .override_global("CONFIG", &opts.config, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
         .load(bytes)
@@ -220,6 +268,8 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             }
         }
     }
+    attach_sys_exit(&mut ebpf)?;
+    attached.push(format!("raw_tracepoint/sys_exit ({})", EXIT_SYSCALLS.map(|(n, _, _)| n).join(", ")));
     let tls_ok = match super::uprobes::load_programs(&mut ebpf) {
         Ok(()) => true,
         Err(e) => {

@@ -15,7 +15,7 @@ use std::{
     sync::OnceLock,
 };
 
-use waybill_common::KernelOffsets;
+use waybill_common::{KernelOffsets, SyscallRegs};
 
 /// Where the running kernel exposes its own BTF.
 pub const SYS_FS_VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -589,6 +589,43 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     })
 }
 
+/// Where this architecture's `struct pt_regs` keeps the syscall number, the first three
+/// arguments and the 32-bit-mode marker, from BTF (the data-syscall program reads them at
+/// `sys_exit`; see ebpf-probes/src/syscalls.rs).
+#[cfg(target_arch = "x86_64")]
+pub fn syscall_regs(btf: &Btf) -> Result<SyscallRegs, BtfError> {
+    let r = |name: &str| sized(btf, "pt_regs", &[name], 8);
+    Ok(SyscallRegs {
+        nr: r("orig_ax")?,
+        nr_is_u32: 0,
+        arg: [r("di")?, r("si")?, r("dx")?],
+        // __USER32_CS: the task runs 32-bit code and makes ia32 syscalls (other numbers). `cs` is
+        // 8 bytes before 6.9 and a 2-byte member (FRED layout) after; the low 16 bits are read.
+        compat_off: btf.member("pt_regs", &["cs"])?.offset,
+        compat_mask: 0xffff,
+        compat_value: 0x23,
+        valid: 1,
+        _pad: 0,
+    })
+}
+
+/// arm64: `syscallno` is an `s32`, the first argument survives in `orig_x0` (`regs[0]` holds the
+/// return value at exit), and `pstate` has `PSR_MODE32_BIT` for AArch32 tasks.
+#[cfg(target_arch = "aarch64")]
+pub fn syscall_regs(btf: &Btf) -> Result<SyscallRegs, BtfError> {
+    let regs = btf.member("pt_regs", &["regs"])?.offset;
+    Ok(SyscallRegs {
+        nr: sized(btf, "pt_regs", &["syscallno"], 4)?,
+        nr_is_u32: 0xffff_ffff,
+        arg: [sized(btf, "pt_regs", &["orig_x0"], 8)?, regs + 8, regs + 16],
+        compat_off: sized(btf, "pt_regs", &["pstate"], 8)?,
+        compat_mask: 0x10,
+        compat_value: 0x10,
+        valid: 1,
+        _pad: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, process::Command, time::Instant};
@@ -983,6 +1020,23 @@ mod tests {
             return None;
         }
         Some(Btf::from_sys_fs().expect("parse the running kernel's BTF"))
+    }
+
+    /// The running kernel's `pt_regs` agrees with the ptrace ABI (`user_regs_struct`, the same
+    /// register order): an independent source for the offsets the data program reads at exit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn real_syscall_regs_match_ptrace_abi() {
+        use std::mem::offset_of;
+        let Some(btf) = real_btf() else { return };
+        let r = syscall_regs(&btf).unwrap();
+        let u = |o: usize| o as u32;
+        assert_eq!(r.nr, u(offset_of!(libc::user_regs_struct, orig_rax)));
+        assert_eq!(r.arg[0], u(offset_of!(libc::user_regs_struct, rdi)));
+        assert_eq!(r.arg[1], u(offset_of!(libc::user_regs_struct, rsi)));
+        assert_eq!(r.arg[2], u(offset_of!(libc::user_regs_struct, rdx)));
+        assert_eq!(r.compat_off, u(offset_of!(libc::user_regs_struct, cs)));
+        assert_eq!((r.valid, r.nr_is_u32), (1, 0));
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub const KIND_INJECT: u32 = 301;
 pub const LOST_RINGBUF_FULL: u32 = 0;
 /// Payload bytes were not captured because they were beyond the capture window (counted in records).
 pub const LOST_PAYLOAD_TRUNCATED: u32 = 1;
-/// The entry→exit stash map was full: a syscall could not be followed.
+/// A syscall could not be followed: the connect() entry→exit stash was full, or the data
+/// program's hand-over to its second half (tail call) failed.
 pub const LOST_STASH_FULL: u32 = 2;
 /// Reading the payload from user memory failed.
 pub const LOST_READ_USER: u32 = 3;
@@ -130,6 +131,9 @@ pub const SYS_SENDTO: u32 = 5;
 pub const SYS_RECVMSG: u32 = 6;
 pub const SYS_SENDMSG: u32 = 7;
 pub const SYS_SENDFILE: u32 = 8;
+/// `SYSCALL_KIND` codes of the connection syscalls the exit program also follows (no data).
+pub const SYS_ACCEPT: u32 = 10;
+pub const SYS_CONNECT: u32 = 11;
 
 /// Plaintext read through a TLS library (`SSL_read`/`SSL_read_ex` uretprobe): user space treats the
 /// connection as TLS and ignores any ciphertext record of the same fd.
@@ -332,6 +336,36 @@ pub struct KernelOffsets {
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 68);
 
+/// Where the syscall number and arguments sit in `struct pt_regs` on this architecture, read by
+/// user space from BTF. The data-syscall program runs at `raw_tracepoint/sys_exit` only and reads
+/// the arguments there: the saved user registers still hold them when the syscall returns
+/// (x86_64 `di`/`si`/`dx`, arm64 `orig_x0`/`regs[1]`/`regs[2]`; only the return-value register
+/// is overwritten), so no entry program and no per-thread stash is needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallRegs {
+    /// Syscall number (x86_64 `orig_ax`, arm64 `syscallno`).
+    pub nr: u32,
+    /// 0xffff_ffff when the number is 32 bits wide (arm64 `s32 syscallno`), else 0 (64 bits).
+    pub nr_is_u32: u32,
+    /// First three arguments.
+    pub arg: [u32; 3],
+    /// A task running 32-bit code makes compat syscalls with other numbers: skipped when
+    /// `(reg at compat_off) & compat_mask == compat_value` (x86_64 `cs == __USER32_CS`, arm64
+    /// `pstate & PSR_MODE32_BIT`). `compat_mask` 0: no check.
+    pub compat_off: u32,
+    pub compat_mask: u32,
+    pub compat_value: u32,
+    /// 1 once filled in by user space.
+    pub valid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SyscallRegs>() == 40);
+
+/// Entries of `SYSCALL_KIND` (syscall numbers below this are looked up; both ABIs' socket
+/// syscalls are far below it).
+pub const SYSCALL_TABLE: u32 = 512;
+
 /// Offsets of tracepoint fields that are not part of the fixed syscall layout, read from
 /// tracefs `format` files at start-up.
 #[repr(C)]
@@ -386,6 +420,7 @@ mod pod {
     // implicit padding (checked by the size assertions above).
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for TracepointOffsets {}
+    unsafe impl aya::Pod for SyscallRegs {}
     unsafe impl aya::Pod for ProbeConfig {}
     unsafe impl aya::Pod for SockInfo {}
     unsafe impl aya::Pod for Tuple {}
