@@ -31,7 +31,9 @@ impl Features {
     /// The hooks the agent will use for each job on this kernel.
     pub fn plan(&self) -> Vec<(&'static str, String)> {
         let data = if self.get("tracepoints") {
-            "syscall tracepoints (sys_enter/exit_{read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg,sendfile64})"
+            "raw tracepoint sys_exit, one program for read, write, readv, writev, recvfrom, sendto, recvmsg, \
+             sendmsg, sendfile, accept, accept4, connect (arguments from the saved registers, pt_regs layout from \
+             BTF); sys_enter_connect, sys_enter_close, sys_enter_listen"
                 .to_string()
         } else {
             "NONE: syscall tracepoints are missing, socket I/O cannot be captured".to_string()
