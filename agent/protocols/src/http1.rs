@@ -1040,8 +1040,26 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 }
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[b as usize]
 }
+
+/// RFC 9110 `tchar`, as a table (checked for every byte of every header name).
+static TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric();
+        i += 1;
+    }
+    let extra = b"!#$%&'*+-.^_`|~";
+    let mut j = 0;
+    while j < extra.len() {
+        t[extra[j] as usize] = true;
+        j += 1;
+    }
+    t
+};
 
 /// Method tokens are case-sensitive and, in practice, upper-case words (`M-SEARCH`, `VERSION-CONTROL`).
 fn is_method_char(b: u8) -> bool {
@@ -1262,12 +1280,23 @@ fn trim_ows(mut b: &[u8]) -> &[u8] {
 /// header line ended by '\n' (a last line without one was cut and is ignored). None when the start
 /// line is invalid.
 fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
-    let mut lines = buf.split(|&b| b == b'\n');
-    let nl_count = buf.iter().filter(|&&b| b == b'\n').count();
-    let first = lines.next()?;
-    let first_complete = nl_count > 0;
+    // One pass: each line is complete when a '\n' ends it; the piece after the last '\n' is not.
+    let mut rest = buf;
+    let mut next_line = || -> Option<(&[u8], bool)> {
+        if rest.is_empty() {
+            return None;
+        }
+        Some(match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let line = &rest[..i];
+                rest = &rest[i + 1..];
+                (strip_cr(line), true)
+            }
+            None => (std::mem::take(&mut rest), false),
+        })
+    };
+    let (first, first_complete) = next_line().unwrap_or((&[], false));
     let mut head = Head::default();
-    let first = if first_complete { strip_cr(first) } else { first };
     match dir {
         FlowDir::ToServer => {
             // A cut start line is only believed with a known method.
@@ -1288,10 +1317,8 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
             head.status = first[9..12].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'));
         }
     }
-    // Lines 1..nl_count are terminated; the piece after the last '\n' is not.
-    for line in lines.take(nl_count.saturating_sub(1)) {
-        let line = strip_cr(line);
-        if line.is_empty() {
+    while let Some((line, complete)) = next_line() {
+        if !complete || line.is_empty() {
             break;
         }
         parse_header(&mut head, line);
@@ -1311,32 +1338,36 @@ fn parse_header(head: &mut Head, line: &[u8]) {
     }
     let value = trim_ows(&line[colon + 1..]);
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-    if is("content-length") {
-        match parse_content_length(value) {
+    // Dispatch on the length first: most header names match none of these.
+    match name.len() {
+        14 if is("content-length") => match parse_content_length(value) {
             Some(n) if head.content_length.is_none_or(|c| c == n) => head.content_length = Some(n),
             _ => head.bad_framing = true,
+        },
+        17 if is("transfer-encoding") => {
+            head.te_present = true;
+            let last = value.rsplit(|&b| b == b',').next().map(trim_ows).unwrap_or_default();
+            head.te_chunked = last.eq_ignore_ascii_case(b"chunked");
         }
-    } else if is("transfer-encoding") {
-        head.te_present = true;
-        let last = value.rsplit(|&b| b == b',').next().map(trim_ows).unwrap_or_default();
-        head.te_chunked = last.eq_ignore_ascii_case(b"chunked");
-    } else if is("host") {
-        head.host.get_or_insert_with(|| capped(value));
-    } else if is("user-agent") {
-        head.user_agent.get_or_insert_with(|| capped(value));
-    } else if is("traceparent") {
-        head.traceparent.get_or_insert_with(|| capped(value));
-    } else if is("tracestate") {
-        match &mut head.tracestate {
+        4 if is("host") => {
+            head.host.get_or_insert_with(|| capped(value));
+        }
+        10 if is("user-agent") => {
+            head.user_agent.get_or_insert_with(|| capped(value));
+        }
+        11 if is("traceparent") => {
+            head.traceparent.get_or_insert_with(|| capped(value));
+        }
+        10 if is("tracestate") => match &mut head.tracestate {
             Some(ts) if ts.len() + value.len() < MAX_FIELD_BYTES => {
                 ts.push(',');
                 ts.push_str(&String::from_utf8_lossy(value));
             }
             Some(_) => {}
             None => head.tracestate = Some(capped(value)),
-        }
-    } else if is("expect") {
-        head.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+        },
+        6 if is("expect") => head.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
+        _ => {}
     }
 }
 
