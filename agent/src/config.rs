@@ -50,6 +50,8 @@ pub struct FileConfig {
     pub red_series_limit: Option<usize>,
     /// `false`: no `traceparent` injection (as `--no-inject`).
     pub inject: Option<bool>,
+    /// `adaptive`, `batch` or `idle` (as `--cpu-policy`).
+    pub cpu_policy: Option<crate::sched::CpuPolicy>,
     /// Per-service rules, applied in order: the first rule whose `match` fits wins.
     #[serde(default)]
     pub services: Vec<ServiceRule>,

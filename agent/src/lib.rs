@@ -14,4 +14,5 @@ pub mod ids;
 pub mod loader;
 pub mod metrics;
 pub mod process;
+pub mod sched;
 pub mod stitch;

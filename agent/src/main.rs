@@ -81,6 +81,12 @@ struct RunArgs {
     /// recorded under otel.metric.overflow=true and counted [default: 500].
     #[arg(long, env = "WAYBILL_RED_SERIES_LIMIT")]
     red_series_limit: Option<usize>,
+    /// How the agent shares the CPU with the traced applications: `adaptive` yields (SCHED_IDLE)
+    /// while it keeps up and competes (SCHED_BATCH, short slice) while it falls behind; `batch`
+    /// always competes; `idle` always yields (records are lost when the applications keep every
+    /// CPU busy) [default: adaptive].
+    #[arg(long, value_enum, env = "WAYBILL_CPU_POLICY")]
+    cpu_policy: Option<waybill::sched::CpuPolicy>,
     /// Do not insert `traceparent` into outgoing HTTP/1.x requests (sock_ops + sk_msg). Also
     /// `WAYBILL_INJECT=false` or `inject: false` in the config file. Spans on one host are still
     /// linked without it.
@@ -89,32 +95,6 @@ struct RunArgs {
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
-}
-
-/// Schedules the agent (and every thread it starts: they inherit it) so that it never delays the
-/// applications it traces: SCHED_BATCH (the same CPU share as any process, but its wake-ups —
-/// ring buffer, drain timer, exports — never preempt a running application thread) with a
-/// 0.1 ms slice (Linux ≥ 6.12 honours a fair task's `sched_runtime` as its slice: an application
-/// thread that wakes while the agent runs gets the CPU after at most that). Older kernels ignore
-/// the slice; if the call is refused, SCHED_BATCH alone. Measured: docs/performance.md.
-fn yield_to_applications() {
-    let attr = libc::sched_attr {
-        size: std::mem::size_of::<libc::sched_attr>() as u32,
-        sched_policy: libc::SCHED_BATCH as u32,
-        sched_flags: 0,
-        sched_nice: 0,
-        sched_priority: 0,
-        sched_runtime: 100_000,
-        sched_deadline: 0,
-        sched_period: 0,
-    };
-    // SAFETY: sched_setattr(0, attr, 0) on the calling thread; `attr` outlives the call.
-    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0) };
-    if r != 0 {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a plain syscall on the calling thread with a valid parameter struct.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    }
 }
 
 #[global_allocator]
@@ -147,7 +127,8 @@ fn main() -> ExitCode {
             if f.privileged { ExitCode::SUCCESS } else { ExitCode::from(1) }
         }
         Cmd::Run(args) => {
-            yield_to_applications();
+            // Start-up competes; the event loop then follows --cpu-policy (agent/src/sched.rs).
+            waybill::sched::apply_current(waybill::sched::Mode::Compete);
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
@@ -196,6 +177,7 @@ struct Settings {
     export_backlog: usize,
     export_concurrency: usize,
     red_series_limit: usize,
+    cpu_policy: waybill::sched::CpuPolicy,
     /// The file's `inject` (flags and WAYBILL_INJECT are applied in [`inject_enabled`]).
     inject: Option<bool>,
 }
@@ -231,6 +213,7 @@ impl Settings {
                 export::otlp::DEFAULT_MAX_CONCURRENT,
             ),
             red_series_limit: pick(args.red_series_limit, file.red_series_limit, export::red::DEFAULT_SERIES_LIMIT),
+            cpu_policy: pick(args.cpu_policy, file.cpu_policy, waybill::sched::CpuPolicy::Adaptive),
             inject: file.inject,
             file,
         })
@@ -347,6 +330,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(s.idle_timeout_secs),
         rescan_every: Duration::from_secs(2),
         rules,
+        cpu_policy: s.cpu_policy,
+        ring_buffer_bytes: s.ring_buffer_bytes,
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx, tee);
     let n = pipeline.initial_targets();

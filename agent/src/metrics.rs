@@ -77,6 +77,9 @@ pub struct Metrics {
     /// kernel-decided context disagreed with what user space parsed.
     pub inject_unmatched: Counter,
     pub kernel_context_mismatch: Counter,
+    /// 1 while the agent yields the CPU to the applications (SCHED_IDLE), 0 while it competes.
+    pub cpu_yielding: Counter,
+    pub cpu_policy_switches: Counter,
     /// Filled by the exporter.
     pub export: Arc<ExportStats>,
     /// Filled by the RED tee and the metric exporter.
@@ -234,6 +237,18 @@ impl Metrics {
             &[("", self.traceparent_malformed.get())],
         );
         c("waybill_processes_attached", "Processes currently traced.", "gauge", &[("", self.processes_attached.get())]);
+        c(
+            "waybill_cpu_yielding",
+            "1 while the agent runs at idle priority (SCHED_IDLE, --cpu-policy), 0 while it competes for CPU.",
+            "gauge",
+            &[("", self.cpu_yielding.get())],
+        );
+        c(
+            "waybill_cpu_policy_switches_total",
+            "Switches between yielding and competing for CPU (--cpu-policy adaptive).",
+            "counter",
+            &[("", self.cpu_policy_switches.get())],
+        );
         c(
             "waybill_process_attach_failures_total",
             "Processes that could not be traced.",

@@ -325,6 +325,7 @@ fn check_reports_this_kernel() {
     let kprobes_here = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
     assert_eq!(line("kprobes").contains(" yes "), kprobes_here);
     assert!(line("accelerators").contains("tracepoints"), "{}", out.stdout);
+    assert!(line("socket data").contains("raw tracepoint sys_exit"), "{}", out.stdout);
     if !kprobes_here {
         assert!(line("accelerators").contains("fallback to syscall tracepoints"), "{}", out.stdout);
     }

@@ -704,6 +704,8 @@ struct AgentRound {
     startup_s: f64,
     /// Counter increments during the round.
     delta: BTreeMap<String, f64>,
+    /// `waybill_cpu_yielding` at the end of the round.
+    yielding_at_end: bool,
 }
 
 impl AgentRound {
@@ -772,6 +774,7 @@ impl Bench {
             hwm_kb: status_kb(apid, "VmHWM:").unwrap_or(0),
             bpf: bpf_use(apid),
             startup_s,
+            yielding_at_end: m1.as_ref().is_ok_and(|m| sum_metric(m, "waybill_cpu_yielding") > 0.0),
             delta: m1
                 .as_ref()
                 .map(|m1| m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect())
@@ -1152,6 +1155,7 @@ fn nginx_saturation(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> 
     t.row(&["rotel CPU per request (µs, the collector)", "", &f2(rotel_us), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
+    t.row(&cpu_policy_row(&rounds));
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
     rep.check("throughput at saturation (nginx, wrk)", format!("{:.3}×", thr.median), "≥ 0.90×", thr.median >= 0.90);
     rep.check("agent CPU per request (nginx, saturation)", format!("{cpu_us:.2} µs"), "≤ 3 µs", cpu_us <= 3.0);
@@ -1199,6 +1203,7 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     t.row(&["agent CPU per request (µs, user+sys)", "", &f2(cpu_us), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
+    t.row(&cpu_policy_row(&rounds));
     if errors > 0 {
         rep.warnings.push(format!("constant-rate generator: {errors} failed requests"));
     }
@@ -1687,6 +1692,18 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
+
+/// How often the agent switched between yielding and competing for CPU (`--cpu-policy`).
+fn cpu_policy_row(rounds: &[&AgentRound]) -> [String; 4] {
+    let n: f64 = rounds.iter().map(|a| a.d("waybill_cpu_policy_switches_total")).sum();
+    let yielding = rounds.iter().filter(|a| a.yielding_at_end).count();
+    [
+        "agent CPU policy switches (sum) / rounds ending yielding".into(),
+        String::new(),
+        format!("{} / {} of {}", f0(n), yielding, rounds.len()),
+        String::new(),
+    ]
+}
 
 fn f0(v: f64) -> String {
     if !v.is_finite() {

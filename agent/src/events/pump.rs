@@ -38,6 +38,10 @@ pub struct PipelineConfig {
     pub rescan_every: Duration,
     /// Per-service rules of the config file (`inject: false` here; sampling in the exporter tee).
     pub rules: std::sync::Arc<crate::config::FileConfig>,
+    /// How the agent shares the CPU with the applications (crate::sched).
+    pub cpu_policy: crate::sched::CpuPolicy,
+    /// Size of the ring buffer (the governor's measure of falling behind).
+    pub ring_buffer_bytes: u32,
 }
 
 pub struct Pipeline {
@@ -275,9 +279,12 @@ impl Pipeline {
         ring: RingBuf<MapData>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
+        // The CPU watchdog polls its own duplicate of the ring buffer fd.
+        let ring_fd = std::os::fd::AsFd::as_fd(&ring).try_clone_to_owned()?;
         // SAFETY: the RingBuf owns its map fd and lives inside the AsyncFd, so the fd stays open
         // for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let mut cpu = CpuGovernor::start(&self.cfg, &self.metrics, ring_fd);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         // The kernel side submits records without waking us (see `submit_flags` in
         // ebpf-probes/src/events.rs) until 1/16 of the buffer waits: drain on this short timer too.
@@ -306,13 +313,18 @@ impl Pipeline {
                 }
                 _ = &mut shutdown => break,
             }
+            let mut drained = 0u64;
             if pending {
                 let rb = ring.get_mut();
                 while let Some(item) = rb.next() {
+                    drained += item.len() as u64;
                     self.handle(&item);
                 }
             }
             self.ship();
+            if pending {
+                cpu.after_drain(drained, &self.probes, &self.spans, &self.metrics);
+            }
         }
         let rb = ring.get_mut();
         while let Some(item) = rb.next() {
@@ -321,5 +333,61 @@ impl Pipeline {
         self.ship();
         self.refresh_lost();
         Ok(())
+    }
+}
+
+/// Applies `--cpu-policy` to the agent's threads as the load changes (crate::sched).
+struct CpuGovernor {
+    gov: crate::sched::Governor,
+    /// Only for the adaptive policy.
+    watchdog: Option<crate::sched::Watchdog>,
+    /// Kernel-side lost records and queue-dropped spans at the previous drain.
+    lost_seen: u64,
+}
+
+impl CpuGovernor {
+    fn start(cfg: &PipelineConfig, metrics: &Metrics, ring: std::os::fd::OwnedFd) -> Self {
+        use crate::sched::{CpuPolicy, Governor, Mode, Watchdog, apply_all, can_return_from_yield};
+        let mut policy = cfg.cpu_policy;
+        if policy == CpuPolicy::Adaptive && !can_return_from_yield() {
+            tracing::warn!("--cpu-policy adaptive needs root or CAP_SYS_NICE to leave SCHED_IDLE again: using batch");
+            policy = CpuPolicy::Batch;
+        }
+        let gov = Governor::new(policy, cfg.ring_buffer_bytes, std::time::Instant::now());
+        let watchdog = (policy == CpuPolicy::Adaptive).then(|| Watchdog::spawn(ring));
+        if gov.mode() == Mode::Yield {
+            apply_all(Mode::Yield);
+        }
+        if let Some(w) = &watchdog {
+            w.set_mode(gov.mode());
+        }
+        metrics.cpu_yielding.set(u64::from(gov.mode() == Mode::Yield));
+        CpuGovernor { gov, watchdog, lost_seen: 0 }
+    }
+
+    fn after_drain(&mut self, drained: u64, probes: &Probes, spans: &SpanSender, metrics: &Metrics) {
+        use crate::sched::{DrainSignal, Mode, apply_all};
+        let now = std::time::Instant::now();
+        if let Some(w) = &self.watchdog {
+            w.drained();
+            if self.gov.mode() == Mode::Yield && w.rescued() {
+                self.gov.rescued(now);
+                metrics.cpu_yielding.set(0);
+                metrics.cpu_policy_switches.inc();
+                tracing::debug!("agent CPU policy: starved while yielding, competing (watchdog)");
+            }
+        }
+        let lost = probes.ringbuf_lost() + metrics.spans_dropped_queue_full.get();
+        let losing = lost != self.lost_seen || spans.half_full();
+        self.lost_seen = lost;
+        if let Some(mode) = self.gov.after_drain(DrainSignal { bytes: drained, losing }, now) {
+            let threads = apply_all(mode);
+            if let Some(w) = &self.watchdog {
+                w.set_mode(mode);
+            }
+            tracing::debug!(?mode, threads, drained, losing, "agent CPU policy switched");
+            metrics.cpu_yielding.set(u64::from(mode == Mode::Yield));
+            metrics.cpu_policy_switches.inc();
+        }
     }
 }

@@ -41,6 +41,11 @@ pub struct SpanSender {
 }
 
 impl SpanSender {
+    /// At least half of the queue's room is taken (the exporter is falling behind).
+    pub fn half_full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= self.cap / 2
+    }
+
     /// Queues as many of `spans` (oldest first) as fit; returns how many did not (dropped). All
     /// are dropped when the receiver is gone.
     pub fn try_send(&self, mut spans: Vec<SpanRecord>) -> usize {

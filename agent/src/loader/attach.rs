@@ -370,6 +370,11 @@ impl Probes {
         out
     }
 
+    /// Records the ring buffer had no room for, summed over CPUs (one map read).
+    pub fn ringbuf_lost(&self) -> u64 {
+        self.lost.get(&waybill_common::LOST_RINGBUF_FULL, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
     /// Kernel-side loss counters summed over CPUs, indexed by `LOST_*`.
     pub fn lost_counters(&self) -> [u64; LOST_COUNTERS as usize] {
         let mut out = [0u64; LOST_COUNTERS as usize];

@@ -1,0 +1,415 @@
+//! How the agent shares the CPU with the applications it traces.
+//!
+//! Two modes, applied to every thread of the agent:
+//!
+//! - **yield** (`SCHED_IDLE`): the agent runs only on CPU time no application thread wants, and
+//!   any application thread that wakes takes the CPU from it at once. This is what keeps the
+//!   applications' tail latency flat at ordinary load (measured: docs/performance.md).
+//! - **compete** (`SCHED_BATCH`, 0.1 ms slice where the kernel honours `sched_runtime`): the agent
+//!   gets a fair share but never preempts an application thread on wake-up, and an application
+//!   thread waits at most one short slice. Needed when the applications keep every CPU busy:
+//!   under `SCHED_IDLE` the agent would then fall behind and lose records.
+//!
+//! `--cpu-policy adaptive` (the default) yields while the agent keeps up and competes while it
+//! falls behind: when one drain finds an eighth of the ring buffer waiting (the kernel wakes the
+//! agent at a sixteenth, so the agent did not get the CPU in time), when records or spans are
+//! lost, when the span queue is half full, or — seen by a [`Watchdog`] thread that always
+//! competes — when the event loop does not drain within [`STARVED`] of the kernel's wake-up (it
+//! is starved and cannot notice itself). It yields again after [`CALM`] in which no drain found
+//! even a sixteenth waiting.
+//!
+//! The watchdog costs nothing at ordinary load: it sleeps in `epoll_wait` on the ring buffer,
+//! edge-triggered, so only the kernel's wake-up at a sixteenth full (records are submitted without
+//! wake-ups below that, ebpf-probes/src/events.rs) makes it run, and it sleeps on a timer while
+//! the agent competes.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+/// How long the agent must keep up, with little waiting at each drain, before it yields again.
+pub const CALM: Duration = Duration::from_secs(5);
+
+/// After the kernel woke the agent because a sixteenth of the ring buffer waits, the event
+/// loop, yielding, must drain within this time or it is starved.
+pub const STARVED: Duration = Duration::from_millis(10);
+
+/// A yielding event loop that has not drained for this long is starved even without a wake-up
+/// (a ring buffer too small or records too few to reach a sixteenth).
+pub const STALLED: Duration = Duration::from_millis(300);
+
+/// `--cpu-policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuPolicy {
+    /// Yield while keeping up, compete while falling behind.
+    Adaptive,
+    /// Always compete (`SCHED_BATCH`, short slice).
+    Batch,
+    /// Always yield (`SCHED_IDLE`): records are lost when the applications keep every CPU busy.
+    Idle,
+}
+
+/// The scheduling mode in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Yield,
+    Compete,
+}
+
+fn attr(mode: Mode) -> libc::sched_attr {
+    let (policy, runtime) = match mode {
+        Mode::Yield => (libc::SCHED_IDLE, 0),
+        Mode::Compete => (libc::SCHED_BATCH, 100_000),
+    };
+    libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
+        sched_policy: policy as u32,
+        sched_flags: 0,
+        sched_nice: 0,
+        sched_priority: 0,
+        sched_runtime: runtime,
+        sched_deadline: 0,
+        sched_period: 0,
+    }
+}
+
+/// Applies `mode` to thread `tid` (0: the calling thread). Kernels before 6.12 ignore the slice;
+/// kernels that refuse `sched_setattr` get the policy through `sched_setscheduler`.
+fn apply_to(tid: libc::pid_t, mode: Mode) -> bool {
+    let a = attr(mode);
+    // SAFETY: sched_setattr(tid, attr, 0); `a` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &a as *const libc::sched_attr, 0) };
+    if r == 0 {
+        return true;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain syscall with a valid parameter struct.
+    unsafe { libc::sched_setscheduler(tid, a.sched_policy as i32, &param) == 0 }
+}
+
+/// Applies `mode` to the calling thread (threads it starts later inherit it).
+pub fn apply_current(mode: Mode) {
+    apply_to(0, mode);
+}
+
+/// Thread id of the [`Watchdog`] (0: none): it keeps competing whatever the mode.
+static WATCHDOG_TID: AtomicI32 = AtomicI32::new(0);
+
+/// Applies `mode` to every thread of the agent but the watchdog. Returns how many took it.
+pub fn apply_all(mode: Mode) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return usize::from(apply_to(0, mode));
+    };
+    let skip = WATCHDOG_TID.load(Relaxed);
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&tid| tid != skip && apply_to(tid, mode))
+        .count()
+}
+
+/// Whether this process may leave `SCHED_IDLE` again (root, or `CAP_SYS_NICE`, or an
+/// `RLIMIT_NICE` that allows nice 0): tried on a short-lived thread. Without it, adaptive mode
+/// must not yield, or it could never compete again.
+pub fn can_return_from_yield() -> bool {
+    std::thread::spawn(|| apply_to(0, Mode::Yield) && apply_to(0, Mode::Compete)).join().unwrap_or(false)
+}
+
+/// State shared by the event loop and its [`Watchdog`].
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Milliseconds since `epoch` at the last drain.
+    last_drain_ms: AtomicU64,
+    /// True while the agent's threads run under `SCHED_IDLE`.
+    yielding: AtomicBool,
+    /// Switches to competing made by the watchdog.
+    pub rescues: AtomicU64,
+}
+
+/// A thread that stays in competing mode and makes the whole agent compete when the event loop,
+/// yielding, is starved: it does not drain within [`STARVED`] of a ring-buffer wake-up, or not at
+/// all for [`STALLED`]. Ends with the process.
+pub struct Watchdog {
+    shared: Arc<Shared>,
+    epoch: Instant,
+}
+
+impl Watchdog {
+    /// `ring` is a duplicate of the ring buffer's map fd (the watchdog polls it).
+    pub fn spawn(ring: OwnedFd) -> Watchdog {
+        let shared = Arc::new(Shared::default());
+        let epoch = Instant::now();
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new().name("waybill-cpu".into()).spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            WATCHDOG_TID.store(unsafe { libc::gettid() }, Relaxed);
+            apply_to(0, Mode::Compete);
+            let waiter = RingWaiter::new(&ring);
+            let now_ms = || epoch.elapsed().as_millis() as u64;
+            loop {
+                if !s.yielding.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                let woken = match &waiter {
+                    Some(w) => w.wait(Duration::from_millis(100)),
+                    None => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        false
+                    }
+                };
+                let starved = if woken {
+                    let at = now_ms();
+                    std::thread::sleep(STARVED);
+                    s.last_drain_ms.load(Relaxed) < at
+                } else {
+                    now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= STALLED.as_millis() as u64
+                };
+                if starved && s.yielding.load(Relaxed) {
+                    apply_all(Mode::Compete);
+                    s.yielding.store(false, Relaxed);
+                    s.rescues.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the CPU watchdog thread");
+        }
+        Watchdog { shared, epoch }
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// The event loop drained the ring buffer just now.
+    pub fn drained(&self) {
+        self.shared.last_drain_ms.store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// The agent's threads were switched to `mode` by the event loop.
+    pub fn set_mode(&self, mode: Mode) {
+        self.drained();
+        self.shared.yielding.store(mode == Mode::Yield, Relaxed);
+    }
+
+    /// The watchdog switched the agent to competing since the event loop last looked.
+    pub fn rescued(&self) -> bool {
+        !self.shared.yielding.load(Relaxed)
+    }
+}
+
+/// An edge-triggered epoll instance on the ring buffer fd: `wait` returns true when the kernel
+/// woke the buffer's readers.
+struct RingWaiter {
+    ep: OwnedFd,
+}
+
+impl RingWaiter {
+    fn new(ring: &OwnedFd) -> Option<RingWaiter> {
+        // SAFETY: epoll_create1 takes a flag; the result is checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return None;
+        }
+        // SAFETY: `ep` is a new fd that nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 0 };
+        // SAFETY: both fds are open; `ev` is a valid event.
+        let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, ring.as_raw_fd(), &mut ev) };
+        (r == 0).then_some(RingWaiter { ep })
+    }
+
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one event slot, valid for the call.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), &mut ev, 1, timeout.as_millis() as i32) };
+        n > 0
+    }
+}
+
+/// What one drain of the ring buffer saw.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DrainSignal {
+    /// Bytes of records read in this drain.
+    pub bytes: u64,
+    /// Records or spans were lost since the previous drain, or the span queue is half full.
+    pub losing: bool,
+}
+
+/// Decides the mode for `--cpu-policy adaptive`; the fixed policies never change it.
+#[derive(Debug)]
+pub struct Governor {
+    policy: CpuPolicy,
+    mode: Mode,
+    ring_bytes: u64,
+    /// Last drain that found a sixteenth of the ring buffer or more waiting.
+    last_busy: Instant,
+    pub switches: u64,
+}
+
+impl Governor {
+    /// The mode to start the event loop in: adaptive starts yielding. (Callers that cannot leave
+    /// `SCHED_IDLE`, see [`can_return_from_yield`], pass `Batch` instead of `Adaptive`.)
+    pub fn new(policy: CpuPolicy, ring_bytes: u32, now: Instant) -> Self {
+        let mode = match policy {
+            CpuPolicy::Batch => Mode::Compete,
+            CpuPolicy::Adaptive | CpuPolicy::Idle => Mode::Yield,
+        };
+        Governor { policy, mode, ring_bytes: u64::from(ring_bytes), last_busy: now, switches: 0 }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// After a drain: the new mode if it must change now.
+    pub fn after_drain(&mut self, s: DrainSignal, now: Instant) -> Option<Mode> {
+        if s.bytes >= self.ring_bytes / 16 {
+            self.last_busy = now;
+        }
+        let behind = s.losing || s.bytes >= self.ring_bytes / 8;
+        self.switch_to(match self.mode {
+            Mode::Yield if behind => Mode::Compete,
+            Mode::Compete if now.duration_since(self.last_busy) >= CALM => Mode::Yield,
+            m => m,
+        })
+    }
+
+    /// The watchdog made the agent compete (it was starved): follow, as if a drain had been busy.
+    pub fn rescued(&mut self, now: Instant) {
+        if self.mode == Mode::Yield {
+            self.mode = Mode::Compete;
+            self.last_busy = now;
+            self.switches += 1;
+        }
+    }
+
+    fn switch_to(&mut self, mode: Mode) -> Option<Mode> {
+        if self.policy != CpuPolicy::Adaptive || mode == self.mode {
+            return None;
+        }
+        self.mode = mode;
+        self.switches += 1;
+        Some(mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RING: u32 = 8 << 20;
+
+    fn drain(bytes: u64) -> DrainSignal {
+        DrainSignal { bytes, losing: false }
+    }
+
+    #[test]
+    fn adaptive_competes_when_behind_and_yields_after_calm() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(CpuPolicy::Adaptive, RING, t0);
+        assert_eq!(g.mode(), Mode::Yield);
+        // Keeping up: small drains change nothing.
+        assert_eq!(g.after_drain(drain(200_000), t0), None);
+        // A drain that found an eighth of the ring waiting: compete.
+        assert_eq!(g.after_drain(drain(u64::from(RING) / 8), t0), Some(Mode::Compete));
+        // Still busy (a sixteenth at each wake-up): stays competing however long it lasts.
+        let busy = u64::from(RING) / 16;
+        for s in 1..20 {
+            assert_eq!(g.after_drain(drain(busy), t0 + Duration::from_secs(s)), None);
+        }
+        // Load falls: yields once CALM has passed since the last busy drain.
+        let last = t0 + Duration::from_secs(19);
+        assert_eq!(g.after_drain(drain(1000), last + CALM - Duration::from_millis(1)), None);
+        assert_eq!(g.after_drain(drain(1000), last + CALM), Some(Mode::Yield));
+        // Losses alone make it compete again.
+        let t = last + CALM + Duration::from_secs(1);
+        assert_eq!(g.after_drain(DrainSignal { bytes: 0, losing: true }, t), Some(Mode::Compete));
+        assert_eq!(g.switches, 3);
+    }
+
+    #[test]
+    fn fixed_policies_never_switch() {
+        let t0 = Instant::now();
+        for (p, m) in [(CpuPolicy::Batch, Mode::Compete), (CpuPolicy::Idle, Mode::Yield)] {
+            let mut g = Governor::new(p, RING, t0);
+            assert_eq!(g.mode(), m);
+            assert_eq!(g.after_drain(DrainSignal { bytes: u64::from(RING), losing: true }, t0), None);
+            assert_eq!(g.after_drain(drain(0), t0 + CALM * 10), None);
+            assert_eq!(g.mode(), m);
+        }
+    }
+
+    /// A yielding agent whose event loop stops draining is made to compete by the watchdog.
+    #[test]
+    fn watchdog_rescues_a_starved_event_loop() {
+        if !can_return_from_yield() {
+            eprintln!("skipped: this test process may not leave SCHED_IDLE (not root)");
+            return;
+        }
+        // A pipe stands in for the ring buffer: writing to it is the kernel's wake-up.
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for both ends.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        // SAFETY: fresh fds owned by nothing else.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wake = || {
+            // SAFETY: one byte from a valid buffer to an open pipe.
+            assert_eq!(unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr().cast(), 1) }, 1);
+        };
+        let w = Watchdog::spawn(rd);
+        w.set_mode(Mode::Yield);
+        // Woken, and the event loop drains in time: no rescue.
+        for _ in 0..5 {
+            wake();
+            w.drained();
+            std::thread::sleep(Duration::from_millis(2));
+            w.drained();
+            std::thread::sleep(STARVED + Duration::from_millis(10));
+            w.drained();
+        }
+        assert!(!w.rescued(), "rescued although every wake-up was followed by a drain");
+        // Woken, and no drain follows: rescued after STARVED.
+        let t = Instant::now();
+        wake();
+        while !w.rescued() && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(w.rescued());
+        assert!(t.elapsed() >= STARVED, "{:?}", t.elapsed());
+        assert_eq!(w.shared().rescues.load(Relaxed), 1);
+        // SAFETY: a plain query of the calling thread (switched by apply_all).
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_BATCH);
+        // The watchdog itself is never made to yield.
+        apply_all(Mode::Yield);
+        let tid = WATCHDOG_TID.load(Relaxed);
+        assert_ne!(tid, 0);
+        // SAFETY: a plain query of another thread of this process.
+        assert_eq!(unsafe { libc::sched_getscheduler(tid) }, libc::SCHED_BATCH);
+        apply_all(Mode::Compete);
+    }
+
+    /// The calls reach the kernel: the calling thread reports the policy that was set.
+    #[test]
+    fn modes_apply_to_this_thread() {
+        if !can_return_from_yield() {
+            eprintln!("skipped: this test process may not leave SCHED_IDLE (not root)");
+            return;
+        }
+        std::thread::spawn(|| {
+            apply_current(Mode::Yield);
+            // SAFETY: a plain query of the calling thread.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
+            apply_current(Mode::Compete);
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_BATCH);
+        })
+        .join()
+        .unwrap();
+    }
+}
