@@ -270,7 +270,7 @@ mod tests {
         let c = FileConfig::parse(
             "targets:\n  pids: [1, 2]\n  exes: [nginx]\n  ports: [8080]\nmetrics_addr: 127.0.0.1:9464\n\
              capture_bytes: 512\nring_buffer_bytes: 65536\nmax_connections: 10\nidle_timeout_secs: 5\n\
-             span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\ninject: false\n\
+             span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\ninject: false\ncpu_policy: batch\n\
              services:\n  - match: { service_name: shop }\n    sampling_ratio: 0.5\n\
              \x20 - match: { exe: pgbouncer }\n    trace: false\n\
              \x20 - match: { exe: curl }\n    inject: false\n",
@@ -284,6 +284,7 @@ mod tests {
         );
         assert_eq!((c.span_queue, c.export_backlog, c.red_series_limit), (Some(7), Some(9), Some(3)));
         assert_eq!(c.inject, Some(false));
+        assert_eq!(c.cpu_policy, Some(crate::sched::CpuPolicy::Batch));
         assert_eq!(c.excluded_exes(), ["pgbouncer"]);
         assert_eq!(c.sampling_ratio(&res("shop", "python3")), 0.5);
         assert_eq!(c.sampling_ratio(&res("other", "python3")), 1.0);
@@ -314,6 +315,8 @@ mod tests {
         assert!(e.contains("5000 is not a power of two") && e.ends_with("line 2"), "{e}");
         let e = FileConfig::parse("span_queue: 1\nmax_connections: 0\n").unwrap_err();
         assert!(e.contains("`max_connections`") && e.ends_with("line 2"), "{e}");
+        let e = FileConfig::parse("capture_bytes: 512\ncpu_policy: fast\n").unwrap_err();
+        assert!(e.contains("unknown variant `fast`") && e.contains("adaptive") && e.contains("line 2"), "{e}");
         let e = FileConfig::parse("capture_bytes: 9\n").unwrap_err();
         assert!(e.contains("9 is not a capture size"), "{e}");
         let e = FileConfig::parse("targets:\n  ports: [http]\n").unwrap_err();
