@@ -1678,8 +1678,8 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
         t.row(&[
             name.to_string(),
             f0(a),
-            format!("{} (+{})", f0(on), f0(on - a)),
-            format!("{} (+{})", f0(by), f0(by - a)),
+            format!("{} ({})", f0(on), signed(on - a)),
+            format!("{} ({})", f0(by), signed(by - a)),
         ]);
     }
     t.row(&["records received / lost while tracing it", "", &format!("{} / {}", f0(received), f0(lost)), ""]);
@@ -1703,6 +1703,11 @@ fn cpu_policy_row(rounds: &[&AgentRound]) -> [String; 4] {
         format!("{} / {} of {}", f0(n), yielding, rounds.len()),
         String::new(),
     ]
+}
+
+/// A difference with its sign: `+61`, `−78`.
+fn signed(v: f64) -> String {
+    if v < -0.5 { format!("−{}", f0(-v)) } else { format!("+{}", f0(v)) }
 }
 
 fn f0(v: f64) -> String {
@@ -1870,9 +1875,12 @@ impl Report {
         }
         if f.hook_tcp_ns != 0.0 {
             notes.push(format!(
-                "Floor: +{:.0} ns per traced 64 B TCP write(), +{:.0} ns per traced /dev/null \
-                 write(), +{:.0} ns per TCP write() of a process the agent does not trace.",
-                f.hook_tcp_ns, f.hook_null_ns, f.hook_bystander_ns
+                "Floor: {} ns per traced 64 B TCP write(), {} ns per traced /dev/null write(), {} ns \
+                 per TCP write() of a process the agent does not trace (differences within ~100 ns \
+                 are noise on this machine).",
+                signed(f.hook_tcp_ns),
+                signed(f.hook_null_ns),
+                signed(f.hook_bystander_ns)
             ));
         }
         if f.sat_rps_off > 0.0 {
