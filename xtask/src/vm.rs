@@ -360,7 +360,7 @@ pub fn evaluate(r: &GuestResult, release: &str) -> Vec<(String, bool, String)> {
         check(&what, avail == Some(want), if l.is_empty() { "no such line".into() } else { l });
     }
     let data = line("socket data");
-    check("check: socket data through syscall tracepoints", data.contains("syscall tracepoints"), data);
+    check("check: socket data through the sys_exit raw tracepoint", data.contains("raw tracepoint sys_exit"), data);
     let walk = line("fd → TCP 4-tuple");
     check("check: fd walk with offsets from BTF at load time", walk.contains("offsets from BTF"), walk);
     let accel = line("accelerators");
@@ -630,7 +630,7 @@ mod tests {
             \x20 ring buffer map                  yes        BPF_MAP_TYPE_RINGBUF loads\n\
             \n\
             hooks Waybill will use\n\
-            \x20 socket data          syscall tracepoints (sys_enter/exit_{read,...})\n\
+            \x20 socket data          raw tracepoint sys_exit, one program for read, write, ...\n\
             \x20 fd → TCP 4-tuple     task→files→fdtable→file→socket→sock walk, offsets from BTF at load time\n\
             \x20 accelerators         fentry available (tcp_sendmsg/tcp_recvmsg could replace the fd walk); tracepoints in use\n";
         let agent = "Trace 0a1b2c3d…  GET /users/{id}  1.2ms  python3 (pid 77)  200\n  └─ x\n\
