@@ -364,14 +364,15 @@ mod tests {
         };
         let w = Watchdog::spawn(rd);
         w.set_mode(Mode::Yield);
-        // Woken, and the event loop drains in time: no rescue.
+        // Woken, and the event loop keeps draining (every millisecond, for longer than the
+        // watchdog can take to wake and check, even on a loaded machine): no rescue.
         for _ in 0..5 {
             wake();
-            w.drained();
-            std::thread::sleep(Duration::from_millis(2));
-            w.drained();
-            std::thread::sleep(STARVED + Duration::from_millis(10));
-            w.drained();
+            let t = Instant::now();
+            while t.elapsed() < STARVED * 5 {
+                w.drained();
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         assert!(!w.rescued(), "rescued although every wake-up was followed by a drain");
         // Woken, and no drain follows: rescued after STARVED.

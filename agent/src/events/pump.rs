@@ -367,24 +367,22 @@ impl CpuGovernor {
 
     fn after_drain(&mut self, drained: u64, probes: &Probes, spans: &SpanSender, metrics: &Metrics) {
         use crate::sched::{DrainSignal, Mode, apply_all};
+        // Fixed policies never switch: no signals to gather.
+        let Some(w) = &self.watchdog else { return };
         let now = std::time::Instant::now();
-        if let Some(w) = &self.watchdog {
-            w.drained();
-            if self.gov.mode() == Mode::Yield && w.rescued() {
-                self.gov.rescued(now);
-                metrics.cpu_yielding.set(0);
-                metrics.cpu_policy_switches.inc();
-                tracing::debug!("agent CPU policy: starved while yielding, competing (watchdog)");
-            }
+        w.drained();
+        if self.gov.mode() == Mode::Yield && w.rescued() {
+            self.gov.rescued(now);
+            metrics.cpu_yielding.set(0);
+            metrics.cpu_policy_switches.inc();
+            tracing::debug!("agent CPU policy: starved while yielding, competing (watchdog)");
         }
         let lost = probes.ringbuf_lost() + metrics.spans_dropped_queue_full.get();
         let losing = lost != self.lost_seen || spans.half_full();
         self.lost_seen = lost;
         if let Some(mode) = self.gov.after_drain(DrainSignal { bytes: drained, losing }, now) {
             let threads = apply_all(mode);
-            if let Some(w) = &self.watchdog {
-                w.set_mode(mode);
-            }
+            w.set_mode(mode);
             tracing::debug!(?mode, threads, drained, losing, "agent CPU policy switched");
             metrics.cpu_yielding.set(u64::from(mode == Mode::Yield));
             metrics.cpu_policy_switches.inc();
