@@ -19,9 +19,9 @@
 //! even a sixteenth waiting.
 //!
 //! The watchdog costs nothing at ordinary load: it sleeps in `epoll_wait` on the ring buffer,
-//! edge-triggered, so only the kernel's wake-up at a sixteenth full (records are submitted without
-//! wake-ups below that, ebpf-probes/src/events.rs) makes it run, and it sleeps on a timer while
-//! the agent competes.
+//! edge-triggered, so only the kernel's wake-ups make it run (records are submitted without one,
+//! except the record that carries the waiting data across another sixteenth of the buffer,
+//! ebpf-probes/src/events.rs), and it sleeps on a timer while the agent competes.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -156,7 +156,7 @@ impl Watchdog {
                     continue;
                 }
                 let woken = match &waiter {
-                    Some(w) => w.wait(Duration::from_millis(100)),
+                    Some(w) => w.wait(STALLED / 2),
                     None => {
                         std::thread::sleep(Duration::from_millis(20));
                         false

@@ -281,7 +281,7 @@ fn on_server_read(p: *const u8, captured: u32, pid_tgid: u64, tgid: u32, tid: u3
                 span_id: ctx.span_id,
                 parent_span_id: parent,
             });
-            e.submit(crate::events::submit_flags());
+            e.submit(crate::events::submit_flags(core::mem::size_of::<ServerCtxEvent>()));
         }
         None => crate::helpers::count_lost(LOST_RINGBUF_FULL),
     }
@@ -606,6 +606,6 @@ fn try_inject(ctx: &SkMsgContext) -> u32 {
         span_id: span,
         parent_span_id: parent,
     });
-    rec.submit(crate::events::submit_flags());
+    rec.submit(crate::events::submit_flags(core::mem::size_of::<InjectEvent>()));
     INJ_INJECTED
 }

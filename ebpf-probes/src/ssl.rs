@@ -184,7 +184,7 @@ pub fn emit_plaintext(tgid: u32, tid: u32, fd: u32, syscall: u32, buf: u64, n: u
     }
     // SAFETY: `size` is bounded by the scratch record's size.
     let bytes = unsafe { core::slice::from_raw_parts(ev as *const u8, size as usize) };
-    if EVENTS.output::<[u8]>(bytes, crate::events::submit_flags()).is_err() {
+    if EVENTS.output::<[u8]>(bytes, crate::events::output_flags(size)).is_err() {
         count_lost(LOST_RINGBUF_FULL);
     }
 }

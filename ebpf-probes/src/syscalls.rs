@@ -254,7 +254,7 @@ fn data_record(tgid: u32, tid: u32, pid_tgid: u64, args: &SyscallArgs, total: u6
     }
     // SAFETY: `size` is bounded by the scratch record's size.
     let bytes = unsafe { core::slice::from_raw_parts(ev as *const u8, size as usize) };
-    if EVENTS.output::<[u8]>(bytes, crate::events::submit_flags()).is_err() {
+    if EVENTS.output::<[u8]>(bytes, crate::events::output_flags(size)).is_err() {
         count_lost(LOST_RINGBUF_FULL);
     }
 }

@@ -811,21 +811,25 @@ impl HeadBuf {
     fn push(&mut self, data: &[u8], ts: u64) -> (usize, bool) {
         let lim = data.len().min(MAX_HEAD_BYTES.saturating_sub(self.buf.len()));
         let mut end = None;
-        for (i, &b) in data[..lim].iter().enumerate() {
-            match b {
-                b'\n' => {
-                    if self.first_line_end.is_none() {
-                        self.first_line_end = Some(self.buf.len() + i);
-                    }
-                    if self.at_line_start {
-                        end = Some(i + 1);
-                        break;
-                    }
-                    self.at_line_start = true;
-                }
-                b'\r' => {}
-                _ => self.at_line_start = false,
+        // Line by line (memchr finds each '\n'): the head ends at a '\n' whose line holds
+        // nothing but '\r's; `at_line_start` carries that state across chunks.
+        let mut pos = 0;
+        while pos < lim {
+            let rest = &data[pos..lim];
+            let Some(k) = memchr::memchr(b'\n', rest) else {
+                self.at_line_start = self.at_line_start && rest.iter().all(|&b| b == b'\r');
+                break;
+            };
+            let i = pos + k;
+            if self.first_line_end.is_none() {
+                self.first_line_end = Some(self.buf.len() + i);
             }
+            if self.at_line_start && rest[..k].iter().all(|&b| b == b'\r') {
+                end = Some(i + 1);
+                break;
+            }
+            self.at_line_start = true;
+            pos = i + 1;
         }
         let n = end.unwrap_or(lim);
         if n > 0 {

@@ -21,11 +21,12 @@ use crate::{
     stitch::{Stitcher, span::SpanRecord},
 };
 
-/// How often the ring buffer is drained when the kernel side did not ask for a wake-up (it does
-/// once 1/16 of the buffer waits). Each drain costs two thread wake-ups (the runtime's timer
-/// thread, then this one), ~80 µs of CPU on a VM: at 10 ms that was 8 ms of CPU per second at
-/// idle. 50 ms delays a span by at most that, against an export schedule of 1 s.
-const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// How long the ring buffer waits for a drain when the kernel side did not ask for a wake-up (it
+/// does each time the waiting data crosses another 1/16 of the buffer); the timer restarts at
+/// every drain. Each timer drain costs two thread wake-ups (the runtime's timer thread, then this
+/// one), ~80 µs of CPU on a VM: at 10 ms that was 8 ms of CPU per second at idle. 100 ms delays a
+/// span by at most that, against an export schedule of 1 s.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// Most spans handed to the exporter in one batch.
 const MAX_SHIP: usize = 1024;
 
@@ -286,8 +287,8 @@ impl Pipeline {
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut cpu = CpuGovernor::start(&self.cfg, &self.metrics, ring_fd);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        // The kernel side submits records without waking us (see `submit_flags` in
-        // ebpf-probes/src/events.rs) until 1/16 of the buffer waits: drain on this short timer too.
+        // The kernel side submits records without waking us (see `wake_flags` in
+        // ebpf-probes/src/events.rs) but at each 1/16 of the buffer: drain on this short timer too.
         let mut drain = tokio::time::interval(DRAIN_EVERY);
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_scan = std::time::Instant::now();
@@ -298,6 +299,7 @@ impl Pipeline {
                 guard = ring.readable_mut() => {
                     guard?.clear_ready();
                     pending = true;
+                    drain.reset();
                 }
                 _ = drain.tick() => pending = true,
                 _ = tick.tick() => {

@@ -97,73 +97,149 @@ impl RedMetric {
     }
 }
 
-fn str_attr(r: &SpanRecord, key: &str) -> Option<String> {
-    r.attr(key).map(|v| v.to_string())
+/// An attribute value borrowed from the span (or the route buffer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ValRef<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
 }
 
-/// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
-/// span that feeds none.
-pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(&'static str, AttrValue)>)> {
-    let mut attrs: Vec<(&'static str, AttrValue)> = Vec::with_capacity(5);
-    let copy = |attrs: &mut Vec<(&'static str, AttrValue)>, key: &'static str| {
-        if let Some(v) = r.attr(key) {
-            attrs.push((key, v.clone()));
+impl<'a> ValRef<'a> {
+    fn of(v: &'a AttrValue) -> Self {
+        match v {
+            AttrValue::Str(s) => ValRef::Str(s),
+            AttrValue::Int(i) => ValRef::Int(*i),
+            AttrValue::Bool(b) => ValRef::Bool(*b),
         }
-    };
+    }
+
+    fn owned(self) -> AttrValue {
+        match self {
+            ValRef::Str(s) => AttrValue::from(s.to_string()),
+            ValRef::Int(i) => AttrValue::Int(i),
+            ValRef::Bool(b) => AttrValue::Bool(b),
+        }
+    }
+}
+
+/// At most this many attributes describe a series (method, route or peer, status, error).
+const MAX_SERIES_ATTRS: usize = 6;
+
+/// A measurement's attributes, borrowed, sorted by key; no allocation per span.
+struct Borrowed<'a> {
+    attrs: [(&'static str, ValRef<'a>); MAX_SERIES_ATTRS],
+    len: usize,
+}
+
+impl<'a> Borrowed<'a> {
+    fn push(&mut self, key: &'static str, v: ValRef<'a>) {
+        if self.len < MAX_SERIES_ATTRS {
+            self.attrs[self.len] = (key, v);
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[(&'static str, ValRef<'a>)] {
+        &self.attrs[..self.len]
+    }
+}
+
+/// The metric a span feeds and its attributes, borrowed from the span; the server route
+/// (template of `url.path` when the span has no `http.route`) is built in `route`.
+fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(RedMetric, Borrowed<'a>)> {
+    let mut b = Borrowed { attrs: [("", ValRef::Bool(false)); MAX_SERIES_ATTRS], len: 0 };
     let metric = if r.attr("db.system.name").is_some() {
         if r.kind != SpanKind::Client {
             // A traced PostgreSQL/Redis server's own spans: no client operation to measure.
             return None;
         }
-        for k in ["db.system.name", "db.operation.name", "server.address"] {
-            copy(&mut attrs, k);
-        }
         RedMetric::DbClient
-    } else if let Some(method) = r.attr("http.request.method") {
-        attrs.push(("http.request.method", method.clone()));
+    } else if r.attr("http.request.method").is_some() {
         match r.kind {
-            SpanKind::Server => {
-                let route = str_attr(r, "http.route")
-                    .or_else(|| str_attr(r, "url.path").map(|p| waybill_protocols::http1::path_template(&p)));
-                if let Some(route) = route {
-                    attrs.push(("http.route", AttrValue::from(route)));
-                }
-                copy(&mut attrs, "http.response.status_code");
-                RedMetric::HttpServer
-            }
-            SpanKind::Client => {
-                for k in ["server.address", "server.port", "http.response.status_code"] {
-                    copy(&mut attrs, k);
-                }
-                RedMetric::HttpClient
-            }
+            SpanKind::Server => RedMetric::HttpServer,
+            SpanKind::Client => RedMetric::HttpClient,
         }
     } else {
         return None;
     };
-    copy(&mut attrs, "error.type");
-    attrs.sort_by(|a, b| a.0.cmp(b.0));
-    Some((metric, attrs))
+    // The route first (it needs `route` mutably), then only shared borrows.
+    route.clear();
+    let has_route = metric == RedMetric::HttpServer && {
+        match r.attr("http.route") {
+            Some(v) => {
+                use std::fmt::Write;
+                let _ = write!(route, "{v}");
+                true
+            }
+            None => match r.attr("url.path") {
+                Some(p) => {
+                    match p {
+                        AttrValue::Str(p) => waybill_protocols::http1::push_path_template(route, p),
+                        other => waybill_protocols::http1::push_path_template(route, &other.to_string()),
+                    }
+                    true
+                }
+                None => false,
+            },
+        }
+    };
+    let route: &'a String = route;
+    let copy = |b: &mut Borrowed<'a>, key: &'static str| {
+        if let Some(v) = r.attr(key) {
+            b.push(key, ValRef::of(v));
+        }
+    };
+    match metric {
+        RedMetric::DbClient => {
+            for k in ["db.system.name", "db.operation.name", "server.address"] {
+                copy(&mut b, k);
+            }
+        }
+        RedMetric::HttpServer => {
+            copy(&mut b, "http.request.method");
+            if has_route {
+                b.push("http.route", ValRef::Str(route));
+            }
+            copy(&mut b, "http.response.status_code");
+        }
+        RedMetric::HttpClient => {
+            copy(&mut b, "http.request.method");
+            for k in ["server.address", "server.port", "http.response.status_code"] {
+                copy(&mut b, k);
+            }
+        }
+    }
+    copy(&mut b, "error.type");
+    b.attrs[..b.len].sort_by(|x, y| x.0.cmp(y.0));
+    Some((metric, b))
+}
+
+/// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
+/// span that feeds none.
+pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(&'static str, AttrValue)>)> {
+    let mut route = String::new();
+    let (metric, b) = measure_borrowed(r, &mut route)?;
+    Some((metric, b.as_slice().iter().map(|(k, v)| (*k, v.owned())).collect()))
 }
 
 /// A keyed hash of a measurement's attribute set: the series it belongs to. Keyed (SipHash with a
 /// random key), so traffic cannot pick values that collide.
-fn series_key(hasher: &std::hash::RandomState, attrs: &[(&'static str, AttrValue)]) -> u64 {
+fn series_key(hasher: &std::hash::RandomState, attrs: &[(&'static str, ValRef<'_>)]) -> u64 {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut h = hasher.build_hasher();
     for (k, v) in attrs {
         k.hash(&mut h);
         match v {
-            AttrValue::Str(s) => {
+            ValRef::Str(s) => {
                 0u8.hash(&mut h);
-                let s: &str = s.as_ref();
                 s.hash(&mut h);
             }
-            AttrValue::Int(i) => {
+            ValRef::Int(i) => {
                 1u8.hash(&mut h);
                 i.hash(&mut h);
             }
-            AttrValue::Bool(b) => {
+            ValRef::Bool(b) => {
                 2u8.hash(&mut h);
                 b.hash(&mut h);
             }
@@ -283,17 +359,18 @@ impl Red {
     /// Records a batch of spans, taking the lock once.
     pub fn record_all(&self, spans: &[SpanRecord]) {
         let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut route = String::new();
         for r in spans {
-            self.record_locked(&mut procs, r);
+            self.record_locked(&mut procs, r, &mut route);
         }
     }
 
-    fn record_locked(&self, procs: &mut HashMap<u32, ProcessMetrics>, r: &SpanRecord) {
-        let Some((metric, attrs)) = measurement(r) else {
+    fn record_locked(&self, procs: &mut HashMap<u32, ProcessMetrics>, r: &SpanRecord, route: &mut String) {
+        let Some((metric, attrs)) = measure_borrowed(r, route) else {
             return;
         };
         let seconds = r.end_unix_ns.saturating_sub(r.start_unix_ns) as f64 / 1e9;
-        let key = series_key(&self.hasher, &attrs);
+        let key = series_key(&self.hasher, attrs.as_slice());
         let pm = match procs.get_mut(&r.resource.pid) {
             Some(pm) if Arc::ptr_eq(&pm.resource, &r.resource) || *pm.resource == *r.resource => pm,
             _ => {
@@ -308,7 +385,8 @@ impl Red {
         if let Some(kvs) = series.get(&key) {
             histogram.record(seconds, kvs);
         } else if series.len() < self.series_limit {
-            let kvs: Vec<KeyValue> = attrs.into_iter().map(|(k, v)| KeyValue::new(k, otel_value(v))).collect();
+            let kvs: Vec<KeyValue> =
+                attrs.as_slice().iter().map(|(k, v)| KeyValue::new(*k, otel_value(v.owned()))).collect();
             histogram.record(seconds, &kvs);
             series.insert(key, kvs);
         } else {

@@ -135,15 +135,95 @@ struct Ctx {
     calls: u8,
 }
 
+/// Contexts by id. A slab, not a hash map: when the table is full (every request at high rates),
+/// the context evicted is read where the new one is then written (the slot freed last is reused
+/// first), one cache miss instead of a hash bucket to find plus a cold bucket to fill. An id is
+/// (generation << 32 | slot); removal bumps the slot's generation, so a stale id finds nothing.
+struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> u64 {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot { generation: 0, value: None });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.value = Some(value);
+        self.len += 1;
+        (u64::from(slot.generation) << 32) | u64::from(index)
+    }
+
+    fn slot_mut(&mut self, id: u64) -> Option<&mut Slot<T>> {
+        self.slots.get_mut(id as u32 as usize).filter(|s| s.generation == (id >> 32) as u32)
+    }
+
+    fn get(&self, id: &u64) -> Option<&T> {
+        let s = self.slots.get(*id as u32 as usize)?;
+        if s.generation == (*id >> 32) as u32 { s.value.as_ref() } else { None }
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut T> {
+        self.slot_mut(*id)?.value.as_mut()
+    }
+
+    fn contains_key(&self, id: &u64) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Drops the value in place (no move out of its slot).
+    fn delete(&mut self, id: u64) {
+        let Some(slot) = self.slot_mut(id) else { return };
+        if slot.value.take().is_none() {
+            return;
+        }
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id as u32);
+        self.len -= 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.value.as_ref().map(|v| ((u64::from(s.generation) << 32) | i as u64, v)))
+    }
+}
+
 #[derive(Default)]
 pub struct Correlator {
-    ctxs: FxHashMap<u64, Ctx>,
-    next_id: u64,
+    ctxs: Slab<Ctx>,
     /// (pid, tid) → server contexts open on that thread, most recent last.
     threads: FxHashMap<(u32, u32), Vec<u64>>,
     /// (local, remote) of client contexts, for the server side on this host to find.
     clients: FxHashMap<(Endpoint, Endpoint), VecDeque<u64>>,
-    /// Context ids in creation order (ids only grow), so the oldest is found in O(1); ids removed
+    /// Context ids in creation order, so the oldest is found in O(1); ids removed
     /// by other paths are skipped lazily, and the queue is compacted once it holds more than
     /// twice as many ids as there are contexts (amortised O(1) per context).
     order: VecDeque<u64>,
@@ -174,29 +254,35 @@ impl Correlator {
         if self.ctxs.len() >= MAX_CONTEXTS {
             self.evict_oldest();
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.order.push_back(id);
         let key = (s.pid, s.tid);
         let (thread_parent, uncertain) = if s.server {
-            self.threads.entry(key).or_default().push(id);
             (None, false)
         } else {
             let open = self.threads.get(&key).map(|v| v.as_slice()).unwrap_or(&[]);
             (open.last().copied(), open.len() > 1)
         };
-        if !s.server {
-            let q = self.clients.entry((s.local, s.remote)).or_default();
+        let span_id = s.kernel.map(|k| k.span_id).unwrap_or_else(ids::span_id);
+        let server = s.server;
+        let client_key = (s.local, s.remote);
+        let id = self.ctxs.insert(Ctx {
+            start: s,
+            span_id,
+            thread_parent,
+            uncertain,
+            resolved: None,
+            finished_ns: None,
+            calls: 0,
+        });
+        self.order.push_back(id);
+        if server {
+            self.threads.entry(key).or_default().push(id);
+        } else {
+            let q = self.clients.entry(client_key).or_default();
             q.push_back(id);
             if q.len() > 64 {
                 q.pop_front();
             }
         }
-        let span_id = s.kernel.map(|k| k.span_id).unwrap_or_else(ids::span_id);
-        self.ctxs.insert(
-            id,
-            Ctx { start: s, span_id, thread_parent, uncertain, resolved: None, finished_ns: None, calls: 0 },
-        );
         id
     }
 
@@ -419,9 +505,12 @@ impl Correlator {
     }
 
     fn remove(&mut self, id: u64) {
-        if let Some(c) = self.ctxs.remove(&id) {
-            if c.start.server {
-                let key = (c.start.pid, c.start.tid);
+        if let Some(c) = self.ctxs.get(&id) {
+            let (server, pid, tid, local, remote) =
+                (c.start.server, c.start.pid, c.start.tid, c.start.local, c.start.remote);
+            self.ctxs.delete(id);
+            if server {
+                let key = (pid, tid);
                 if let Some(v) = self.threads.get_mut(&key) {
                     v.retain(|x| *x != id);
                     if v.is_empty() {
@@ -429,7 +518,7 @@ impl Correlator {
                     }
                 }
             } else {
-                let key = (c.start.local, c.start.remote);
+                let key = (local, remote);
                 if let Some(q) = self.clients.get_mut(&key) {
                     q.retain(|x| *x != id);
                     if q.is_empty() {
@@ -617,6 +706,30 @@ mod tests {
     }
 
     #[test]
+    fn slab_reuses_slots_and_never_answers_a_stale_id() {
+        let mut s: Slab<u32> = Slab::default();
+        let a = s.insert(1);
+        let b = s.insert(2);
+        assert_eq!((s.get(&a), s.get(&b), s.len()), (Some(&1), Some(&2), 2));
+        s.delete(a);
+        s.delete(a); // twice: no effect
+        assert_eq!((s.get(&a), s.len()), (None, 1));
+        // The freed slot is reused first, under a new generation: the old id stays dead.
+        let c = s.insert(3);
+        assert_eq!(c as u32, a as u32);
+        assert_ne!(c, a);
+        assert_eq!((s.get(&a), s.get(&c), s.get(&b)), (None, Some(&3), Some(&2)));
+        *s.get_mut(&c).unwrap() = 4;
+        assert_eq!(s.get(&c), Some(&4));
+        assert!(s.get_mut(&a).is_none() && !s.contains_key(&a));
+        assert_eq!(s.iter().map(|(id, v)| (id, *v)).collect::<Vec<_>>(), vec![(c, 4), (b, 2)]);
+        s.delete(b);
+        s.delete(c);
+        assert!(s.is_empty());
+        assert!(s.get(&(1u64 << 40 | 99)).is_none(), "an id past the slots");
+    }
+
+    #[test]
     fn sweep_drops_what_is_due_and_nothing_else() {
         // A random workload with time going forward: after each sweep no finished context is
         // past its keep time, and every context dropped by a sweep was due.
@@ -642,7 +755,7 @@ mod tests {
             }
             if next(20) == 0 {
                 let before: Vec<(u64, Option<u64>, u64)> =
-                    c.ctxs.iter().map(|(id, x)| (*id, x.finished_ns, x.start.start_ns)).collect();
+                    c.ctxs.iter().map(|(id, x)| (id, x.finished_ns, x.start.start_ns)).collect();
                 c.sweep(now);
                 for (id, finished, started) in before {
                     let due = match finished {
