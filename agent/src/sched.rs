@@ -14,8 +14,8 @@
 //! falls behind: when one drain finds an eighth of the ring buffer waiting (the kernel wakes the
 //! agent at a sixteenth, so the agent did not get the CPU in time), when records or spans are
 //! lost, when the span queue is half full, or — seen by a [`Watchdog`] thread that always
-//! competes — when the event loop does not drain within [`STARVED`] of the kernel's wake-up (it
-//! is starved and cannot notice itself). It yields again after [`CALM`] in which no drain found
+//! competes — when a sixteenth of the buffer still waits [`STARVED`] after the kernel's wake-up
+//! (the event loop is starved, or too slow, and cannot notice itself). It yields again after [`CALM`] in which no drain found
 //! even a sixteenth waiting.
 //!
 //! The watchdog costs nothing at ordinary load: it sleeps in `epoll_wait` on the ring buffer,
@@ -36,7 +36,7 @@ use std::{
 pub const CALM: Duration = Duration::from_secs(5);
 
 /// After the kernel woke the agent because a sixteenth of the ring buffer waits, the event
-/// loop, yielding, must drain within this time or it is starved.
+/// loop, yielding, must have drained it below that within this time or it is starved.
 pub const STARVED: Duration = Duration::from_millis(10);
 
 /// A yielding event loop that has not drained for this long is starved even without a wake-up
@@ -131,16 +131,19 @@ pub struct Shared {
 }
 
 /// A thread that stays in competing mode and makes the whole agent compete when the event loop,
-/// yielding, is starved: it does not drain within [`STARVED`] of a ring-buffer wake-up, or not at
-/// all for [`STALLED`]. Ends with the process.
+/// yielding, is starved: a sixteenth of the ring buffer still waits [`STARVED`] after a
+/// ring-buffer wake-up (read from the buffer's mapped position pages; where those cannot be
+/// mapped, no drain at all since the wake-up), or it has not drained for [`STALLED`]. Ends with
+/// the process.
 pub struct Watchdog {
     shared: Arc<Shared>,
     epoch: Instant,
 }
 
 impl Watchdog {
-    /// `ring` is a duplicate of the ring buffer's map fd (the watchdog polls it).
-    pub fn spawn(ring: OwnedFd) -> Watchdog {
+    /// `ring` is a duplicate of the ring buffer's map fd (the watchdog polls it and maps its
+    /// position pages), `ring_bytes` the buffer's size.
+    pub fn spawn(ring: OwnedFd, ring_bytes: u64) -> Watchdog {
         let shared = Arc::new(Shared::default());
         let epoch = Instant::now();
         let s = shared.clone();
@@ -149,6 +152,7 @@ impl Watchdog {
             WATCHDOG_TID.store(unsafe { libc::gettid() }, Relaxed);
             apply_to(0, Mode::Compete);
             let waiter = RingWaiter::new(&ring);
+            let level = RingLevel::map(&ring);
             let now_ms = || epoch.elapsed().as_millis() as u64;
             loop {
                 if !s.yielding.load(Relaxed) {
@@ -165,7 +169,12 @@ impl Watchdog {
                 let starved = if woken {
                     let at = now_ms();
                     std::thread::sleep(STARVED);
-                    s.last_drain_ms.load(Relaxed) < at
+                    match &level {
+                        // Still a sixteenth waiting: the event loop was not scheduled in time, or
+                        // a drain it got a slice for did not keep up (not just "no drain at all").
+                        Some(l) => l.waiting() >= ring_bytes / 16,
+                        None => s.last_drain_ms.load(Relaxed) < at,
+                    }
                 } else {
                     now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= STALLED.as_millis() as u64
                 };
@@ -200,6 +209,63 @@ impl Watchdog {
     /// The watchdog switched the agent to competing since the event loop last looked.
     pub fn rescued(&self) -> bool {
         !self.shared.yielding.load(Relaxed)
+    }
+}
+
+/// The fill level of a BPF ring buffer, read from its position pages: the kernel maps the
+/// consumer position at page 0 and the producer position at page 1 of the map fd (both mapped
+/// read-only here; nothing is written).
+struct RingLevel {
+    consumer: *mut libc::c_void,
+    producer: *mut libc::c_void,
+    page: usize,
+}
+
+// SAFETY: the mappings are only read, with atomic loads, and live as long as the value.
+unsafe impl Send for RingLevel {}
+
+impl RingLevel {
+    /// None when `fd` is not a ring buffer (a pipe in tests) or cannot be mapped.
+    fn map(fd: &OwnedFd) -> Option<RingLevel> {
+        // SAFETY: sysconf has no side effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let map = |off: usize| {
+            // SAFETY: a new shared read-only mapping of one page of an open fd; checked below.
+            let p = unsafe {
+                libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), off as i64)
+            };
+            (p != libc::MAP_FAILED).then_some(p)
+        };
+        let consumer = map(0)?;
+        let Some(producer) = map(page) else {
+            // SAFETY: unmapping the page mapped just above.
+            unsafe { libc::munmap(consumer, page) };
+            return None;
+        };
+        Some(RingLevel { consumer, producer, page })
+    }
+
+    /// Bytes produced and not yet consumed.
+    fn waiting(&self) -> u64 {
+        // SAFETY: each page starts with the kernel's `unsigned long` position, 8-byte aligned,
+        // updated with release stores; the mappings are valid while `self` lives.
+        let (c, p) = unsafe {
+            (
+                (*(self.consumer as *const std::sync::atomic::AtomicU64)).load(std::sync::atomic::Ordering::Acquire),
+                (*(self.producer as *const std::sync::atomic::AtomicU64)).load(std::sync::atomic::Ordering::Acquire),
+            )
+        };
+        p.wrapping_sub(c)
+    }
+}
+
+impl Drop for RingLevel {
+    fn drop(&mut self) {
+        // SAFETY: both pages were mapped by `map` and are not used after this.
+        unsafe {
+            libc::munmap(self.consumer, self.page);
+            libc::munmap(self.producer, self.page);
+        }
     }
 }
 
@@ -362,7 +428,7 @@ mod tests {
             // SAFETY: one byte from a valid buffer to an open pipe.
             assert_eq!(unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr().cast(), 1) }, 1);
         };
-        let w = Watchdog::spawn(rd);
+        let w = Watchdog::spawn(rd, 8 << 20);
         w.set_mode(Mode::Yield);
         // Woken, and the event loop keeps draining (every millisecond, for longer than the
         // watchdog can take to wake and check, even on a loaded machine): no rescue.
@@ -393,6 +459,32 @@ mod tests {
         // SAFETY: a plain query of another thread of this process.
         assert_eq!(unsafe { libc::sched_getscheduler(tid) }, libc::SCHED_BATCH);
         apply_all(Mode::Compete);
+    }
+
+    /// The watchdog reads a real ring buffer's level from its mapped position pages (root: it
+    /// creates a BPF ring buffer map), and a pipe (no such pages) is refused.
+    #[test]
+    fn ring_level_maps_a_bpf_ring_buffer() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for both ends.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned here.
+        let (rd, _wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        assert!(RingLevel::map(&rd).is_none());
+        // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries.
+        let mut attr = [0u32; 32];
+        attr[0] = 27; // BPF_MAP_TYPE_RINGBUF
+        attr[3] = 1 << 16;
+        // SAFETY: BPF_MAP_CREATE (0) reads `size` bytes of `attr`, which is zero-padded.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+        if fd < 0 {
+            eprintln!("skipped: cannot create a BPF ring buffer here (not root?)");
+            return;
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let ring = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let level = RingLevel::map(&ring).expect("a ring buffer's position pages map read-only");
+        assert_eq!(level.waiting(), 0);
     }
 
     /// The calls reach the kernel: the calling thread reports the policy that was set.

@@ -1290,7 +1290,7 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
         if rest.is_empty() {
             return None;
         }
-        Some(match rest.iter().position(|&b| b == b'\n') {
+        Some(match memchr::memchr(b'\n', rest) {
             Some(i) => {
                 let line = &rest[..i];
                 rest = &rest[i + 1..];
@@ -1331,7 +1331,7 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
 }
 
 fn parse_header(head: &mut Head, line: &[u8]) {
-    let Some(colon) = line.iter().position(|&b| b == b':') else {
+    let Some(colon) = memchr::memchr(b':', line) else {
         head.bad_lines += 1;
         return;
     };

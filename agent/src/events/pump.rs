@@ -356,7 +356,7 @@ impl CpuGovernor {
             policy = CpuPolicy::Batch;
         }
         let gov = Governor::new(policy, cfg.ring_buffer_bytes, std::time::Instant::now());
-        let watchdog = (policy == CpuPolicy::Adaptive).then(|| Watchdog::spawn(ring));
+        let watchdog = (policy == CpuPolicy::Adaptive).then(|| Watchdog::spawn(ring, u64::from(cfg.ring_buffer_bytes)));
         if gov.mode() == Mode::Yield {
             apply_all(Mode::Yield);
         }
