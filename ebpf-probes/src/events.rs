@@ -4,7 +4,10 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns},
 };
-use waybill_common::{CloseEvent, ConnEvent, EventHeader, KIND_CLOSE, KIND_CONN, LOST_RINGBUF_FULL, ProcEvent, Tuple};
+use waybill_common::{
+    CloseEvent, ConnEvent, EventHeader, KIND_CLOSE, KIND_CONN, LOST_RINGBUF_FULL, ProcEvent, Tuple, ringbuf_footprint,
+    ringbuf_wake_due,
+};
 
 use crate::{helpers::count_lost, maps::EVENTS};
 
@@ -25,9 +28,7 @@ use crate::{helpers::count_lost, maps::EVENTS};
 /// agent. A crossing missed by two CPUs racing is caught by the next sixteenth or the timer.
 #[inline(always)]
 pub fn wake_flags(waiting: u64, size: u64) -> u64 {
-    let step = EVENTS.query(BPF_RB_RING_SIZE as u64) / 16;
-    let footprint = (size + 8 + 7) & !7;
-    if step != 0 && (waiting / step != (waiting + footprint) / step || waiting >= 8 * step) {
+    if ringbuf_wake_due(waiting, size, EVENTS.query(BPF_RB_RING_SIZE as u64)) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -44,8 +45,7 @@ pub fn output_flags(size: u64) -> u64 {
 #[inline(always)]
 pub fn submit_flags(size: usize) -> u64 {
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let footprint = (size as u64 + 8 + 7) & !7;
-    wake_flags(waiting.saturating_sub(footprint), size as u64)
+    wake_flags(waiting.saturating_sub(ringbuf_footprint(size as u64)), size as u64)
 }
 
 #[inline(always)]

@@ -700,6 +700,8 @@ struct AgentRound {
     rotel_cpu_s: f64,
     rss_kb: u64,
     hwm_kb: u64,
+    /// VmHWM once the agent is ready, before the load: the start-up peak.
+    startup_hwm_kb: u64,
     bpf: BpfUse,
     startup_s: f64,
     /// Counter increments during the round.
@@ -758,6 +760,7 @@ impl Bench {
         let startup_s = t0.elapsed().as_secs_f64();
         thread::sleep(Duration::from_millis(300));
         let apid = agent.guard.pid();
+        let startup_hwm_kb = status_kb(apid, "VmHWM:").unwrap_or(0);
         let m0 = scrape(&agent.metrics_addr)?;
         let c0 = cpu_ticks(apid).unwrap_or(0);
         let r0 = cpu_ticks(self.rotel.pid()).unwrap_or(0);
@@ -772,6 +775,7 @@ impl Bench {
             rotel_cpu_s: (r1.saturating_sub(r0)) as f64 / self.clk_tck,
             rss_kb: status_kb(apid, "VmRSS:").unwrap_or(0),
             hwm_kb: status_kb(apid, "VmHWM:").unwrap_or(0),
+            startup_hwm_kb,
             bpf: bpf_use(apid),
             startup_s,
             yielding_at_end: m1.as_ref().is_ok_and(|m| sum_metric(m, "waybill_cpu_yielding") > 0.0),
@@ -1833,16 +1837,18 @@ impl Report {
         if !self.memory.is_empty() {
             let rss: Vec<f64> = self.memory.iter().map(|a| a.rss_kb as f64 / 1024.0).collect();
             let hwm: Vec<f64> = self.memory.iter().map(|a| a.hwm_kb as f64 / 1024.0).collect();
+            let boot: Vec<f64> = self.memory.iter().map(|a| a.startup_hwm_kb as f64 / 1024.0).collect();
             let maps: Vec<f64> = self.memory.iter().map(|a| a.bpf.map_bytes as f64 / 1048576.0).collect();
             let progs: Vec<f64> = self.memory.iter().map(|a| a.bpf.prog_bytes as f64 / 1024.0).collect();
             let start: Vec<f64> = self.memory.iter().map(|a| a.startup_s).collect();
-            let (rs, rm, pk) = (median(&rss), max(&rss), max(&hwm));
+            let (rs, rm, pk, bk) = (median(&rss), max(&rss), max(&hwm), max(&boot));
             let t = self.table(
                 &format!("3. Agent footprint — over {} agent rounds of sections 1, 2 and 4", rss.len()),
                 &["metric", "median", "max"],
             );
             t.row(&["RSS at the end of a loaded round, VmRSS (MiB)", &f1(rs), &f1(rm)]);
-            t.row(&["peak RSS incl. start-up, VmHWM (MiB)", &f1(median(&hwm)), &f1(pk)]);
+            t.row(&["start-up peak, VmHWM once ready, before the load (MiB)", &f1(median(&boot)), &f1(bk)]);
+            t.row(&["peak RSS over the whole round incl. start-up, VmHWM (MiB)", &f1(median(&hwm)), &f1(pk)]);
             t.row(&["BPF maps, Σ memlock (MiB)", &f1(median(&maps)), &f1(max(&maps))]);
             t.row(&["BPF programs, Σ memlock (KiB)", &f0(median(&progs)), &f0(max(&progs))]);
             t.row(&["start-up to ready (s)", &f2(median(&start)), &f2(max(&start))]);
@@ -1855,7 +1861,12 @@ impl Report {
                 .unwrap_or(self.tables.len());
             self.tables.insert(at, tbl);
             self.check("agent RSS, steady", format!("{rs:.1} MiB"), "≤ 64 MiB", rs <= 64.0);
-            self.check("agent peak RSS / steady", format!("{pk:.1} MiB = {:.2}×", pk / rs), "≤ 1.5×", pk / rs <= 1.5);
+            self.check(
+                "agent start-up peak RSS / steady",
+                format!("{bk:.1} MiB = {:.2}× (peak under load, any round: {pk:.1} MiB)", bk / rs),
+                "≤ 1.5×",
+                bk / rs <= 1.5,
+            );
             self.memory.clear();
         }
         let f = &self.facts;

@@ -413,6 +413,68 @@ pub struct SockInfo {
 }
 const _: () = assert!(size_of::<SockInfo>() == 16);
 
+/// Bytes a ring-buffer record of `size` bytes takes in the buffer: the kernel's 8-byte record
+/// header, rounded up to 8.
+#[inline(always)]
+pub const fn ringbuf_footprint(size: u64) -> u64 {
+    (size + 8 + 7) & !7
+}
+
+/// Whether a record of `size` bytes, written with `waiting` bytes already in a ring buffer of
+/// `ring_size` bytes, must wake the agent: when its footprint carries the waiting data across a
+/// multiple of 1/16 of the buffer (at most 16 wake-ups per buffer's worth of records), and for
+/// every record once half the buffer waits (the agent is behind). See ebpf-probes/src/events.rs.
+#[inline(always)]
+pub fn ringbuf_wake_due(waiting: u64, size: u64, ring_size: u64) -> bool {
+    let step = ring_size / 16;
+    step != 0 && (waiting / step != (waiting + ringbuf_footprint(size)) / step || waiting >= 8 * step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records of one size written into an empty buffer that nobody drains: how many of those
+    /// that start below half the buffer wake the agent (each of the 8 sixteenths up to half is
+    /// crossed by exactly one of them).
+    fn wakes_below_half(size: u64, ring: u64) -> u64 {
+        let (mut waiting, mut wakes) = (0, 0);
+        while waiting < ring / 2 {
+            wakes += u64::from(ringbuf_wake_due(waiting, size, ring));
+            waiting += ringbuf_footprint(size);
+        }
+        wakes
+    }
+
+    #[test]
+    fn every_sixteenth_wakes_once_whatever_the_record_size() {
+        let ring = 8 << 20;
+        // 120 B is a 64 B payload record: a 128 B footprint that divides a sixteenth exactly, so
+        // every boundary falls on a record header (the case that never woke the agent when the
+        // crossing was judged on `size` alone).
+        for size in [1, 8, 56, 100, 120, 128, 777, 4096, 8192 + 56] {
+            assert_eq!(wakes_below_half(size, ring), 8, "record size {size}");
+        }
+    }
+
+    #[test]
+    fn behind_by_half_every_record_wakes() {
+        let ring = 8 << 20;
+        assert!(ringbuf_wake_due(ring / 2, 120, ring));
+        assert!(ringbuf_wake_due(ring - 200, 120, ring));
+        assert!(!ringbuf_wake_due(ring / 2 - 1000, 120, ring));
+        assert!(!ringbuf_wake_due(0, 120, 0), "no ring size known: never");
+    }
+
+    #[test]
+    fn footprint_has_header_and_alignment() {
+        assert_eq!(ringbuf_footprint(0), 8);
+        assert_eq!(ringbuf_footprint(1), 16);
+        assert_eq!(ringbuf_footprint(120), 128);
+        assert_eq!(ringbuf_footprint(121), 136);
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
