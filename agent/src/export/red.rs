@@ -114,11 +114,21 @@ impl<'a> ValRef<'a> {
         }
     }
 
+    #[cfg(test)]
     fn owned(self) -> AttrValue {
         match self {
             ValRef::Str(s) => AttrValue::from(s.to_string()),
             ValRef::Int(i) => AttrValue::Int(i),
             ValRef::Bool(b) => AttrValue::Bool(b),
+        }
+    }
+
+    /// The value the metrics SDK records (built once per new series).
+    fn otel(self) -> Value {
+        match self {
+            ValRef::Str(s) => Value::String(s.to_string().into()),
+            ValRef::Int(i) => Value::I64(i),
+            ValRef::Bool(b) => Value::Bool(b),
         }
     }
 }
@@ -216,7 +226,8 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
 }
 
 /// The metric a span feeds and its low-cardinality attributes (sorted by key), or `None` for a
-/// span that feeds none.
+/// span that feeds none (owned: for tests; the pipeline keys series from borrowed values).
+#[cfg(test)]
 pub fn measurement(r: &SpanRecord) -> Option<(RedMetric, Vec<(&'static str, AttrValue)>)> {
     let mut route = String::new();
     let (metric, b) = measure_borrowed(r, &mut route)?;
@@ -385,8 +396,7 @@ impl Red {
         if let Some(kvs) = series.get(&key) {
             histogram.record(seconds, kvs);
         } else if series.len() < self.series_limit {
-            let kvs: Vec<KeyValue> =
-                attrs.as_slice().iter().map(|(k, v)| KeyValue::new(*k, otel_value(v.owned()))).collect();
+            let kvs: Vec<KeyValue> = attrs.as_slice().iter().map(|(k, v)| KeyValue::new(*k, v.otel())).collect();
             histogram.record(seconds, &kvs);
             series.insert(key, kvs);
         } else {
@@ -515,14 +525,6 @@ fn label_set(labels: &[(String, String)], le: Option<&str>) -> String {
     }
     s.push('}');
     s
-}
-
-fn otel_value(v: AttrValue) -> Value {
-    match v {
-        AttrValue::Str(s) => Value::String(s.into()),
-        AttrValue::Int(i) => Value::I64(i),
-        AttrValue::Bool(b) => Value::Bool(b),
-    }
 }
 
 /// Decides whether a span is forwarded to the exporter: the sampling ratio of its process's

@@ -176,8 +176,7 @@ impl<T> Slab<T> {
     }
 
     fn get(&self, id: &u64) -> Option<&T> {
-        let s = self.slots.get(*id as u32 as usize)?;
-        if s.generation == (*id >> 32) as u32 { s.value.as_ref() } else { None }
+        self.slots.get(*id as u32 as usize).filter(|s| s.generation == (*id >> 32) as u32)?.value.as_ref()
     }
 
     fn get_mut(&mut self, id: &u64) -> Option<&mut T> {
