@@ -228,7 +228,7 @@ pub fn on_data(ev: *mut DataEvent, pid_tgid: u64, role: u32) {
             on_server_read(p, c, pid_tgid, h.hdr.tgid, h.hdr.tid, h.fd, h.sk, h.hdr.ts_ns);
         }
     } else if role != ROLE_CLIENT {
-        on_server_write(p, c, h.sk);
+        on_server_write(p, c, pid_tgid, h.sk);
     }
 }
 
@@ -268,8 +268,22 @@ fn on_server_read(p: *const u8, captured: u32, pid_tgid: u64, tgid: u32, tid: u3
         }
     }
     ctx.span_id = rnd64().to_ne_bytes();
-    let _ = THREAD_CTX.insert(&pid_tgid, &ctx, BPF_ANY as u64);
-    let _ = SRV_OWNER.insert(&sk, &pid_tgid, BPF_ANY as u64);
+    // Written in place when the thread / connection already has an entry (a keep-alive server
+    // reuses both for every request): an LRU map update allocates a new element and frees the old.
+    match THREAD_CTX.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a map value of this type; a concurrent reader sees the old or the new context.
+        Some(c) => unsafe { *c = ctx },
+        None => {
+            let _ = THREAD_CTX.insert(&pid_tgid, &ctx, BPF_ANY as u64);
+        }
+    }
+    match SRV_OWNER.get_ptr_mut(&sk) {
+        // SAFETY: as above.
+        Some(o) => unsafe { *o = pid_tgid },
+        None => {
+            let _ = SRV_OWNER.insert(&sk, &pid_tgid, BPF_ANY as u64);
+        }
+    }
     match EVENTS.reserve::<ServerCtxEvent>(0) {
         Some(mut e) => {
             e.write(ServerCtxEvent {
@@ -290,7 +304,7 @@ fn on_server_read(p: *const u8, captured: u32, pid_tgid: u64, tgid: u32, tid: u3
 /// A traced process wrote on a server connection: a response head ends the current request of
 /// the thread that read it.
 #[inline(always)]
-fn on_server_write(p: *const u8, captured: u32, sk: u64) {
+fn on_server_write(p: *const u8, captured: u32, pid_tgid: u64, sk: u64) {
     if captured < 8 {
         return;
     }
@@ -299,12 +313,32 @@ fn on_server_write(p: *const u8, captured: u32, sk: u64) {
     if !starts(w, b"HTTP/1.") {
         return;
     }
-    // SAFETY: copied out.
-    let Some(owner) = (unsafe { SRV_OWNER.get(&sk) }).copied() else { return };
-    let _ = SRV_OWNER.remove(&sk);
-    // SAFETY: field read of a copied value.
-    if unsafe { THREAD_CTX.get(&owner) }.is_some_and(|c| c.sk == sk) {
-        let _ = THREAD_CTX.remove(&owner);
+    // Both entries stay for the connection's and the thread's next request; "none" is written in
+    // place (context sk 0, owner 0) instead of deleting and re-inserting them per request.
+    // Usually the thread that read the request writes the response: one lookup. A stale owner
+    // left by that path is harmless, the context's `sk` is checked before it is ended.
+    if let Some(c) = THREAD_CTX.get_ptr_mut(&pid_tgid) {
+        // SAFETY: a map value of this type.
+        unsafe {
+            if (*c).sk == sk {
+                (*c).sk = 0;
+                return;
+            }
+        }
+    }
+    let Some(o) = SRV_OWNER.get_ptr_mut(&sk) else { return };
+    // SAFETY: a map value of this type.
+    let owner = unsafe { core::ptr::replace(o, 0) };
+    if owner == 0 {
+        return;
+    }
+    if let Some(c) = THREAD_CTX.get_ptr_mut(&owner) {
+        // SAFETY: as above.
+        unsafe {
+            if (*c).sk == sk {
+                (*c).sk = 0;
+            }
+        }
     }
 }
 
@@ -541,12 +575,12 @@ fn try_inject(ctx: &SkMsgContext) -> u32 {
     let mut parent = [0u8; 8];
     // SAFETY: copied out.
     match unsafe { THREAD_CTX.get(&pid_tgid) }.copied() {
-        Some(c) => {
+        Some(c) if c.sk != 0 => {
             trace = c.trace_id;
             parent = c.span_id;
             flags = (c.flags & CTX_SAMPLED) | CTX_HAS_PARENT;
         }
-        None => {
+        _ => {
             trace[..8].copy_from_slice(&rnd64().to_ne_bytes());
             trace[8..].copy_from_slice(&rnd64().to_ne_bytes());
         }

@@ -186,13 +186,15 @@ pub const MSG_AWAITING_RESPONSE: u32 = 1;
 pub const MSG_NOT_HTTP: u32 = 2;
 
 /// pid_tgid → the server request that thread is serving now (decided in the kernel when it read
-/// the request head). Replaced by the thread's next request, removed when the response head is
-/// written on that connection. LRU bounds threads that vanish.
+/// the request head). Overwritten in place by the thread's next request; `sk = 0` (no current
+/// request) written when the response head goes out on that connection. LRU bounds threads that
+/// vanish.
 #[map]
 pub static THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(16384, 0);
 
 /// Server connection (`struct sock *`) → the thread whose `THREAD_CTX` belongs to its current
-/// request, so a response written by another thread still ends it. LRU.
+/// request, so a response written by another thread still ends it; 0 once the response head is
+/// written (kept for the connection's next request). LRU.
 #[map]
 pub static SRV_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 

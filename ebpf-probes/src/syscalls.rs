@@ -34,7 +34,7 @@ use waybill_common::*;
 
 use crate::{
     events::emit_close,
-    helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, walk_fd},
+    helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, target_flags, walk_fd},
     maps::{
         DATA_PENDING, DATA_PROG, EVENTS, PendingData, SCRATCH, SLOT_ACCEPT, SLOT_CONNECT, SLOT_COPY, SOCKS, STASH,
         SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, TARGETS, WATCH_PORTS,
@@ -75,7 +75,8 @@ pub fn raw_sys_exit_data(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let (tgid, tid, pid_tgid) = current();
-    let traced = is_target(tgid);
+    let flags = target_flags(tgid);
+    let traced = flags.is_some();
     // Untraced processes matter only for `--port` (an accept on a watched port).
     if !traced && config().watch_ports == 0 {
         return 0;
@@ -117,7 +118,9 @@ pub fn raw_sys_exit_data(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     // TLS: ties an SSL* to this fd; ciphertext is not shipped (the uprobes send the plaintext).
-    if crate::ssl::on_socket_syscall(pid_tgid, tgid, fd, syscall, &info) {
+    // Only processes with OpenSSL probes pay for the TLS map lookups.
+    let tls = flags.unwrap_or(0) & TARGET_TLS != 0;
+    if (tls && crate::ssl::on_socket_syscall(pid_tgid, tgid, fd, syscall, &info)) || info.is_tcp == SOCK_TLS {
         return 0;
     }
     let (ptr, len) = match syscall {

@@ -331,8 +331,20 @@ impl Probes {
     /// Sets a traced process's policy bits: `no_inject` turns `traceparent` injection off for it
     /// (children inherit the bits at fork).
     pub fn set_target_policy(&mut self, pid: u32, no_inject: bool) {
-        let flags = waybill_common::TARGET_TRACED | if no_inject { waybill_common::TARGET_NO_INJECT } else { 0 };
+        let keep = self.targets.get(&pid, 0).unwrap_or(0) & waybill_common::TARGET_TLS;
+        let flags = waybill_common::TARGET_TRACED | keep | if no_inject { waybill_common::TARGET_NO_INJECT } else { 0 };
         let _ = self.targets.insert(pid, flags, 0);
+    }
+
+    /// Tells the kernel side that OpenSSL probes are being attached in `pid` (`TARGET_TLS`), so its
+    /// socket syscalls start consulting the TLS maps. Called before the first probe attaches; a
+    /// process that is not (or no longer) traced is left alone.
+    pub fn mark_target_tls(&mut self, pid: u32) {
+        let Ok(flags) = self.targets.get(&pid, 0) else { return };
+        if flags & waybill_common::TARGET_TLS == 0 {
+            // BPF_EXIST: never re-adds a process that exited in between.
+            let _ = self.targets.insert(pid, flags | waybill_common::TARGET_TLS, 2);
+        }
     }
 
     pub fn remove_target(&mut self, pid: u32) {

@@ -254,6 +254,9 @@ impl Probes {
                     t
                 }
             };
+            if !targets.openssl.is_empty() {
+                self.mark_target_tls(pid);
+            }
             let st = self.tls.procs.entry(pid).or_default();
             st.files.insert((m.dev, m.ino));
             let mut links = Vec::new();

@@ -83,6 +83,10 @@ pub const INJ_COUNTERS: u32 = 11;
 pub const TARGET_TRACED: u32 = 1;
 /// Never insert `traceparent` into this process's requests (a `services[].inject: false` rule).
 pub const TARGET_NO_INJECT: u32 = 2;
+/// OpenSSL probes are (being) attached in this process: its socket syscalls consult the TLS maps
+/// (`SSL_ARGS`, `LAST_READ_FD`). Set by user space before the first probe attaches; processes
+/// without it skip those lookups on every data syscall.
+pub const TARGET_TLS: u32 = 4;
 
 /// Bytes of a request head the kernel scans (for the request line end, the head end and an
 /// existing `traceparent`). A power of two.
