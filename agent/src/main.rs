@@ -35,6 +35,16 @@ enum Cmd {
         #[arg(long = "pid", value_name = "PID")]
         pids: Vec<u32>,
     },
+    /// Benchmark helper: attach one empty eBPF program and wait for Ctrl-C, to measure the hook's
+    /// own cost on this kernel (`cargo xtask bench`, section 6).
+    #[command(hide = true)]
+    Floor {
+        #[arg(long, value_enum)]
+        hook: waybill::loader::floor::FloorHook,
+        /// The process of the uprobe.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
 }
 
 #[derive(Args)]
@@ -125,6 +135,21 @@ fn main() -> ExitCode {
                 }
             }
             if f.privileged { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Cmd::Floor { hook, pid } => {
+            let _ = waybill::loader::mounts::ensure_tracefs();
+            let held = match waybill::loader::floor::attach(hook, pid) {
+                Ok(e) => e,
+                Err(e) => return fail(&format!("floor: {e}")),
+            };
+            println!("attached {hook:?}");
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+            };
+            let _ = rt.block_on(tokio::signal::ctrl_c());
+            drop(held);
+            ExitCode::SUCCESS
         }
         Cmd::Run(args) => {
             // Start-up competes; the event loop then follows --cpu-policy (agent/src/sched.rs).

@@ -2,12 +2,14 @@
 //! - `syscalls.rs`: socket I/O, accept/connect/close/listen (tracepoints, portable);
 //! - `process.rs`: exec / fork / exit;
 //! - `inject.rs`: kernel-decided trace ids and `traceparent` injection (sock_ops + sk_msg);
+//! - `floor.rs`: empty programs for the benchmark's per-hook floor (never attached by `run`);
 //! - `maps.rs`: every map with its bound; `events.rs`: record emitters; `helpers.rs`: target
 //!   filter, loss counters, the BTF-driven fd → socket walk.
 #![no_std]
 #![no_main]
 
 mod events;
+mod floor;
 mod go_tls;
 mod helpers;
 mod inject;

@@ -16,7 +16,10 @@
 //!    (`xtask/bench/hookbench.c`), with the ring-buffer counters from /metrics and the eBPF run
 //!    time per event (`kernel.bpf_stats_enabled`); one run with a 16 KiB ring buffer.
 //! 6. The per-syscall floor: `hookbench` timing 64 B write()s to loopback TCP and /dev/null
-//!    without the agent, with the agent tracing it, and with the agent tracing another process.
+//!    without the agent, with the agent tracing it, and with the agent tracing another process;
+//!    and the hook floor: the same writes with only one *empty* program attached
+//!    (`waybill floor --hook raw-sys-exit | syscall-tracepoint | uprobe`), what the hook itself
+//!    costs on this kernel before any of Waybill's work.
 //!
 //! Only 127.0.0.1 traffic; every load loop is bounded in time; every child is stopped by a guard.
 
@@ -793,6 +796,32 @@ impl Bench {
             eprintln!("bench: waybill did not exit within 15 s of SIGINT");
         }
         Ok((out?, round))
+    }
+
+    /// Attaches one empty eBPF program (`waybill floor --hook HOOK`) for the time of `load`.
+    fn with_floor<T>(&self, hook: &str, pid: u32, load: &mut dyn FnMut() -> Result<T>) -> Result<T> {
+        let mut cmd = Command::new(&self.agent_bin);
+        cmd.args(["floor", "--hook", hook, "--pid", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut guard = Guard::spawn(&mut cmd, "waybill floor", SIGINT, Duration::from_secs(5))?;
+        let stdout = pump(guard.child.stdout.take().unwrap());
+        let stderr = pump(guard.child.stderr.take().unwrap());
+        let end = Instant::now() + Duration::from_secs(20);
+        while !stdout.lock().unwrap().contains("attached") {
+            if !guard.alive() {
+                thread::sleep(Duration::from_millis(100));
+                bail!("waybill floor --hook {hook} exited:\n{}", stderr.lock().unwrap());
+            }
+            if Instant::now() > end {
+                bail!("waybill floor --hook {hook} not attached after 20 s");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let out = load();
+        guard.stop();
+        out
     }
 
     /// Alternating rounds without / with the agent (ABBA order).
@@ -1663,6 +1692,30 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
         }
     }
     other.stop();
+    // The floor: the same writes with one empty program on each hook type, nothing else attached.
+    // A uprobe costs ~100× a tracepoint here: its rounds do a fiftieth of the writes.
+    const FLOOR: [(&str, &str, u64); 3] = [
+        ("raw-sys-exit", "empty raw_tracepoint/sys_exit (the hook Waybill's data path uses)", 1),
+        ("syscall-tracepoint", "empty tracepoint syscalls/sys_enter_write", 1),
+        ("uprobe", "empty uprobe on libc write() of this process", 50),
+    ];
+    let mut floor: Vec<[Vec<f64>; 2]> = vec![Default::default(); FLOOR.len()];
+    let mut floor_base: [Vec<f64>; 2] = Default::default();
+    for i in 0..plan.hook_pairs {
+        for (h, (hook, _, div)) in FLOOR.iter().enumerate() {
+            eprintln!("bench: hooks: floor round {}/{}, {hook}", i + 1, plan.hook_pairs);
+            let (nt, nn) = ((ntcp / div).max(1000), (nnull / div).max(1000));
+            let run = |hb: &mut HookBench| -> Result<[f64; 2]> {
+                Ok([hb.cmd(&format!("tcp {nt}"))?, hb.cmd(&format!("null {nn}"))?])
+            };
+            let base = run(&mut hb)?;
+            let v = b.with_floor(hook, hb.pid, &mut || run(&mut hb))?;
+            for k in 0..2 {
+                floor_base[k].push(base[k]);
+                floor[h][k].push(v[k] - base[k]);
+            }
+        }
+    }
     let med = |c: usize, k: usize| median(&res[c].iter().map(|v| v[k]).collect::<Vec<_>>());
     let t = rep.table(
         &format!(
@@ -1687,6 +1740,20 @@ fn hooks(b: &Bench, plan: &Plan, hookbench: &Path, rep: &mut Report) -> Result<(
         ]);
     }
     t.row(&["records received / lost while tracing it", "", &format!("{} / {}", f0(received), f0(lost)), ""]);
+    let t = rep.table(
+        &format!(
+            "6b. Hook floor — one empty eBPF program attached (`waybill floor`), nothing else; each \
+             measured against a round without it just before, {} rounds",
+            plan.hook_pairs
+        ),
+        &["hook", "added per 64 B TCP write() (ns)", "added per 64 B /dev/null write() (ns)"],
+    );
+    t.row(&["(no hook: ns per write)".to_string(), f0(median(&floor_base[0])), f0(median(&floor_base[1]))]);
+    for (h, (_, label, _)) in FLOOR.iter().enumerate() {
+        t.row(&[label.to_string(), signed(median(&floor[h][0])), signed(median(&floor[h][1]))]);
+    }
+    rep.facts.floor_raw_exit_ns = median(&floor[0][1]);
+    rep.facts.floor_uprobe_ns = median(&floor[2][1]);
     rep.facts.hook_tcp_ns = med(1, 0) - med(0, 0);
     rep.facts.hook_null_ns = med(1, 1) - med(0, 1);
     rep.facts.hook_bystander_ns = med(2, 0) - med(0, 0);
@@ -1760,6 +1827,9 @@ struct Facts {
     hook_tcp_ns: f64,
     hook_null_ns: f64,
     hook_bystander_ns: f64,
+    /// Added per /dev/null write() by an empty raw_tracepoint/sys_exit program, and by an empty uprobe.
+    floor_raw_exit_ns: f64,
+    floor_uprobe_ns: f64,
 }
 
 struct Report {
@@ -1892,6 +1962,15 @@ impl Report {
                 signed(f.hook_tcp_ns),
                 signed(f.hook_null_ns),
                 signed(f.hook_bystander_ns)
+            ));
+        }
+        if f.floor_raw_exit_ns != 0.0 {
+            notes.push(format!(
+                "Hook floor: an empty raw_tracepoint/sys_exit program alone adds {} ns per syscall, \
+                 an empty uprobe {} ns per call (table 6b): read Waybill's per-syscall cost against \
+                 the first.",
+                signed(f.floor_raw_exit_ns),
+                signed(f.floor_uprobe_ns)
             ));
         }
         if f.sat_rps_off > 0.0 {

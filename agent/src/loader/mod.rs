@@ -4,6 +4,7 @@ pub mod attach;
 pub mod btf;
 pub mod elf;
 pub mod features;
+pub mod floor;
 pub mod mounts;
 pub mod tracefs;
 pub mod uprobes;
