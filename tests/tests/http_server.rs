@@ -330,3 +330,43 @@ fn check_reports_this_kernel() {
         assert!(line("accelerators").contains("fallback to syscall tracepoints"), "{}", out.stdout);
     }
 }
+
+/// The benchmark's hook floor (`waybill floor`): each hook type attaches exactly one program, it
+/// is gone once the helper is interrupted, and a uprobe without a process is refused clearly.
+#[test]
+fn floor_helper_attaches_one_empty_program_and_detaches() {
+    if !require_root() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let bpf_progs = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("bpf-prog")))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut target = Command::new("sleep").arg("60").spawn().expect("sleep");
+    for hook in ["raw-sys-exit", "syscall-tracepoint", "uprobe"] {
+        let mut child = Command::new(waybill_tests::harness::waybill_bin())
+            .args(["floor", "--hook", hook, "--pid", &target.id().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("waybill floor");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("a line");
+        assert!(line.starts_with("attached"), "{hook}: {line:?}");
+        assert_eq!(bpf_progs(child.id()), 1, "{hook}: one program loaded");
+        sh("kill", &["-INT", &child.id().to_string()]);
+        let out = child.wait_with_output().expect("exit");
+        assert!(out.status.success(), "{hook}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = target.kill();
+    let _ = target.wait();
+    let out = waybill(&["floor", "--hook", "uprobe"], &[]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("needs --pid"), "{}", out.stderr);
+}
