@@ -56,7 +56,7 @@
 //! discarded). Bytes moved without being captured (`sendfile`, `splice`) keep framing exact when
 //! reported as a chunk with empty `data` and the right `total`.
 
-use std::collections::VecDeque;
+use std::{borrow::Cow, collections::VecDeque};
 
 use crate::{Chunk, FlowDir};
 
@@ -104,7 +104,8 @@ pub const KNOWN_METHODS: &[&str] = &[
 /// A parsed request head.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpRequest {
-    pub method: String,
+    /// A method of [`KNOWN_METHODS`] borrows the constant (no allocation per request).
+    pub method: Cow<'static, str>,
     /// Path of an origin-form or absolute-form target (`/` if the latter has none); `*` for
     /// `OPTIONS *`; empty for `CONNECT host:port` (see `authority`).
     pub path: String,
@@ -1183,7 +1184,7 @@ pub fn looks_like_response(data: &[u8]) -> bool {
 /// Fields of a head, both kinds (`'a`: the head's bytes).
 #[derive(Debug, Default)]
 struct Head<'a> {
-    method: String,
+    method: Cow<'static, str>,
     /// The request-target, capped at [`MAX_FIELD_BYTES`]: split into path, query and authority
     /// by [`Head::into_request`], never stored whole.
     target: &'a [u8],
@@ -1308,7 +1309,11 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
                 return None;
             }
             let mut parts = first.splitn(3, |&b| b == b' ');
-            head.method = capped(parts.next()?);
+            let m = parts.next()?;
+            head.method = match KNOWN_METHODS.iter().find(|k| k.as_bytes() == m) {
+                Some(k) => Cow::Borrowed(k),
+                None => Cow::Owned(capped(m)),
+            };
             let target = parts.next()?;
             head.target = &target[..target.len().min(MAX_FIELD_BYTES)];
             head.version_minor = parts.next().and_then(parse_version).unwrap_or(1);

@@ -62,7 +62,7 @@ fn curl_get(path: &str, port: u16) -> HttpRequest {
 }
 
 fn with_method(mut r: HttpRequest, m: &str) -> HttpRequest {
-    r.method = m.into();
+    r.method = m.to_string().into();
     r
 }
 
@@ -96,7 +96,7 @@ struct Fixture {
 
 fn fixtures() -> Vec<Fixture> {
     let pipelined = |m: &str, p: &str| HttpRequest {
-        method: m.into(),
+        method: m.to_string().into(),
         path: p.into(),
         version_minor: 1,
         host: Some("t".into()),

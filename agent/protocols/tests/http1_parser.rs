@@ -72,7 +72,7 @@ fn split_at(steps: &[Step], idx: usize, at: usize) -> Vec<Step> {
 }
 
 fn req(method: &str, path: &str) -> HttpRequest {
-    HttpRequest { method: method.into(), path: path.into(), version_minor: 1, ..Default::default() }
+    HttpRequest { method: method.to_string().into(), path: path.into(), version_minor: 1, ..Default::default() }
 }
 
 fn resp(status: u16) -> HttpResponse {

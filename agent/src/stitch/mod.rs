@@ -9,7 +9,7 @@ use std::{borrow::Cow, fmt::Write as _, net::IpAddr};
 
 // FxHash: the tables below are keyed by integers (connection ids, pids, fds, ports, kernel
 // timestamps), looked up per request.
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use waybill_common::{AF_INET, AF_INET6, Tuple};
 use waybill_protocols::{
@@ -24,7 +24,7 @@ use crate::{
     process::Resources,
 };
 use context::{Correlator, Endpoint, KernelIds, RequestStart, Resolved};
-use span::{Attr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
+use span::{Attr, AttrStr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
 use waybill_common::{CTX_FROM_HEADER, CTX_HAS_PARENT, CTX_SAMPLED, InjectEvent, ServerCtxEvent};
 
 /// Methods named by the HTTP semantic conventions; others become `_OTHER`.
@@ -146,6 +146,49 @@ pub struct Stitcher {
     injections: FxHashMap<(u32, u16, u16), std::collections::VecDeque<(u64, KernelIds)>>,
     /// Connection id → database writes not yet answered, with the request each was claimed by.
     db_sends: FxHashMap<u64, DbSends>,
+    /// Address and host texts of span attributes, interned.
+    texts: Texts,
+}
+
+/// Distinct addresses, and distinct `Host` names, interned at most (each lives as long as the
+/// agent: a few dozen bytes); past that, a new one is formatted or copied for every span.
+const MAX_INTERNED: usize = 4096;
+
+/// The texts a span names its ends with (`client.address`, `network.peer.address`,
+/// `server.address`): a service talks to a few addresses and is called under a few host names
+/// again and again, and each span would otherwise format or copy the same text two or three
+/// times. Interned texts are `&'static` (leaked once), so attributes borrow them for free.
+#[derive(Default)]
+struct Texts {
+    addrs: FxHashMap<IpAddr, &'static str>,
+    hosts: FxHashSet<&'static str>,
+}
+
+impl Texts {
+    fn addr(&mut self, ip: IpAddr) -> AttrStr {
+        if let Some(s) = self.addrs.get(&ip) {
+            return Cow::Borrowed(s);
+        }
+        let text = ip_text(ip);
+        if self.addrs.len() >= MAX_INTERNED {
+            return Cow::Owned(text);
+        }
+        let s: &'static str = Box::leak(text.into_boxed_str());
+        self.addrs.insert(ip, s);
+        Cow::Borrowed(s)
+    }
+
+    fn host(&mut self, h: &str) -> AttrStr {
+        if let Some(s) = self.hosts.get(h) {
+            return Cow::Borrowed(s);
+        }
+        if self.hosts.len() >= MAX_INTERNED {
+            return Cow::Owned(h.to_string());
+        }
+        let s: &'static str = Box::leak(h.into());
+        self.hosts.insert(s);
+        Cow::Borrowed(s)
+    }
 }
 
 /// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
@@ -170,6 +213,7 @@ impl Stitcher {
             server_ids: FxHashMap::default(),
             injections: FxHashMap::default(),
             db_sends: FxHashMap::default(),
+            texts: Texts::default(),
         }
     }
 
@@ -375,9 +419,9 @@ impl Stitcher {
             a.push(attr("db.operation.batch.size", n as i64));
         }
         // The server is the remote end for a client, this process for a server.
-        let remote = ip(&meta.tuple, false).map(ip_text);
+        let remote = ip(&meta.tuple, false).map(|i| self.texts.addr(i));
         let (srv, srv_port) = if server {
-            (ip(&meta.tuple, true).map(ip_text), meta.tuple.lport)
+            (ip(&meta.tuple, true).map(|i| self.texts.addr(i)), meta.tuple.lport)
         } else {
             (remote.clone(), meta.tuple.rport)
         };
@@ -545,7 +589,7 @@ impl Stitcher {
         if known.is_none() {
             a.push(attr("http.request.method_original", req.method));
         }
-        let remote = ip(&meta.tuple, false).map(ip_text);
+        let remote = ip(&meta.tuple, false).map(|i| self.texts.addr(i));
         let (host, host_port) = req.host.as_deref().map(split_host).unwrap_or_default();
         if server {
             a.push(attr("url.path", req.path));
@@ -553,8 +597,11 @@ impl Stitcher {
                 a.push(attr("url.query", q));
             }
             a.push(attr("url.scheme", if meta.tls { "https" } else { "http" }));
-            let server_addr =
-                if host.is_empty() { ip(&meta.tuple, true).map(ip_text).unwrap_or_default() } else { host.to_string() };
+            let server_addr = if host.is_empty() {
+                ip(&meta.tuple, true).map(|i| self.texts.addr(i)).unwrap_or_default()
+            } else {
+                self.texts.host(host)
+            };
             if !server_addr.is_empty() {
                 a.push(attr("server.address", server_addr));
             }
@@ -568,7 +615,7 @@ impl Stitcher {
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         } else {
-            let addr = if host.is_empty() { remote.clone().unwrap_or_default() } else { host.to_string() };
+            let addr = if host.is_empty() { remote.clone().unwrap_or_default() } else { self.texts.host(host) };
             let port = host_port.unwrap_or(meta.tuple.rport);
             let default_port = if meta.tls { 443 } else { 80 };
             let scheme = if meta.tls { "https://" } else { "http://" };
@@ -740,6 +787,28 @@ mod tests {
         assert_eq!(split_host("a.b:81"), ("a.b", Some(81)));
         assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
         assert_eq!(split_host("host"), ("host", None));
+    }
+
+    #[test]
+    fn span_texts_are_interned_up_to_the_bound() {
+        let mut t = Texts::default();
+        let a: IpAddr = "10.1.2.3".parse().unwrap();
+        let (x, y) = (t.addr(a), t.addr(a));
+        assert!(matches!((&x, &y), (Cow::Borrowed(p), Cow::Borrowed(q)) if std::ptr::eq(*p, *q)));
+        assert_eq!(x, "10.1.2.3");
+        assert!(matches!(t.host("api.example"), Cow::Borrowed("api.example")));
+        for i in 0..MAX_INTERNED as u32 {
+            let _ = t.addr(IpAddr::from(i.to_be_bytes()));
+            let _ = t.host(&format!("h{i}"));
+        }
+        assert_eq!((t.addrs.len(), t.hosts.len()), (MAX_INTERNED, MAX_INTERNED));
+        // Past the bound: the right text, owned, nothing more kept.
+        let late: IpAddr = "192.0.2.77".parse().unwrap();
+        assert!(matches!(t.addr(late), Cow::Owned(s) if s == "192.0.2.77"));
+        assert!(matches!(t.host("late.example"), Cow::Owned(s) if s == "late.example"));
+        assert_eq!((t.addrs.len(), t.hosts.len()), (MAX_INTERNED, MAX_INTERNED));
+        // Known ones still borrow.
+        assert!(matches!(t.addr(a), Cow::Borrowed("10.1.2.3")));
     }
 
     #[test]
