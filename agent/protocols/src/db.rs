@@ -19,6 +19,8 @@
 //!   was flushed without a response (connection closed, or a new request arrived while the
 //!   response stream was out of sync). An approximate call flushed without any response has
 //!   `end_ns` set to the last response bytes seen (or the close time) and no status.
+use std::borrow::Cow;
+
 use crate::Chunk;
 
 pub use crate::postgres::{PgConn, looks_like_postgres_frontend, looks_like_postgres_startup};
@@ -46,13 +48,14 @@ impl DbSystem {
 pub struct DbCall {
     pub system: DbSystem,
     /// `db.operation.name`: `SELECT`, `CREATE TABLE`, `BATCH INSERT`, `GET`, `CONFIG SET`…
-    pub operation: Option<String>,
+    /// (a Redis command borrows its constant name: no allocation per call).
+    pub operation: Option<Cow<'static, str>>,
     /// `db.collection.name`: first table named by the statement (PostgreSQL only).
     pub collection: Option<String>,
     /// `db.query.text`, already redacted.
     pub query_text: Option<String>,
     /// `db.query.summary`: `SELECT users`, `GET`.
-    pub summary: Option<String>,
+    pub summary: Option<Cow<'static, str>>,
     /// `db.namespace`: PostgreSQL database (from the StartupMessage, else the user name, which
     /// is PostgreSQL's default database); Redis database index once known (see
     /// [`crate::redis`]).

@@ -49,6 +49,7 @@
 //! redacted to the end). At most 1024 expected responses are tracked; beyond that requests are
 //! counted in [`ParserStats::dropped`] and their responses skipped. Protocol versions other
 //! than 3.x are ignored.
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
@@ -1095,10 +1096,10 @@ impl State {
     fn emit(&mut self, acc: Acc, end_ns: u64, approximate: bool, out: &mut Vec<DbCall>) {
         let mut c = DbCall::new(DbSystem::Postgresql, acc.start_ns);
         if let Some(i) = &acc.info {
-            c.operation = i.operation.clone();
+            c.operation = i.operation.clone().map(Cow::Owned);
             c.collection = i.collection.clone();
             c.query_text = i.query_text.clone();
-            c.summary = i.summary.clone();
+            c.summary = i.summary.clone().map(Cow::Owned);
             c.batch_size = i.batch_size;
         }
         c.namespace = self.namespace.clone();

@@ -47,6 +47,7 @@
 //! At most 1024 commands in flight (more are counted as dropped and their replies skipped).
 //! Not modelled: `CLIENT REPLY OFF|SKIP` (replies then pair with later commands until the
 //! queue drains), RESP2 `PING` inside a subscription is treated as a normal reply (it is one).
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 
@@ -431,20 +432,31 @@ const KNOWN: &[&str] = &[
 const MODULE_PREFIXES: &[&str] =
     &["AI", "BF", "CF", "CMS", "FT", "GRAPH", "JSON", "RG", "SEARCH", "TDIGEST", "TOPK", "TS"];
 
-/// Upper-cased command name if it is a known command.
-fn known_command(b: &[u8]) -> Option<String> {
-    if b.is_empty() || b.len() > 32 {
+/// `b` upper-cased into `buf` (at most 32 bytes).
+fn upper<'a>(b: &[u8], buf: &'a mut [u8; 32]) -> Option<&'a [u8]> {
+    if b.is_empty() || b.len() > buf.len() {
         return None;
     }
-    let up = String::from_utf8_lossy(b).to_ascii_uppercase();
-    if KNOWN.binary_search(&up.as_str()).is_ok() {
-        return Some(up);
+    let up = &mut buf[..b.len()];
+    up.copy_from_slice(b);
+    up.make_ascii_uppercase();
+    Some(up)
+}
+
+/// Upper-cased command name if it is a known command: the table's own text (no allocation per
+/// command), or an owned one for a module command (`JSON.SET`).
+fn known_command(b: &[u8]) -> Option<Cow<'static, str>> {
+    let mut buf = [0u8; 32];
+    let up = upper(b, &mut buf)?;
+    if let Ok(i) = KNOWN.binary_search_by(|k| k.as_bytes().cmp(up)) {
+        return Some(Cow::Borrowed(KNOWN[i]));
     }
+    let up = std::str::from_utf8(up).ok()?;
     let (prefix, rest) = up.split_once('.')?;
     let ok = MODULE_PREFIXES.contains(&prefix)
         && !rest.is_empty()
         && rest.bytes().all(|c| c.is_ascii_alphabetic() || c == b'_');
-    ok.then_some(up)
+    ok.then(|| Cow::Owned(up.to_string()))
 }
 
 fn valid_name(b: &[u8]) -> bool {
@@ -942,9 +954,9 @@ fn find_reply_resync(data: &[u8], chunk_start: bool) -> Option<usize> {
 #[derive(Debug)]
 struct Cmd {
     /// Upper-cased, validated command name.
-    name: Option<String>,
+    name: Option<Cow<'static, str>>,
     /// Upper-cased known subcommand of a container command.
-    sub: Option<String>,
+    sub: Option<&'static str>,
     /// `SELECT`'s database index (digits only).
     db: Option<String>,
     /// Arguments after the name (subcommand included).
@@ -979,8 +991,8 @@ struct CmdParser {
     /// Bytes of the argument being kept (name, subcommand, SELECT index), at most 32.
     cur: Vec<u8>,
     keep_cur: bool,
-    name: Option<String>,
-    sub: Option<String>,
+    name: Option<Cow<'static, str>>,
+    sub: Option<&'static str>,
     db: Option<String>,
     start_ts: u64,
     inline: Inline,
@@ -1041,7 +1053,9 @@ impl CmdParser {
 
     /// An argument (`self.cur`) is complete.
     fn end_arg(&mut self) {
-        let a = std::mem::take(&mut self.cur);
+        // Taken to read it while `self` changes, and put back empty below: its capacity (≤ 33
+        // bytes are kept) serves every argument of the connection.
+        let mut a = std::mem::take(&mut self.cur);
         if self.argi == 0 {
             self.name = known_command(&a);
         } else if self.argi == 1 && self.keep_cur {
@@ -1052,13 +1066,15 @@ impl CmdParser {
                     }
                 }
                 _ => {
-                    let up = String::from_utf8_lossy(&a).to_ascii_uppercase();
-                    if SUBCOMMANDS.contains(&up.as_str()) {
-                        self.sub = Some(up);
+                    let mut buf = [0u8; 32];
+                    if let Some(up) = upper(&a, &mut buf) {
+                        self.sub = SUBCOMMANDS.iter().copied().find(|s| s.as_bytes() == up);
                     }
                 }
             }
         }
+        a.clear();
+        self.cur = a;
         self.argi += 1;
         self.keep_cur = keep_arg(self.name.as_deref(), self.argi);
     }
@@ -1683,11 +1699,12 @@ fn make_call(cmd: &Cmd, namespace: Option<String>, end_ts: u64, approximate: boo
     c.approximate = approximate;
     c.namespace = namespace;
     if let Some(name) = &cmd.name {
-        let (op, rest) = match &cmd.sub {
-            Some(sub) => (format!("{name} {sub}"), cmd.args.saturating_sub(1)),
+        let (op, rest): (Cow<'static, str>, u64) = match &cmd.sub {
+            Some(sub) => (Cow::Owned(format!("{name} {sub}")), cmd.args.saturating_sub(1)),
             None => (name.clone(), cmd.args),
         };
-        let mut text = op.clone();
+        let mut text = String::with_capacity(op.len() + 2 * rest.min(MAX_QMARKS) as usize + 4);
+        text.push_str(&op);
         for _ in 0..rest.min(MAX_QMARKS) {
             text.push_str(" ?");
         }

@@ -38,7 +38,7 @@ impl T {
         std::mem::take(&mut self.out)
     }
     fn ops(&mut self) -> Vec<String> {
-        self.calls().iter().map(|c| c.operation.clone().unwrap_or_else(|| "-".into())).collect()
+        self.calls().iter().map(|c| c.operation.as_deref().unwrap_or("-").to_string()).collect()
     }
 }
 

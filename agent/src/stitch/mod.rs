@@ -85,6 +85,12 @@ fn attr(k: &'static str, v: impl Into<AttrValue>) -> Attr {
     (Cow::Borrowed(k), v.into())
 }
 
+fn push_opt(a: &mut Vec<Attr>, k: &'static str, v: Option<impl Into<AttrValue>>) {
+    if let Some(v) = v {
+        a.push(attr(k, v));
+    }
+}
+
 fn request_start(
     meta: &ConnMeta,
     start_ns: u64,
@@ -162,11 +168,22 @@ const MAX_INTERNED: usize = 4096;
 struct Texts {
     addrs: FxHashMap<IpAddr, &'static str>,
     hosts: FxHashSet<&'static str>,
+    /// The last two addresses asked for (a span names both ends of its connection), checked
+    /// before the table.
+    recent: [Option<(IpAddr, &'static str)>; 2],
+    next: usize,
 }
 
 impl Texts {
     fn addr(&mut self, ip: IpAddr) -> AttrStr {
-        if let Some(s) = self.addrs.get(&ip) {
+        for (a, s) in self.recent.iter().flatten() {
+            if *a == ip {
+                return Cow::Borrowed(s);
+            }
+        }
+        if let Some(&s) = self.addrs.get(&ip) {
+            self.recent[self.next] = Some((ip, s));
+            self.next ^= 1;
             return Cow::Borrowed(s);
         }
         let text = ip_text(ip);
@@ -383,7 +400,7 @@ impl Stitcher {
             return None;
         }
         let system = call.system.as_str();
-        let name = call.summary.clone().or_else(|| call.operation.clone()).unwrap_or_else(|| system.to_string());
+        let name = call.summary.as_deref().or(call.operation.as_deref()).unwrap_or(system).to_string();
         let DbCall {
             operation,
             collection,
@@ -401,17 +418,12 @@ impl Stitcher {
         } = call;
         let mut a: Vec<Attr> = Vec::with_capacity(16);
         a.push(attr("db.system.name", system));
-        let mut opt = |k: &'static str, v: Option<String>| {
-            if let Some(v) = v {
-                a.push(attr(k, v));
-            }
-        };
-        opt("db.operation.name", operation);
-        opt("db.collection.name", collection);
-        opt("db.query.text", query_text);
-        opt("db.query.summary", summary);
-        opt("db.namespace", namespace);
-        opt("db.response.status_code", status_code.clone());
+        push_opt(&mut a, "db.operation.name", operation);
+        push_opt(&mut a, "db.collection.name", collection);
+        push_opt(&mut a, "db.query.text", query_text);
+        push_opt(&mut a, "db.query.summary", summary);
+        push_opt(&mut a, "db.namespace", namespace);
+        push_opt(&mut a, "db.response.status_code", status_code.clone());
         if let Some(n) = rows {
             a.push(attr("db.response.returned_rows", n as i64));
         }
