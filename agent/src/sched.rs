@@ -13,7 +13,7 @@
 //! `--cpu-policy adaptive` (the default) yields while the agent keeps up and competes while it
 //! falls behind: when one drain finds an eighth of the ring buffer waiting (the kernel wakes the
 //! agent at a sixteenth, so the agent did not get the CPU in time), when records or spans are
-//! lost, when the span queue is half full, or — seen by a [`Watchdog`] thread that always
+//! lost, when the span queue is a quarter full, or — seen by a [`Watchdog`] thread that always
 //! competes — when a sixteenth of the buffer still waits [`STARVED`] after the kernel's wake-up
 //! (the event loop is starved, or too slow, and cannot notice itself). It yields again after [`CALM`] in which no drain found
 //! even a sixteenth waiting.
@@ -303,7 +303,7 @@ impl RingWaiter {
 pub struct DrainSignal {
     /// Bytes of records read in this drain.
     pub bytes: u64,
-    /// Records or spans were lost since the previous drain, or the span queue is half full.
+    /// Records or spans were lost since the previous drain, or the span queue is a quarter full.
     pub losing: bool,
 }
 
@@ -335,7 +335,9 @@ impl Governor {
 
     /// After a drain: the new mode if it must change now.
     pub fn after_drain(&mut self, s: DrainSignal, now: Instant) -> Option<Mode> {
-        if s.bytes >= self.ring_bytes / 16 {
+        // Losing counts as busy too: an exporter that falls behind keeps the agent competing
+        // even when each drain is small.
+        if s.bytes >= self.ring_bytes / 16 || s.losing {
             self.last_busy = now;
         }
         let behind = s.losing || s.bytes >= self.ring_bytes / 8;
@@ -397,6 +399,10 @@ mod tests {
         let t = last + CALM + Duration::from_secs(1);
         assert_eq!(g.after_drain(DrainSignal { bytes: 0, losing: true }, t), Some(Mode::Compete));
         assert_eq!(g.switches, 3);
+        // Still losing with small drains: no calm, it keeps competing.
+        assert_eq!(g.after_drain(DrainSignal { bytes: 0, losing: true }, t + CALM - Duration::from_millis(1)), None);
+        assert_eq!(g.after_drain(drain(0), t + CALM + Duration::from_millis(500)), None);
+        assert_eq!(g.after_drain(drain(0), t + 2 * CALM), Some(Mode::Yield));
     }
 
     #[test]

@@ -1273,6 +1273,29 @@ fn spans_row(rounds: &[&AgentRound]) -> [String; 4] {
     ]
 }
 
+/// Where losses happened, round by round: records the kernel could not put in the ring buffer,
+/// spans dropped with their reason (`queue_full`: the agent's span queue; `export_backlog`: the
+/// collector did not take them in time). Empty when nothing was lost.
+fn losses_row(rounds: &[&AgentRound]) -> Option<[String; 4]> {
+    let per: Vec<String> = rounds
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.lost() > 0.0 || a.d("waybill_spans_dropped_total") > 0.0)
+        .map(|(i, a)| {
+            let q = a.d("waybill_spans_dropped_total{reason=\"queue_full\"}");
+            let e = a.d("waybill_spans_dropped_total{reason=\"export_backlog\"}");
+            format!(
+                "round {}: {} records lost, spans dropped {} queue_full / {} export_backlog",
+                i + 1,
+                f0(a.lost()),
+                f0(q),
+                f0(e)
+            )
+        })
+        .collect();
+    (!per.is_empty()).then(|| ["losses by round".into(), String::new(), per.join("; "), String::new()])
+}
+
 fn postgres(b: &Bench, plan: &Plan, tools: &Tools, rep: &mut Report) -> Result<()> {
     let bin =
         tools.pg_bin.clone().ok_or_else(|| anyhow!("no PostgreSQL server binaries (initdb, postgres, pgbench)"))?;
@@ -1352,6 +1375,9 @@ fn postgres(b: &Bench, plan: &Plan, tools: &Tools, rep: &mut Report) -> Result<(
     t.row(&["agent CPU per query (µs)", "", &f2(cpu_us), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
+    if let Some(r) = losses_row(&rounds) {
+        t.row(&r);
+    }
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
     rep.check("throughput, PostgreSQL pgbench -S", format!("{:.3}×", tps.median), "≥ 0.90×", tps.median >= 0.90);
     server.stop();
@@ -1428,6 +1454,9 @@ fn redis(b: &Bench, plan: &Plan, rep: &mut Report) -> Result<()> {
     }
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
+    if let Some(r) = losses_row(&rounds) {
+        t.row(&r);
+    }
     rep.memory.extend(rounds.iter().map(|a| (*a).clone()));
     rep.check("throughput, Redis (worst of SET/GET, ±pipelining)", format!("{worst:.3}×"), "≥ 0.90×", worst >= 0.90);
     Ok(())

@@ -380,7 +380,7 @@ impl CpuGovernor {
             tracing::debug!("agent CPU policy: starved while yielding, competing (watchdog)");
         }
         let lost = probes.ringbuf_lost() + metrics.spans_dropped_queue_full.get();
-        let losing = lost != self.lost_seen || spans.half_full();
+        let losing = lost != self.lost_seen || spans.filling();
         self.lost_seen = lost;
         if let Some(mode) = self.gov.after_drain(DrainSignal { bytes: drained, losing }, now) {
             let threads = apply_all(mode);
