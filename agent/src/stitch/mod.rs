@@ -157,8 +157,11 @@ pub struct Stitcher {
 }
 
 /// Distinct addresses, and distinct `Host` names, interned at most (each lives as long as the
-/// agent: a few dozen bytes); past that, a new one is formatted or copied for every span.
+/// agent); past that, a new one is formatted or copied for every span.
 const MAX_INTERNED: usize = 4096;
+/// Longest `Host` name interned (the header is the client's to choose: with this cap the
+/// interned names hold at most 4096 × 64 B); longer ones are copied per span.
+const MAX_INTERNED_HOST: usize = 64;
 
 /// The texts a span names its ends with (`client.address`, `network.peer.address`,
 /// `server.address`): a service talks to a few addresses and is called under a few host names
@@ -181,17 +184,20 @@ impl Texts {
                 return Cow::Borrowed(s);
             }
         }
-        if let Some(&s) = self.addrs.get(&ip) {
-            self.recent[self.next] = Some((ip, s));
-            self.next ^= 1;
-            return Cow::Borrowed(s);
-        }
-        let text = ip_text(ip);
-        if self.addrs.len() >= MAX_INTERNED {
-            return Cow::Owned(text);
-        }
-        let s: &'static str = Box::leak(text.into_boxed_str());
-        self.addrs.insert(ip, s);
+        let s = match self.addrs.get(&ip) {
+            Some(&s) => s,
+            None => {
+                let text = ip_text(ip);
+                if self.addrs.len() >= MAX_INTERNED {
+                    return Cow::Owned(text);
+                }
+                let s: &'static str = Box::leak(text.into_boxed_str());
+                self.addrs.insert(ip, s);
+                s
+            }
+        };
+        self.recent[self.next] = Some((ip, s));
+        self.next ^= 1;
         Cow::Borrowed(s)
     }
 
@@ -199,7 +205,7 @@ impl Texts {
         if let Some(s) = self.hosts.get(h) {
             return Cow::Borrowed(s);
         }
-        if self.hosts.len() >= MAX_INTERNED {
+        if self.hosts.len() >= MAX_INTERNED || h.len() > MAX_INTERNED_HOST {
             return Cow::Owned(h.to_string());
         }
         let s: &'static str = Box::leak(h.into());
@@ -809,6 +815,10 @@ mod tests {
         assert!(matches!((&x, &y), (Cow::Borrowed(p), Cow::Borrowed(q)) if std::ptr::eq(*p, *q)));
         assert_eq!(x, "10.1.2.3");
         assert!(matches!(t.host("api.example"), Cow::Borrowed("api.example")));
+        // A long Host name is never kept.
+        let long = "x".repeat(MAX_INTERNED_HOST + 1);
+        assert!(matches!(t.host(&long), Cow::Owned(s) if s == long));
+        assert_eq!(t.hosts.len(), 1);
         for i in 0..MAX_INTERNED as u32 {
             let _ = t.addr(IpAddr::from(i.to_be_bytes()));
             let _ = t.host(&format!("h{i}"));
