@@ -154,7 +154,11 @@ fn main() -> ExitCode {
         Cmd::Run(args) => {
             // Start-up competes; the event loop then follows --cpu-policy (agent/src/sched.rs).
             waybill::sched::apply_current(waybill::sched::Mode::Compete);
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            // One thread runs the event loop, the exporters and the metrics server: whatever
+            // gets the CPU serves all of them, so the CPU watchdog, which watches the ring
+            // buffer, also sees a starved exporter, and the event loop yields between drain
+            // slices for the exporter to empty the span queue (agent/src/events/pump.rs).
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
@@ -375,8 +379,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: flushing spans");
     };
-    // On a worker thread, the one that also drives the runtime's timers and epoll when idle: a drain
-    // wakes one thread, not a timer thread and then this one.
+    // The runtime's one thread also drives its timers and epoll: a drain wakes one thread, not a
+    // timer thread and then this one.
     tokio::spawn(pipeline.run(ring, shutdown)).await.map_err(|e| anyhow::anyhow!("the event loop failed: {e}"))??;
     // The pipeline owned the only sender: the exporter drains and returns.
     let _ = tokio::time::timeout(Duration::from_secs(10), exporter).await;

@@ -263,6 +263,19 @@ impl Agent {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Stops the agent (SIGSTOP) until [`Agent::resume`]: the kernel side keeps running and
+    /// counting while user space drains nothing.
+    pub fn pause(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { kill(self.pid() as i32, 19) }, 0);
+    }
+
+    /// SIGCONT after [`Agent::pause`].
+    pub fn resume(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { kill(self.pid() as i32, 18) }, 0);
+    }
+
     /// What it printed to stdout so far.
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()

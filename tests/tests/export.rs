@@ -8,7 +8,7 @@ use std::{
 };
 
 use waybill_tests::{
-    harness::{Agent, PythonHttp, free_port, http_get, metric_value as metric, repo_root, require_root},
+    harness::{Agent, Nginx, PythonHttp, free_port, http_get, metric_value as metric, repo_root, require_root},
     otlp_receiver::{Proto, ReceivedPoint, ReceivedSpan, Receiver},
 };
 
@@ -171,6 +171,52 @@ fn backlog_overflow_drops_oldest_and_counts_exactly() {
     assert_eq!(metric(&body, dropped), 39);
     assert_eq!(metric(&body, "waybill_export_errors_total"), 0);
     assert_eq!(metric(&body, "waybill_export_pending_spans"), 0);
+}
+
+/// A backlog three times the span queue, built while the agent is stopped (SIGSTOP) and worked
+/// through in one go when it resumes: the event loop drains it in slices and the exporter, on the
+/// same thread, takes each slice's spans before the next, so none is dropped at the queue and
+/// every one reaches the collector.
+#[test]
+fn backlog_larger_than_the_span_queue_is_exported_whole() {
+    if !require_root() {
+        return;
+    }
+    const REQUESTS: usize = 3000;
+    let rx = Receiver::start(Proto::Grpc);
+    let nginx = Nginx::start();
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let env = otlp_env(&rx, &[("OTEL_BSP_SCHEDULE_DELAY", "200")]);
+    let agent = Agent::start(
+        &["--pid", &nginx.proc.pid().to_string(), "--metrics-addr", &maddr, "--span-queue", "1000"],
+        &env_refs(&env),
+    );
+    agent.pause();
+    // Keep-alive GETs, a new connection every 500 (the test nginx closes one after 1000).
+    let script = format!(
+        "import http.client\n\
+         for i in range({REQUESTS}):\n\
+         \x20   if i % 500 == 0:\n\
+         \x20       c = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         \x20   c.request('GET', '/api/items.json')\n\
+         \x20   r = c.getresponse(); r.read()\n\
+         \x20   assert r.status == 200, r.status\n",
+        port = nginx.port
+    );
+    let st = std::process::Command::new("python3").args(["-c", &script]).status().expect("python3");
+    agent.resume();
+    assert!(st.success(), "the load script failed");
+    let end = Instant::now() + Duration::from_secs(30);
+    while server_spans(&rx).len() < REQUESTS && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, body) = http_get(&maddr, "/metrics");
+    let out = agent.stop();
+    assert_eq!(metric(&body, "waybill_ringbuf_records_lost_total{reason=\"buffer_full\"}"), 0, "{body}");
+    assert_eq!(metric(&body, "waybill_spans_dropped_total{reason=\"queue_full\"}"), 0, "{body}\n{}", out.stderr);
+    assert_eq!(metric(&body, "waybill_spans_exported_total"), REQUESTS as u64, "{body}");
+    assert_eq!(server_spans(&rx).len(), REQUESTS);
 }
 
 fn latest_points(points: &[ReceivedPoint], metric: &str) -> BTreeMap<String, ReceivedPoint> {
