@@ -236,8 +236,12 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
     let btf = btf::Btf::from_sys_fs()?;
     let offs: KernelOffsets = btf::kernel_offsets(&btf)?;
     let regs: SyscallRegs = btf::syscall_regs(&btf)?;
+    drop(btf);
     let tp: TracepointOffsets = tracefs::tracepoint_offsets().unwrap_or_default();
+    // No CO-RE relocations in the object (kernel offsets come in as the globals above), so aya
+    // need not parse the kernel's BTF a second time: that parse was most of the start-up peak.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global("OFFS", &offs, true)
         .override_global("TP_OFFS", &tp, true)
         .override_global("REGS", &regs, true)
