@@ -350,11 +350,23 @@ impl Pipeline {
                 cpu.after_drain(drained, &self.probes, &self.spans, &self.metrics);
             }
         }
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            self.handle(&item);
+        // What the kernel already produced, in slices too: the exporter keeps taking spans.
+        loop {
+            let rb = ring.get_mut();
+            let mut this = 0u64;
+            while let Some(item) = rb.next() {
+                this += item.len() as u64;
+                self.handle(&item);
+                if this >= slice {
+                    break;
+                }
+            }
+            self.ship();
+            if this < slice {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        self.ship();
         self.refresh_lost();
         Ok(())
     }
