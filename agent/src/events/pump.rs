@@ -314,7 +314,8 @@ impl Pipeline {
                     drain.reset();
                 }
                 _ = drain.tick() => pending = true,
-                _ = tokio::task::yield_now(), if more => pending = true,
+                // Continuing a cut drain (the yield to the exporter came after the last slice).
+                _ = std::future::ready(()), if more => pending = true,
                 _ = tick.tick() => {
                     self.refresh_lost();
                     let now = Clock::monotonic_now();
@@ -348,6 +349,11 @@ impl Pipeline {
             self.ship();
             if pending {
                 cpu.after_drain(drained, &self.probes, &self.spans, &self.metrics);
+            }
+            if more {
+                // Always between two slices, whichever branch wakes the loop next: the exporter,
+                // on this thread, takes this slice's spans first.
+                tokio::task::yield_now().await;
             }
         }
         // What the kernel already produced, in slices too: the exporter keeps taking spans.
