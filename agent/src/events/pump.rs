@@ -281,6 +281,20 @@ impl Pipeline {
         }
     }
 
+    /// Reads records until the buffer is empty or `slice` bytes were read: (bytes read, whether
+    /// the drain was cut with records possibly left).
+    fn drain_slice(&mut self, rb: &mut RingBuf<MapData>, slice: u64) -> (u64, bool) {
+        let mut bytes = 0u64;
+        while let Some(item) = rb.next() {
+            bytes += item.len() as u64;
+            self.handle(&item);
+            if bytes >= slice {
+                return (bytes, true);
+            }
+        }
+        (bytes, false)
+    }
+
     /// Runs until `shutdown` resolves; then drains what the kernel already produced.
     pub async fn run(
         mut self,
@@ -333,17 +347,8 @@ impl Pipeline {
                 if !more {
                     drained = 0;
                 }
-                let rb = ring.get_mut();
-                let mut this = 0u64;
-                more = false;
-                while let Some(item) = rb.next() {
-                    this += item.len() as u64;
-                    self.handle(&item);
-                    if this >= slice {
-                        more = true;
-                        break;
-                    }
-                }
+                let this;
+                (this, more) = self.drain_slice(ring.get_mut(), slice);
                 drained += this;
             }
             self.ship();
@@ -358,17 +363,9 @@ impl Pipeline {
         }
         // What the kernel already produced, in slices too: the exporter keeps taking spans.
         loop {
-            let rb = ring.get_mut();
-            let mut this = 0u64;
-            while let Some(item) = rb.next() {
-                this += item.len() as u64;
-                self.handle(&item);
-                if this >= slice {
-                    break;
-                }
-            }
+            let (_, more) = self.drain_slice(ring.get_mut(), slice);
             self.ship();
-            if this < slice {
+            if !more {
                 break;
             }
             tokio::task::yield_now().await;
