@@ -55,13 +55,17 @@ pub static DATA_PENDING: PerCpuArray<PendingData> = PerCpuArray::with_max_entrie
 /// The halves `raw_sys_exit_data` tail-calls (`SLOT_*`), installed by user space before it is
 /// attached.
 #[map]
-pub static DATA_PROG: ProgramArray = ProgramArray::with_max_entries(3, 0);
+pub static DATA_PROG: ProgramArray = ProgramArray::with_max_entries(5, 0);
 /// `raw_sys_exit_copy`: payload copy, trace context, data record.
 pub const SLOT_COPY: u32 = 0;
 /// `raw_sys_exit_accept`: a new server connection.
 pub const SLOT_ACCEPT: u32 = 1;
 /// `raw_sys_exit_connect`: a new client connection.
 pub const SLOT_CONNECT: u32 = 2;
+/// `raw_sys_exit_close`: a traced process closed an fd.
+pub const SLOT_CLOSE: u32 = 3;
+/// `raw_sys_exit_listen`: an untraced process listens (`--port`).
+pub const SLOT_LISTEN: u32 = 4;
 
 /// A data syscall's arguments and result, from the first half of the exit program to the second.
 #[repr(C)]

@@ -7,8 +7,8 @@
 //! |                      | writev, recvfrom, sendto, recvmsg, sendmsg, sendfile (length only)|
 //! | connection role      | accept/accept4 exit (server), `sys_enter_connect` + connect exit  |
 //! |                      | (client); both exits through the same `sys_exit` program          |
-//! | connection end       | `sys_enter_close`                                                |
-//! | `--port` selection   | `sys_enter_listen`, `sys_exit_accept*` of untraced processes      |
+//! | connection end       | close exit (the fd is still in the saved registers)               |
+//! | `--port` selection   | listen and accept/accept4 exits of untraced processes            |
 //!
 //! Why exit-only for the data syscalls: one program run per syscall instead of an entry and an
 //! exit program plus a per-thread stash written and deleted in between, and a failed call
@@ -36,8 +36,8 @@ use crate::{
     events::emit_close,
     helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, target_flags, walk_fd},
     maps::{
-        DATA_PENDING, DATA_PROG, EVENTS, PendingData, SCRATCH, SLOT_ACCEPT, SLOT_CONNECT, SLOT_COPY, SOCKS, STASH,
-        SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, TARGETS, WATCH_PORTS,
+        DATA_PENDING, DATA_PROG, EVENTS, PendingData, SCRATCH, SLOT_ACCEPT, SLOT_CLOSE, SLOT_CONNECT, SLOT_COPY,
+        SLOT_LISTEN, SOCKS, STASH, SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, TARGETS, WATCH_PORTS,
     },
 };
 
@@ -100,8 +100,15 @@ pub fn raw_sys_exit_data(ctx: RawTracePointContext) -> i32 {
     if l.compat_mask != 0 && reg(regs, l.compat_off) & l.compat_mask as u64 == l.compat_value as u64 {
         return 0;
     }
-    if syscall == SYS_ACCEPT || syscall == SYS_CONNECT {
-        let slot = if syscall == SYS_ACCEPT { SLOT_ACCEPT } else { SLOT_CONNECT };
+    if syscall >= SYS_ACCEPT {
+        // Untraced processes get here only with `--port` in use (checked above).
+        let slot = match syscall {
+            SYS_ACCEPT => SLOT_ACCEPT,
+            SYS_CONNECT => SLOT_CONNECT,
+            SYS_CLOSE if traced && r == 0 => SLOT_CLOSE,
+            SYS_LISTEN if !traced && r == 0 => SLOT_LISTEN,
+            _ => return 0,
+        };
         // SAFETY: on success the call does not return.
         unsafe { DATA_PROG.tail_call(&ctx, slot) };
         count_lost(LOST_STASH_FULL);
@@ -211,8 +218,8 @@ fn data_record(tgid: u32, tid: u32, pid_tgid: u64, args: &SyscallArgs, total: u6
             };
             let mut i: u64 = 0;
             while i < MAX_IOVECS as u64 && i < cnt && captured < want {
-                let base: u64 = unsafe { bpf_probe_read_user((iov + i * 16) as *const u64) }.unwrap_or(0);
-                let len: u64 = unsafe { bpf_probe_read_user((iov + i * 16 + 8) as *const u64) }.unwrap_or(0);
+                // One read per `struct iovec` (base, len).
+                let [base, len] = unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.unwrap_or([0, 0]);
                 let mut n = want - captured;
                 if len < n {
                     n = len;
@@ -328,18 +335,27 @@ pub fn raw_sys_exit_connect(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-#[tracepoint]
-pub fn tp_sys_enter_close(ctx: TracePointContext) -> u32 {
+/// close() of a traced process returned 0 (tail-called from `raw_sys_exit_data`): forget the fd
+/// and, for a TCP socket, say the connection ended. At exit rather than entry: no second hook on
+/// every close() of the host (the entry tracepoints run the kernel's perf path per call), and a
+/// failed close() changes nothing. Between the close and this exit another thread may have been
+/// given the same fd number: when the cache already holds that new socket (its accept/connect exit
+/// ran in between), it stays.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_close(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid, _) = current();
-    if !is_target(tgid) {
-        return 0;
-    }
-    let fd = arg(&ctx, 0) as u32;
+    let fd = reg(ctx.arg(0), regs_layout().arg[0]) as u32;
     let key = sock_key(tgid, fd);
     // SAFETY: copied out before removal.
     let Some(info) = (unsafe { SOCKS.get(&key) }).copied() else {
         return 0;
     };
+    if info.is_tcp != 0 {
+        let mut t = Tuple::default();
+        if walk_fd(fd, &mut t) == Some(info.sk) {
+            return 0;
+        }
+    }
     let _ = SOCKS.remove(&key);
     if info.is_tcp != 0 {
         emit_close(tgid, tid, fd, info.sk);
@@ -347,17 +363,15 @@ pub fn tp_sys_enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// listen() on a watched port makes an untraced process a target.
-#[tracepoint]
-pub fn tp_sys_enter_listen(ctx: TracePointContext) -> u32 {
-    if config().watch_ports == 0 {
-        return 0;
-    }
+/// listen() on a watched port makes an untraced process a target (tail-called from
+/// `raw_sys_exit_data` for a successful listen() of an untraced process while `--port` is in use).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn raw_sys_exit_listen(ctx: RawTracePointContext) -> i32 {
     let (tgid, tid, _) = current();
     if is_target(tgid) {
         return 0;
     }
-    let fd = arg(&ctx, 0) as u32;
+    let fd = reg(ctx.arg(0), regs_layout().arg[0]) as u32;
     let mut t = Tuple::default();
     if walk_fd(fd, &mut t).is_none() {
         return 0;

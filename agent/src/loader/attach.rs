@@ -2,8 +2,9 @@
 //!
 //! Hook choice: the syscall tracepoints carry the data path on every kernel (they exist since
 //! 4.17, work under lockdown and need no kprobes): one raw tracepoint program on `sys_exit` for
-//! the data syscalls, per-syscall tracepoints for connect/accept/close/listen. Where kprobes or fentry are available they
-//! could serve as cheaper accelerators; `features.rs` probes them and the choice is logged.
+//! the data syscalls and accept/connect/close/listen, the `sys_enter_connect` tracepoint (injection must see the
+//! destination before the handshake). Where kprobes or fentry are available they could serve as cheaper
+//! accelerators; `features.rs` probes them and the choice is logged.
 
 use std::path::PathBuf;
 
@@ -65,15 +66,13 @@ pub enum LoadError {
 /// program on `sys_exit` serves them all ([`attach_sys_exit`]).
 const ATTACH: &[(&str, &str, &str)] = &[
     ("tp_sys_enter_connect", "syscalls", "sys_enter_connect"),
-    ("tp_sys_enter_close", "syscalls", "sys_enter_close"),
-    ("tp_sys_enter_listen", "syscalls", "sys_enter_listen"),
     ("tp_sched_process_exec", "sched", "sched_process_exec"),
     ("tp_task_newtask", "task", "task_newtask"),
     ("tp_sched_process_exit", "sched", "sched_process_exit"),
 ];
 
 /// Hooks that are not essential: the agent runs without them (and says so).
-const OPTIONAL: &[&str] = &["sys_enter_listen", "sched_process_exec", "task_newtask"];
+const OPTIONAL: &[&str] = &["sched_process_exec", "task_newtask"];
 
 /// Options for loading.
 #[derive(Clone, Debug)]
@@ -158,7 +157,7 @@ fn attach_inject(ebpf: &mut Ebpf) -> Result<String, String> {
 
 /// The syscalls the `sys_exit` program follows (name, this architecture's number, `SYS_*` kind):
 /// the data syscalls, then the connection syscalls.
-const EXIT_SYSCALLS: [(&str, libc::c_long, u32); 12] = [
+const EXIT_SYSCALLS: [(&str, libc::c_long, u32); 14] = [
     ("read", libc::SYS_read, waybill_common::SYS_READ),
     ("write", libc::SYS_write, waybill_common::SYS_WRITE),
     ("readv", libc::SYS_readv, waybill_common::SYS_READV),
@@ -171,10 +170,13 @@ const EXIT_SYSCALLS: [(&str, libc::c_long, u32); 12] = [
     ("accept", libc::SYS_accept, waybill_common::SYS_ACCEPT),
     ("accept4", libc::SYS_accept4, waybill_common::SYS_ACCEPT),
     ("connect", libc::SYS_connect, waybill_common::SYS_CONNECT),
+    ("close", libc::SYS_close, waybill_common::SYS_CLOSE),
+    ("listen", libc::SYS_listen, waybill_common::SYS_LISTEN),
 ];
 
 /// The programs `raw_sys_exit_data` tail-calls, by `DATA_PROG` slot (ebpf-probes/src/maps.rs).
-const EXIT_SLOTS: [&str; 3] = ["raw_sys_exit_copy", "raw_sys_exit_accept", "raw_sys_exit_connect"];
+const EXIT_SLOTS: [&str; 5] =
+    ["raw_sys_exit_copy", "raw_sys_exit_accept", "raw_sys_exit_connect", "raw_sys_exit_close", "raw_sys_exit_listen"];
 
 /// Fills `SYSCALL_KIND`, loads the tail-called halves into `DATA_PROG` and attaches the syscall
 /// exit program to `raw_tracepoint/sys_exit`.

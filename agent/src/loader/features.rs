@@ -32,8 +32,8 @@ impl Features {
     pub fn plan(&self) -> Vec<(&'static str, String)> {
         let data = if self.get("tracepoints") {
             "raw tracepoint sys_exit, one program for read, write, readv, writev, recvfrom, sendto, recvmsg, \
-             sendmsg, sendfile, accept, accept4, connect (arguments from the saved registers, pt_regs layout from \
-             BTF); sys_enter_connect, sys_enter_close, sys_enter_listen"
+             sendmsg, sendfile, accept, accept4, connect, close, listen (arguments from the saved registers, pt_regs \
+             layout from BTF); sys_enter_connect"
                 .to_string()
         } else {
             "NONE: syscall tracepoints are missing, socket I/O cannot be captured".to_string()

@@ -138,6 +138,9 @@ pub const SYS_SENDFILE: u32 = 8;
 /// `SYSCALL_KIND` codes of the connection syscalls the exit program also follows (no data).
 pub const SYS_ACCEPT: u32 = 10;
 pub const SYS_CONNECT: u32 = 11;
+/// `SYSCALL_KIND` codes of close() (a traced connection ends) and listen() (`--port` selection).
+pub const SYS_CLOSE: u32 = 12;
+pub const SYS_LISTEN: u32 = 13;
 
 /// Plaintext read through a TLS library (`SSL_read`/`SSL_read_ex` uretprobe): user space treats the
 /// connection as TLS and ignores any ciphertext record of the same fd.
