@@ -8,7 +8,10 @@ use std::{
 };
 
 use waybill_tests::{
-    harness::{Agent, Nginx, PythonHttp, free_port, http_get, metric_value as metric, repo_root, require_root},
+    harness::{
+        Agent, Nginx, Proc, PythonHttp, TempDir, free_port, http_get, metric_value as metric, repo_root, require_root,
+        sh,
+    },
     otlp_receiver::{Proto, ReceivedPoint, ReceivedSpan, Receiver},
 };
 
@@ -217,6 +220,103 @@ fn backlog_larger_than_the_span_queue_is_exported_whole() {
     assert_eq!(metric(&body, "waybill_spans_dropped_total{reason=\"queue_full\"}"), 0, "{body}\n{}", out.stderr);
     assert_eq!(metric(&body, "waybill_spans_exported_total"), REQUESTS as u64, "{body}");
     assert_eq!(server_spans(&rx).len(), REQUESTS);
+}
+
+/// A CA and a server certificate it signed for localhost / 127.0.0.1: (dir guard, CA, cert, key).
+fn ca_and_server_cert() -> (TempDir, String, String, String) {
+    let dir = TempDir::new("otlp-tls");
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let (ca_key, ca, key, csr, cert, ext) =
+        (p("ca.key"), p("ca.pem"), p("key.pem"), p("srv.csr"), p("cert.pem"), p("ext"));
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let req = ["req", "-newkey", "rsa:2048", "-nodes", "-days", "2"];
+    sh("openssl", &[&req[..], &["-x509", "-subj", "/CN=waybill test CA", "-keyout", &ca_key, "-out", &ca]].concat());
+    sh("openssl", &[&req[..], &["-subj", "/CN=localhost", "-keyout", &key, "-out", &csr]].concat());
+    sh(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    );
+    (dir, ca, cert, key)
+}
+
+/// OTLP/gRPC over TLS (`https://` endpoint, `OTEL_EXPORTER_OTLP_CERTIFICATE`): a TLS terminator
+/// (Python `ssl`, ALPN h2) in front of the collector. 2000 spans in batches of 512 (~300 KiB,
+/// many HTTP/2 frames and flow-control windows per request through the agent's coalescing
+/// connection) all arrive, nothing fails.
+#[test]
+fn spans_reach_a_collector_over_grpc_with_tls() {
+    if !require_root() {
+        return;
+    }
+    const REQUESTS: usize = 2000;
+    let (_certs, ca, cert, key) = ca_and_server_cert();
+    let rx = Receiver::start(Proto::Grpc);
+    let tls_port = free_port();
+    let upstream = rx.grpc_endpoint().rsplit(':').next().unwrap().to_string();
+    let script = repo_root().join("tests/apps/tls_terminator.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .args([&tls_port.to_string(), &cert, &key, &upstream])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut ready).unwrap();
+    let _terminator = Proc { child, name: "TLS terminator".into() };
+    assert_eq!(ready.trim(), "ready");
+    let nginx = Nginx::start();
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let endpoint = format!("https://localhost:{tls_port}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let agent = Agent::start(&["--pid", &nginx.proc.pid().to_string(), "--metrics-addr", &maddr], &env);
+    let script = format!(
+        "import http.client\n\
+         c = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         for i in range({REQUESTS}):\n\
+         \x20   if i % 500 == 0:\n\
+         \x20       c = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         \x20   c.request('GET', '/api/items.json')\n\
+         \x20   r = c.getresponse(); r.read()\n\
+         \x20   assert r.status == 200, r.status\n",
+        port = nginx.port
+    );
+    let st = std::process::Command::new("python3").args(["-c", &script]).status().expect("python3");
+    assert!(st.success(), "the load script failed");
+    let end = Instant::now() + Duration::from_secs(30);
+    while server_spans(&rx).len() < REQUESTS && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, body) = http_get(&maddr, "/metrics");
+    let out = agent.stop();
+    assert_eq!(metric(&body, "waybill_spans_exported_total"), REQUESTS as u64, "{body}\n{}", out.stderr);
+    assert_eq!(server_spans(&rx).len(), REQUESTS, "{}", out.stderr);
+    assert!(!out.stderr.contains("export failing"), "{}", out.stderr);
 }
 
 fn latest_points(points: &[ReceivedPoint], metric: &str) -> BTreeMap<String, ReceivedPoint> {

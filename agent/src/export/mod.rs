@@ -2,12 +2,14 @@
 //!
 //! - [`otlp`]: the OTLP export task (batching, backlog, retries); [`encode`] turns a batch into
 //!   one OTLP protobuf request (each traced process under its own resource), [`transport`] sends
-//!   it over gRPC or HTTP/protobuf.
+//!   it over gRPC or HTTP/protobuf; [`coalesce`] is the gRPC channel's TCP stream (one write per
+//!   turn of the HTTP/2 connection, not one per frame).
 //! - [`terminal`]: a waterfall per trace, printed when the trace has settled.
 //!
 //! Both are fed batches of spans through a bounded `tokio::sync::mpsc` channel; the pipeline uses
 //! `try_send`, so an exporter never blocks span building.
 
+pub mod coalesce;
 pub mod encode;
 pub mod otlp;
 pub mod red;

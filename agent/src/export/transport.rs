@@ -122,7 +122,7 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
             if t.endpoint.starts_with("https://") {
                 ep = ep.tls_config(grpc_tls(ca, identity)).map_err(|e| ExportError::Build(e.to_string()))?;
             }
-            let mut grpc = tonic::client::Grpc::new(ep.connect_lazy());
+            let mut grpc = tonic::client::Grpc::new(ep.connect_with_connector_lazy(Connector));
             if t.compression == Some(Compression::Gzip) {
                 grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
             }
@@ -137,6 +137,34 @@ pub fn build(t: &Transport, headers: HeaderMap) -> Result<Box<dyn Sender>, Expor
                 gzip: t.compression == Some(Compression::Gzip),
             }))
         }
+    }
+}
+
+/// Opens the gRPC channel's TCP connections (tonic adds TLS and the connect timeout on top):
+/// `TCP_NODELAY`, writes coalesced per turn of the HTTP/2 connection ([`super::coalesce`]).
+#[derive(Clone, Copy)]
+struct Connector;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<super::coalesce::CoalescingStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            if host.is_empty() {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no host in '{uri}'")));
+            }
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(super::coalesce::CoalescingStream::new(stream)))
+        })
     }
 }
 
