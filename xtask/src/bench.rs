@@ -8,7 +8,7 @@
 //! 1. nginx (1 worker, small static file) under `wrk` at saturation: throughput, p50/p99.
 //! 2. nginx at a constant request rate from a closed-loop keep-alive generator (this file):
 //!    p50/p90/p99.
-//! 3. Agent CPU per request (/proc/PID/stat), RSS steady/peak (VmRSS/VmHWM), BPF memory
+//! 3. Agent CPU per request (run time from /proc/PID/task/*/schedstat), RSS steady/peak (VmRSS/VmHWM), BPF memory
 //!    (`memlock` of the agent's bpf-map / bpf-prog fds).
 //! 4. PostgreSQL 15 (`pgbench -S`, throwaway cluster) and Redis (`redis-benchmark`, with and
 //!    without `-P 16`).
@@ -467,6 +467,29 @@ fn pump(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     buf
 }
 
+/// CPU time of a process in seconds: the scheduler's exact run time of each of its threads
+/// (`/proc/PID/task/*/schedstat`, ns), else utime + stime in clock ticks (`tck` per second).
+/// Ticks are sampled: a process that runs in short bursts between ticks (the agent at a
+/// moderate rate) is charged a whole tick or nothing, so over a 10 s round they are off by
+/// several ticks either way; the run time is exact. (Threads that exited during the round are
+/// not in `task/`; the processes measured here keep theirs.)
+fn cpu_s(pid: u32, tck: f64) -> f64 {
+    let mut ns = 0u64;
+    let mut any = false;
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let run = std::fs::read_to_string(e.path().join("schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()));
+            if let Some(v) = run {
+                ns += v;
+                any = true;
+            }
+        }
+    }
+    if any { ns as f64 / 1e9 } else { cpu_ticks(pid).unwrap_or(0) as f64 / tck }
+}
+
 /// utime + stime of a process (all its threads, dead ones included), in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -666,11 +689,11 @@ impl Nginx {
         self.guard.pid()
     }
 
-    /// CPU ticks of the master and its workers.
-    fn cpu_ticks(&self) -> u64 {
-        let mut t = cpu_ticks(self.pid()).unwrap_or(0);
+    /// CPU seconds of the master and its workers ([`cpu_s`]).
+    fn cpu_s(&self, tck: f64) -> f64 {
+        let mut t = cpu_s(self.pid(), tck);
         for c in children_of(self.pid()) {
-            t += cpu_ticks(c).unwrap_or(0);
+            t += cpu_s(c, tck);
         }
         t
     }
@@ -765,17 +788,17 @@ impl Bench {
         let apid = agent.guard.pid();
         let startup_hwm_kb = status_kb(apid, "VmHWM:").unwrap_or(0);
         let m0 = scrape(&agent.metrics_addr)?;
-        let c0 = cpu_ticks(apid).unwrap_or(0);
-        let r0 = cpu_ticks(self.rotel.pid()).unwrap_or(0);
+        let c0 = cpu_s(apid, self.clk_tck);
+        let r0 = cpu_s(self.rotel.pid(), self.clk_tck);
         let out = load();
         // Let the agent finish what the load produced (its CPU for it is counted).
         thread::sleep(Duration::from_millis(1000));
-        let c1 = cpu_ticks(apid).unwrap_or(0);
-        let r1 = cpu_ticks(self.rotel.pid()).unwrap_or(0);
+        let c1 = cpu_s(apid, self.clk_tck);
+        let r1 = cpu_s(self.rotel.pid(), self.clk_tck);
         let m1 = scrape(&agent.metrics_addr);
         let round = AgentRound {
-            cpu_s: c1.saturating_sub(c0) as f64 / self.clk_tck,
-            rotel_cpu_s: (r1.saturating_sub(r0)) as f64 / self.clk_tck,
+            cpu_s: (c1 - c0).max(0.0),
+            rotel_cpu_s: (r1 - r0).max(0.0),
             rss_kb: status_kb(apid, "VmRSS:").unwrap_or(0),
             hwm_kb: status_kb(apid, "VmHWM:").unwrap_or(0),
             startup_hwm_kb,
@@ -1158,21 +1181,21 @@ fn exchange(s: &mut TcpStream, req: &[u8], buf: &mut [u8]) -> std::io::Result<()
 #[derive(Clone, Debug, Default)]
 struct Served<T> {
     r: T,
-    app_ticks: u64,
+    app_cpu_s: f64,
 }
 
 fn nginx_saturation(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> Result<()> {
     let secs = plan.sat_secs;
     let mut load = || -> Result<Served<WrkResult>> {
-        let t0 = nginx.cpu_ticks();
+        let t0 = nginx.cpu_s(b.clk_tck);
         let r = wrk(nginx.port, 32, secs)?;
-        Ok(Served { r, app_ticks: nginx.cpu_ticks().saturating_sub(t0) })
+        Ok(Served { r, app_cpu_s: nginx.cpu_s(b.clk_tck) - t0 })
     };
     let p = b.alternate(plan.pairs, nginx.pid(), &[], "nginx saturation", &mut load)?;
     let thr = p.ratio(|s| s.r.rps);
     let p50 = p.ratio(|s| s.r.p50_us);
     let p99 = p.ratio(|s| s.r.p99_us);
-    let app = p.ratio(|s| s.app_ticks as f64 / b.clk_tck / s.r.requests * 1e6);
+    let app = p.ratio(|s| s.app_cpu_s / s.r.requests * 1e6);
     let cpu_us = median(&p.agent_vals(|s, a| a.cpu_s / s.r.requests * 1e6));
     let rotel_us = median(&p.agent_vals(|s, a| a.rotel_cpu_s / s.r.requests * 1e6));
     let rounds = p.rounds();
@@ -1184,7 +1207,7 @@ fn nginx_saturation(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> 
     t.row(&["latency p50 (µs)", &f0(p50.off), &f0(p50.on), &p50.cell()]);
     t.row(&["latency p99 (µs)", &f0(p99.off), &f0(p99.on), &p99.cell()]);
     t.row(&["nginx CPU per request (µs, includes in-kernel eBPF)", &f1(app.off), &f1(app.on), &app.cell()]);
-    t.row(&["agent CPU per request (µs, user+sys)", "", &f2(cpu_us), ""]);
+    t.row(&["agent CPU per request (µs, run time)", "", &f2(cpu_us), ""]);
     t.row(&["rotel CPU per request (µs, the collector)", "", &f2(rotel_us), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
@@ -1203,9 +1226,9 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     let secs = plan.rate_secs;
     let conns = 4;
     let mut load = || -> Result<Served<RateRun>> {
-        let t0 = nginx.cpu_ticks();
+        let t0 = nginx.cpu_s(b.clk_tck);
         let r = http_at_rate(nginx.port, rate as f64, conns, Duration::from_secs(secs))?;
-        Ok(Served { r, app_ticks: nginx.cpu_ticks().saturating_sub(t0) })
+        Ok(Served { r, app_cpu_s: nginx.cpu_s(b.clk_tck) - t0 })
     };
     let p = b.alternate(plan.pairs, nginx.pid(), &[], "nginx constant rate", &mut load)?;
     let done = p.ratio(|s| s.r.achieved());
@@ -1213,7 +1236,7 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     let p90 = p.ratio(|s| s.r.pct_us(90.0));
     let p99 = p.ratio(|s| s.r.pct_us(99.0));
     let p999 = p.ratio(|s| s.r.pct_us(99.9));
-    let app = p.ratio(|s| s.app_ticks as f64 / b.clk_tck / s.r.lat_ns.len() as f64 * 1e6);
+    let app = p.ratio(|s| s.app_cpu_s / s.r.lat_ns.len() as f64 * 1e6);
     let late = p.ratio(|s| s.r.late as f64 / s.r.sent.max(1) as f64 * 100.0);
     let errors: u64 = p.off.iter().map(|s| s.r.errors).sum::<u64>() + p.on.iter().map(|(s, _)| s.r.errors).sum::<u64>();
     let cpu_us = median(&p.agent_vals(|s, a| a.cpu_s / s.r.lat_ns.len() as f64 * 1e6));
@@ -1233,7 +1256,7 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
     t.row(&["latency p99.9 (µs)", &f0(p999.off), &f0(p999.on), &p999.cell()]);
     t.row(&["nginx CPU per request (µs, includes in-kernel eBPF)", &f1(app.off), &f1(app.on), &app.cell()]);
     t.row(&["requests sent > 1 ms late (%)", &f2(late.off), &f2(late.on), ""]);
-    t.row(&["agent CPU per request (µs, user+sys)", "", &f2(cpu_us), ""]);
+    t.row(&["agent CPU per request (µs, run time)", "", &f2(cpu_us), ""]);
     t.row(&spans_row(&rounds));
     t.row(&["ring-buffer records lost", "", &f0(rounds.iter().map(|a| a.lost()).sum()), ""]);
     t.row(&cpu_policy_row(&rounds));
@@ -1544,14 +1567,14 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
         for (label, load) in loads {
             eprintln!("bench: events: {label}");
             let m0 = scrape(&agent.metrics_addr)?;
-            let c0 = cpu_ticks(apid).unwrap_or(0);
+            let c0 = cpu_s(apid, b.clk_tck);
             let k0 = bpf_use(apid);
             let t0 = Instant::now();
             let n = load()?;
             let el = t0.elapsed().as_secs_f64();
             thread::sleep(Duration::from_millis(500));
             let m1 = scrape(&agent.metrics_addr)?;
-            let c1 = cpu_ticks(apid).unwrap_or(0);
+            let c1 = cpu_s(apid, b.clk_tck);
             let k1 = bpf_use(apid);
             let d = |name: &str| sum_metric(&m1, name) - sum_metric(&m0, name);
             let ev = d("waybill_ringbuf_records_received_total");
@@ -1568,7 +1591,7 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
                 f0(evs),
                 f0(lost),
                 f0((k1.run_ns - k0.run_ns) as f64 / n),
-                f2((c1 - c0) as f64 / b.clk_tck / n * 1e6),
+                f2((c1 - c0) / n * 1e6),
                 format!("{} / {}", f0(d("waybill_spans_exported_total")), f0(d("waybill_spans_dropped_total"))),
             ]);
         }
@@ -1590,14 +1613,14 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
                 if r == 0 { "64 B TCP writes, unpaced".to_string() } else { format!("64 B TCP writes, {r}/s offered") };
             eprintln!("bench: events: {label}");
             let m0 = scrape(&agent.metrics_addr)?;
-            let c0 = cpu_ticks(apid).unwrap_or(0);
+            let c0 = cpu_s(apid, b.clk_tck);
             let k0 = bpf_use(apid);
             let t0 = Instant::now();
             let achieved = hb.cmd(&format!("tcprate {n} {r}"))?;
             let el = t0.elapsed().as_secs_f64();
             thread::sleep(Duration::from_millis(500));
             let m1 = scrape(&agent.metrics_addr)?;
-            let c1 = cpu_ticks(apid).unwrap_or(0);
+            let c1 = cpu_s(apid, b.clk_tck);
             let k1 = bpf_use(apid);
             let d = |name: &str| sum_metric(&m1, name) - sum_metric(&m0, name);
             let ev = d("waybill_ringbuf_records_received_total");
@@ -1614,7 +1637,7 @@ fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Rep
                 f0(ev / el),
                 f0(lost),
                 f0((k1.run_ns - k0.run_ns) as f64 / n as f64),
-                f2((c1 - c0) as f64 / b.clk_tck / n as f64 * 1e6),
+                f2((c1 - c0) / n as f64 * 1e6),
                 String::from("–"),
             ]);
         }
