@@ -13,7 +13,7 @@
 //! writer takes the buffer) and wakes the writer; `poll_flush` only reports a write error, since
 //! the writer sends everything it is given without waiting for more; `poll_shutdown` waits until
 //! the writer has sent everything and shut the socket's write side down. A write error (or a
-//! peer that takes nothing for 30 s) is kept and returned to every later write, flush and
+//! buffer the peer does not take within 30 s) is kept and returned to every later write, flush and
 //! shutdown. At most 2 × [`LIMIT`] bytes are held (one buffer being written, one filling). Reads
 //! go straight to the socket.
 
@@ -30,8 +30,9 @@ use tokio::sync::Notify;
 /// At most this many bytes wait for the writer; a write beyond it waits.
 pub const LIMIT: usize = 256 << 10;
 
-/// A peer that takes nothing for this long fails the connection (h2 then reconnects), so a
-/// dropped stream's writer never waits on a dead peer for TCP's own, much longer, timeout.
+/// A write of one buffer (≤ [`LIMIT`]) that does not complete within this fails the connection
+/// (h2 then reconnects), so a dropped stream's writer never waits on a dead peer for TCP's own,
+/// much longer, timeout.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Default)]
@@ -142,7 +143,9 @@ async fn writer(mut sock: OwnedWriteHalf, shared: Arc<Shared>) {
         }
         let sent = match tokio::time::timeout(WRITE_TIMEOUT, sock.write_all(&out)).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the collector took nothing for 30 s")),
+            Err(_) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "a write to the collector did not complete within 30 s"))
+            }
         };
         if let Err(e) = sent {
             let mut st = shared.lock();
