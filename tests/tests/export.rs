@@ -46,6 +46,30 @@ fn exactly_n_server_spans(r: &Receiver, n: usize, timeout: Duration) -> Vec<Rece
     server_spans(r)
 }
 
+/// `n` keep-alive GETs of the test nginx's `/api/items.json`, a new connection every 500 (it
+/// closes one after 1000), each answered 200; false if the script failed.
+fn keepalive_gets(port: u16, n: usize) -> bool {
+    let script = format!(
+        "import http.client\n\
+         for i in range({n}):\n\
+         \x20   if i % 500 == 0:\n\
+         \x20       c = http.client.HTTPConnection('127.0.0.1', {port})\n\
+         \x20   c.request('GET', '/api/items.json')\n\
+         \x20   r = c.getresponse(); r.read()\n\
+         \x20   assert r.status == 200, r.status\n"
+    );
+    std::process::Command::new("python3").args(["-c", &script]).status().expect("python3").success()
+}
+
+/// Waits (up to 30 s) until `n` SERVER spans arrived, then half a second more for stragglers.
+fn wait_for_server_spans(r: &Receiver, n: usize) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while server_spans(r).len() < n && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 fn path_of(s: &ReceivedSpan) -> String {
     s.attributes.get("url.path").cloned().unwrap_or_default()
 }
@@ -195,25 +219,10 @@ fn backlog_larger_than_the_span_queue_is_exported_whole() {
         &env_refs(&env),
     );
     agent.pause();
-    // Keep-alive GETs, a new connection every 500 (the test nginx closes one after 1000).
-    let script = format!(
-        "import http.client\n\
-         for i in range({REQUESTS}):\n\
-         \x20   if i % 500 == 0:\n\
-         \x20       c = http.client.HTTPConnection('127.0.0.1', {port})\n\
-         \x20   c.request('GET', '/api/items.json')\n\
-         \x20   r = c.getresponse(); r.read()\n\
-         \x20   assert r.status == 200, r.status\n",
-        port = nginx.port
-    );
-    let st = std::process::Command::new("python3").args(["-c", &script]).status().expect("python3");
+    let ok = keepalive_gets(nginx.port, REQUESTS);
     agent.resume();
-    assert!(st.success(), "the load script failed");
-    let end = Instant::now() + Duration::from_secs(30);
-    while server_spans(&rx).len() < REQUESTS && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(ok, "the load script failed");
+    wait_for_server_spans(&rx, REQUESTS);
     let (_, body) = http_get(&maddr, "/metrics");
     let out = agent.stop();
     assert_eq!(metric(&body, "waybill_ringbuf_records_lost_total{reason=\"buffer_full\"}"), 0, "{body}");
@@ -294,24 +303,8 @@ fn spans_reach_a_collector_over_grpc_with_tls() {
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
     ];
     let agent = Agent::start(&["--pid", &nginx.proc.pid().to_string(), "--metrics-addr", &maddr], &env);
-    let script = format!(
-        "import http.client\n\
-         c = http.client.HTTPConnection('127.0.0.1', {port})\n\
-         for i in range({REQUESTS}):\n\
-         \x20   if i % 500 == 0:\n\
-         \x20       c = http.client.HTTPConnection('127.0.0.1', {port})\n\
-         \x20   c.request('GET', '/api/items.json')\n\
-         \x20   r = c.getresponse(); r.read()\n\
-         \x20   assert r.status == 200, r.status\n",
-        port = nginx.port
-    );
-    let st = std::process::Command::new("python3").args(["-c", &script]).status().expect("python3");
-    assert!(st.success(), "the load script failed");
-    let end = Instant::now() + Duration::from_secs(30);
-    while server_spans(&rx).len() < REQUESTS && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(keepalive_gets(nginx.port, REQUESTS), "the load script failed");
+    wait_for_server_spans(&rx, REQUESTS);
     let (_, body) = http_get(&maddr, "/metrics");
     let out = agent.stop();
     assert_eq!(metric(&body, "waybill_spans_exported_total"), REQUESTS as u64, "{body}\n{}", out.stderr);
