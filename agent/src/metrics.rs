@@ -80,6 +80,13 @@ pub struct Metrics {
     /// 1 while the agent yields the CPU to the applications (SCHED_IDLE), 0 while it competes.
     pub cpu_yielding: Counter,
     pub cpu_policy_switches: Counter,
+    /// Ring-buffer drains by what started them: the kernel's wake-up, the drain timer, the
+    /// housekeeping tick while the event loop sleeps.
+    pub drains_wakeup: Counter,
+    pub drains_timer: Counter,
+    pub drains_tick: Counter,
+    /// 1 while the event loop sleeps with no drain timer (the next record wakes it).
+    pub event_loop_asleep: Counter,
     /// Filled by the exporter.
     pub export: Arc<ExportStats>,
     /// Filled by the RED tee and the metric exporter.
@@ -248,6 +255,22 @@ impl Metrics {
             "Switches between yielding and competing for CPU (--cpu-policy adaptive).",
             "counter",
             &[("", self.cpu_policy_switches.get())],
+        );
+        c(
+            "waybill_ring_drains_total",
+            "Ring-buffer drains, by what started them: the kernel's wake-up (a sixteenth of the buffer filled, or the first record after the agent went to sleep), the 100 ms drain timer, or the 1 s housekeeping tick while asleep.",
+            "counter",
+            &[
+                ("trigger=\"wakeup\"", self.drains_wakeup.get()),
+                ("trigger=\"timer\"", self.drains_timer.get()),
+                ("trigger=\"tick\"", self.drains_tick.get()),
+            ],
+        );
+        c(
+            "waybill_event_loop_asleep",
+            "1 while the agent sleeps with an empty ring buffer and no drain timer (idle traffic: the next record wakes it), 0 otherwise.",
+            "gauge",
+            &[("", self.event_loop_asleep.get())],
         );
         c(
             "waybill_process_attach_failures_total",

@@ -126,18 +126,31 @@ pub struct Shared {
     last_drain_ms: AtomicU64,
     /// True while the agent's threads run under `SCHED_IDLE`.
     yielding: AtomicBool,
+    /// True while the event loop sleeps with the ring buffer empty and no drain timer (the
+    /// kernel side wakes it with the next record; it drains on its 1 s tick as well).
+    asleep: AtomicBool,
     /// Switches to competing made by the watchdog.
     pub rescues: AtomicU64,
+}
+
+/// How long the watchdog waits for a ring-buffer wake-up before it looks at the drains: the
+/// stall test needs no finer grain than [`STALLED`] plus the loop's own drain period.
+fn patience(asleep: bool) -> Duration {
+    STALLED + if asleep { Duration::from_secs(1) } else { Duration::from_millis(100) }
 }
 
 /// A thread that stays in competing mode and makes the whole agent compete when the event loop,
 /// yielding, is starved: a sixteenth of the ring buffer still waits [`STARVED`] after a
 /// ring-buffer wake-up (read from the buffer's mapped position pages; where those cannot be
-/// mapped, no drain at all since the wake-up), or it has not drained for [`STALLED`]. Ends with
-/// the process.
+/// mapped, no drain at all since the wake-up), or records wait and it has not drained for
+/// [`STALLED`] past its own drain period. While the agent competes the thread is parked (the
+/// event loop unparks it when it yields again), so it costs no wake-ups then; while the agent
+/// yields it wakes for the kernel's ring-buffer wake-ups and every [`patience`]. Ends with the
+/// process.
 pub struct Watchdog {
     shared: Arc<Shared>,
     epoch: Instant,
+    thread: Option<std::thread::Thread>,
 }
 
 impl Watchdog {
@@ -156,11 +169,13 @@ impl Watchdog {
             let now_ms = || epoch.elapsed().as_millis() as u64;
             loop {
                 if !s.yielding.load(Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
+                    // `set_mode(Yield)` unparks; the timeout only bounds a missed unpark.
+                    std::thread::park_timeout(Duration::from_secs(5));
                     continue;
                 }
+                let asleep = s.asleep.load(Relaxed);
                 let woken = match &waiter {
-                    Some(w) => w.wait(STALLED / 2),
+                    Some(w) => w.wait(patience(asleep)),
                     None => {
                         std::thread::sleep(Duration::from_millis(20));
                         false
@@ -176,7 +191,10 @@ impl Watchdog {
                         None => s.last_drain_ms.load(Relaxed) < at,
                     }
                 } else {
-                    now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= STALLED.as_millis() as u64
+                    // Nothing waiting: an idle loop, not a starved one.
+                    let waiting = level.as_ref().is_none_or(|l| l.waiting() > 0);
+                    let late = patience(s.asleep.load(Relaxed)).as_millis() as u64;
+                    waiting && now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= late
                 };
                 if starved && s.yielding.load(Relaxed) {
                     apply_all(Mode::Compete);
@@ -185,10 +203,14 @@ impl Watchdog {
                 }
             }
         });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the CPU watchdog thread");
-        }
-        Watchdog { shared, epoch }
+        let thread = match spawned {
+            Ok(h) => Some(h.thread().clone()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the CPU watchdog thread");
+                None
+            }
+        };
+        Watchdog { shared, epoch, thread }
     }
 
     pub fn shared(&self) -> &Shared {
@@ -200,10 +222,20 @@ impl Watchdog {
         self.shared.last_drain_ms.store(self.epoch.elapsed().as_millis() as u64, Relaxed);
     }
 
+    /// The event loop went to sleep (no drain timer) or woke up.
+    pub fn set_asleep(&self, asleep: bool) {
+        self.shared.asleep.store(asleep, Relaxed);
+    }
+
     /// The agent's threads were switched to `mode` by the event loop.
     pub fn set_mode(&self, mode: Mode) {
         self.drained();
         self.shared.yielding.store(mode == Mode::Yield, Relaxed);
+        if mode == Mode::Yield
+            && let Some(t) = &self.thread
+        {
+            t.unpark();
+        }
     }
 
     /// The watchdog switched the agent to competing since the event loop last looked.

@@ -9,7 +9,10 @@ use waybill_common::{
     ringbuf_wake_due,
 };
 
-use crate::{helpers::count_lost, maps::EVENTS};
+use crate::{
+    helpers::count_lost,
+    maps::{AGENT_SLEEPING, EVENTS},
+};
 
 /// Ring-buffer submit flags for a record of `size` bytes, `waiting` bytes already in the buffer
 /// before it: no wake-up of the agent for each record (a wake-up costs the agent far more than the
@@ -26,8 +29,22 @@ use crate::{helpers::count_lost, maps::EVENTS};
 /// 8-byte alignment): judged on `size` alone, a sixteenth of the buffer — a multiple of every
 /// footprint that divides it — always fell on a record's header, and no record ever woke the
 /// agent. A crossing missed by two CPUs racing is caught by the next sixteenth or the timer.
+///
+/// An agent that found the buffer empty and sleeps with no drain timer (idle) set
+/// `AGENT_SLEEPING`: the first record after that wakes it and clears the flag, so an idle agent
+/// costs no timer wake-ups and still sees the first record at once. (Two CPUs may both see the
+/// flag: one extra wake-up.)
 #[inline(always)]
 pub fn wake_flags(waiting: u64, size: u64) -> u64 {
+    if let Some(sleeping) = AGENT_SLEEPING.get_ptr_mut(0) {
+        // SAFETY: a valid pointer into the array's only entry, from the lookup just above.
+        unsafe {
+            if *sleeping != 0 {
+                *sleeping = 0;
+                return BPF_RB_FORCE_WAKEUP as u64;
+            }
+        }
+    }
     if ringbuf_wake_due(waiting, size, EVENTS.query(BPF_RB_RING_SIZE as u64)) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {

@@ -11,6 +11,12 @@ use waybill_common::{ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTE
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
+/// Set to 1 by user space when its event loop goes to sleep with the ring buffer empty (no drain
+/// timer armed); the next record submitted clears it and wakes the agent. One entry, never
+/// evicts.
+#[map]
+pub static AGENT_SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
+
 /// tgids being traced. Filled by user space (selection) and by `task_newtask` (children of traced
 /// processes); entries are removed when the process exits. Bound: 4096 processes (insert fails
 /// beyond it and user space reports the process as not attached).

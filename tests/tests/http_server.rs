@@ -5,7 +5,7 @@
 use std::{process::Command, time::Duration};
 
 use waybill_tests::{
-    harness::{Agent, Nginx, PythonHttp, free_port, http_get, repo_root, require_root, sh, waybill},
+    harness::{Agent, Nginx, PythonHttp, free_port, http_get, metric_value, repo_root, require_root, sh, waybill},
     otlp_receiver::{Proto, ReceivedSpan, Receiver, attr, env_refs, otlp_env},
 };
 
@@ -271,6 +271,48 @@ fn port_selection_picks_up_later_process_and_metrics_count_it() {
     assert_eq!(metric("waybill_processes_attached"), 1);
     assert_eq!(metric("waybill_ringbuf_records_lost_total{reason=\"buffer_full\"}"), 0);
     assert!(metric("waybill_ringbuf_records_received_total") >= 9);
+    let _ = agent.stop();
+}
+
+/// With no traffic the agent's event loop goes to sleep (no drain timer: it asks the kernel side
+/// to wake it with the next record), and the first request wakes it: the span arrives, drained on
+/// the kernel's wake-up, not on the timer.
+#[test]
+fn an_idle_agent_sleeps_and_the_first_request_wakes_it() {
+    if !require_root() {
+        return;
+    }
+    let rx = Receiver::start(Proto::Grpc);
+    let nginx = Nginx::start();
+    std::thread::sleep(Duration::from_millis(300)); // the worker is forked
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let env = otlp_env(&rx);
+    let agent = Agent::start(&["--pid", &nginx.proc.pid().to_string(), "--metrics-addr", &maddr], &env_refs(&env));
+    let metrics = || http_get(&maddr, "/metrics").1;
+    let asleep = || metric_value(&metrics(), "waybill_event_loop_asleep") == 1;
+    let t = std::time::Instant::now();
+    while !asleep() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(asleep(), "the idle event loop never went to sleep:\n{}", metrics());
+    let before = metrics();
+    let drains =
+        |body: &str, trigger: &str| metric_value(body, &format!("waybill_ring_drains_total{{trigger=\"{trigger}\"}}"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let idle = metrics();
+    assert_eq!(drains(&idle, "timer"), drains(&before, "timer"), "timer drains while asleep:\n{idle}");
+    assert_eq!(metric_value(&idle, "waybill_event_loop_asleep"), 1);
+    let out = sh("curl", &["-sS", "-o", "/dev/null", "-w", "%{http_code}", &nginx.url("/index.html")]);
+    assert_eq!(out, "200");
+    let spans = server_spans(&rx, 1);
+    assert_eq!(spans.len(), 1, "{spans:#?}\n{}", agent.stderr());
+    assert_eq!(attr(&spans[0], "url.path"), "/index.html");
+    let after = metrics();
+    assert!(
+        drains(&after, "wakeup") > drains(&idle, "wakeup"),
+        "the first record after sleep did not wake the agent:\n{after}"
+    );
+    assert_eq!(metric_value(&after, "waybill_ringbuf_records_lost_total{reason=\"buffer_full\"}"), 0);
     let _ = agent.stop();
 }
 

@@ -7,6 +7,7 @@ use waybill_common::{
 };
 
 pub mod pump;
+mod timer;
 
 /// One decoded record.
 #[derive(Debug)]

@@ -24,10 +24,14 @@ use crate::{
 
 /// How long the ring buffer waits for a drain when the kernel side did not ask for a wake-up (it
 /// does each time the waiting data crosses another 1/16 of the buffer); the timer restarts at
-/// every drain. Each timer drain costs two thread wake-ups (the runtime's timer thread, then this
-/// one), ~80 µs of CPU on a VM: at 10 ms that was 8 ms of CPU per second at idle. 100 ms delays a
-/// span by at most that, against an export schedule of 1 s.
+/// every drain and is off while the loop sleeps (see [`Pipeline::run`]). Each timer drain is a
+/// thread wake-up, ~80 µs of CPU on a VM; 100 ms delays a span by at most that, against an export
+/// schedule of 1 s.
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// Housekeeping (loss counters, idle sweeps, the /proc rescan) runs this often; [`IDLE_TICK`]
+/// while the loop sleeps.
+const TICK: Duration = Duration::from_millis(500);
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Most spans handed to the exporter in one batch.
 const MAX_SHIP: usize = 1024;
 /// One drain reads at most this share of the ring buffer (64 KiB at least) before the event loop
@@ -295,24 +299,47 @@ impl Pipeline {
         (bytes, false)
     }
 
+    /// The housekeeping of the [`TICK`]: loss counters, idle connections and contexts, the /proc
+    /// rescan.
+    fn tick(&mut self, last_scan: &mut std::time::Instant) {
+        self.refresh_lost();
+        let now = Clock::monotonic_now();
+        self.conns.sweep(now, &self.metrics, &mut self.finished);
+        self.stitcher.sweep(now, &self.metrics);
+        self.flush_finished();
+        if last_scan.elapsed() >= self.cfg.rescan_every {
+            *last_scan = std::time::Instant::now();
+            self.rescan();
+        }
+    }
+
     /// Runs until `shutdown` resolves; then drains what the kernel already produced.
+    ///
+    /// Three things make it drain: the kernel's wake-up (at each sixteenth of the ring buffer,
+    /// or at the first record after the loop went to sleep), the [`DRAIN_EVERY`] timer, and the
+    /// continuation of a drain cut into slices. A timer drain that finds the buffer empty puts
+    /// the loop to sleep: it sets `AGENT_SLEEPING` for the kernel side and disarms the drain
+    /// timer, so an idle agent wakes only for the housekeeping [`TICK`] (which also drains, for a
+    /// record submitted while the flag was being set) and for the first record of new traffic.
     pub async fn run(
         mut self,
         ring: RingBuf<MapData>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
+        use std::time::Instant;
         // The CPU watchdog polls its own duplicate of the ring buffer fd.
         let ring_fd = std::os::fd::AsFd::as_fd(&ring).try_clone_to_owned()?;
         // SAFETY: the RingBuf owns its map fd and lives inside the AsyncFd, so the fd stays open
         // for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut cpu = CpuGovernor::start(&self.cfg, &self.metrics, ring_fd);
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        // The kernel side submits records without waking us (see `wake_flags` in
-        // ebpf-probes/src/events.rs) but at each 1/16 of the buffer: drain on this short timer too.
-        let mut drain = tokio::time::interval(DRAIN_EVERY);
-        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last_scan = std::time::Instant::now();
+        let mut timer = super::timer::Wakeup::new()?;
+        let start = Instant::now();
+        let mut drain_at = Some(start + DRAIN_EVERY);
+        let mut tick_at = start;
+        // AGENT_SLEEPING is set and the drain timer disarmed.
+        let mut asleep = false;
+        let mut last_scan = Instant::now();
         let slice = (u64::from(self.cfg.ring_buffer_bytes) / DRAIN_SLICE_OF_RING).max(64 << 10);
         // A drain cut at `slice` with records left: go on after one yield. `drained` adds up the
         // bytes of every slice of that drain (what the CPU governor reads as "waiting").
@@ -320,29 +347,37 @@ impl Pipeline {
         let mut drained = 0u64;
         tokio::pin!(shutdown);
         loop {
-            let mut pending = false;
-            tokio::select! {
+            timer.arm_at(drain_at.map_or(tick_at, |d| d.min(tick_at)))?;
+            // (drain now, woken by the kernel)
+            let (pending, woken) = tokio::select! {
                 guard = ring.readable_mut() => {
                     guard?.clear_ready();
-                    pending = true;
-                    drain.reset();
+                    self.metrics.drains_wakeup.inc();
+                    (true, true)
                 }
-                _ = drain.tick() => pending = true,
-                // Continuing a cut drain (the yield to the exporter came after the last slice).
-                _ = std::future::ready(()), if more => pending = true,
-                _ = tick.tick() => {
-                    self.refresh_lost();
-                    let now = Clock::monotonic_now();
-                    self.conns.sweep(now, &self.metrics, &mut self.finished);
-                    self.stitcher.sweep(now, &self.metrics);
-                    self.flush_finished();
-                    if last_scan.elapsed() >= self.cfg.rescan_every {
-                        last_scan = std::time::Instant::now();
-                        self.rescan();
+                fired = timer.fired() => {
+                    fired?;
+                    let now = Instant::now();
+                    let mut due = drain_at.is_some_and(|d| d <= now);
+                    if due {
+                        self.metrics.drains_timer.inc();
                     }
+                    if tick_at <= now {
+                        self.tick(&mut last_scan);
+                        tick_at = now + if asleep { IDLE_TICK } else { TICK };
+                        // Asleep, the tick drains too: a record submitted while the flag was set
+                        // may not have woken the loop.
+                        if asleep {
+                            self.metrics.drains_tick.inc();
+                            due = true;
+                        }
+                    }
+                    (due, false)
                 }
+                // Continuing a cut drain (the yield to the exporter came after the last slice).
+                _ = std::future::ready(()), if more => (true, false),
                 _ = &mut shutdown => break,
-            }
+            };
             if pending {
                 if !more {
                     drained = 0;
@@ -350,6 +385,18 @@ impl Pipeline {
                 let this;
                 (this, more) = self.drain_slice(ring.get_mut(), slice);
                 drained += this;
+                if this > 0 || more || woken {
+                    asleep = false;
+                } else if !asleep && self.probes.set_sleeping(true) {
+                    // Records submitted before the kernel side saw the flag did not wake us: one
+                    // more look, after the flag is set.
+                    let (late, m) = self.drain_slice(ring.get_mut(), slice);
+                    (drained, more) = (drained + late, m);
+                    asleep = late == 0 && !m;
+                }
+                drain_at = (!asleep).then(|| Instant::now() + DRAIN_EVERY);
+                cpu.set_asleep(asleep);
+                self.metrics.event_loop_asleep.set(u64::from(asleep));
             }
             self.ship();
             if pending {
@@ -402,6 +449,13 @@ impl CpuGovernor {
         }
         metrics.cpu_yielding.set(u64::from(gov.mode() == Mode::Yield));
         CpuGovernor { gov, watchdog, lost_seen: 0 }
+    }
+
+    /// Tells the watchdog whether the event loop sleeps without a drain timer.
+    fn set_asleep(&self, asleep: bool) {
+        if let Some(w) = &self.watchdog {
+            w.set_asleep(asleep);
+        }
     }
 
     fn after_drain(&mut self, drained: u64, probes: &Probes, spans: &SpanSender, metrics: &Metrics) {

@@ -91,6 +91,8 @@ pub struct Probes {
     /// `--exe` names as the kernel's `comm` (15 bytes, NUL-padded): traced from exec on.
     pub watch_comms: BpfHashMap<MapData, [u8; 16], u32>,
     pub lost: PerCpuArray<MapData, u64>,
+    /// `AGENT_SLEEPING`: the event loop sleeps without a drain timer; the next record wakes it.
+    pub sleeping: Array<MapData, u32>,
     /// Hooks attached, as `category/name`.
     pub attached: Vec<String>,
     /// Optional hooks that failed, with the reason.
@@ -311,6 +313,8 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         .map_err(|e| LoadError::Map { name: "WATCH_COMMS", source: e })?;
     let lost = PerCpuArray::try_from(ebpf.take_map("LOST").ok_or(LoadError::MissingMap("LOST"))?)
         .map_err(|e| LoadError::Map { name: "LOST", source: e })?;
+    let sleeping = Array::try_from(ebpf.take_map("AGENT_SLEEPING").ok_or(LoadError::MissingMap("AGENT_SLEEPING"))?)
+        .map_err(|e| LoadError::Map { name: "AGENT_SLEEPING", source: e })?;
     Ok((
         Probes {
             ebpf,
@@ -318,6 +322,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
             watch_ports,
             watch_comms,
             lost,
+            sleeping,
             attached,
             skipped,
             tls: super::uprobes::TlsProbes::new(tls_ok),
@@ -386,6 +391,12 @@ impl Probes {
             }
         }
         out
+    }
+
+    /// Asks the kernel side to wake the agent with the next record (`on`), or takes that back.
+    /// False when the map update failed (the caller must then keep its drain timer).
+    pub fn set_sleeping(&mut self, on: bool) -> bool {
+        self.sleeping.set(0, u32::from(on), 0).is_ok()
     }
 
     /// Records the ring buffer had no room for, summed over CPUs (one map read).
