@@ -136,7 +136,8 @@ pub struct Shared {
 /// How long the watchdog waits for a ring-buffer wake-up before it looks at the drains: the
 /// stall test needs no finer grain than [`STALLED`] plus the loop's own drain period.
 fn patience(asleep: bool) -> Duration {
-    STALLED + if asleep { Duration::from_secs(1) } else { Duration::from_millis(100) }
+    use crate::events::pump::{DRAIN_EVERY, IDLE_TICK};
+    STALLED + if asleep { IDLE_TICK } else { DRAIN_EVERY }
 }
 
 /// A thread that stays in competing mode and makes the whole agent compete when the event loop,

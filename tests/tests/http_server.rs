@@ -260,12 +260,7 @@ fn port_selection_picks_up_later_process_and_metrics_count_it() {
     assert!(spans.iter().all(|s| s.resource.get("process.pid") == Some(&app.proc.pid().to_string())));
     let (code, body) = http_get(&maddr, "/metrics");
     assert_eq!(code, 200);
-    let metric = |name: &str| -> u64 {
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
-    };
+    let metric = |name: &str| metric_value(&body, name);
     assert_eq!(metric("waybill_spans_created_total"), 3);
     assert_eq!(metric("waybill_spans_exported_total"), 3);
     assert_eq!(metric("waybill_processes_attached"), 1);

@@ -27,11 +27,11 @@ use crate::{
 /// every drain and is off while the loop sleeps (see [`Pipeline::run`]). Each timer drain is a
 /// thread wake-up, ~80 µs of CPU on a VM; 100 ms delays a span by at most that, against an export
 /// schedule of 1 s.
-const DRAIN_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// Housekeeping (loss counters, idle sweeps, the /proc rescan) runs this often; [`IDLE_TICK`]
 /// while the loop sleeps.
 const TICK: Duration = Duration::from_millis(500);
-const IDLE_TICK: Duration = Duration::from_secs(1);
+pub(crate) const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Most spans handed to the exporter in one batch.
 const MAX_SHIP: usize = 1024;
 /// One drain reads at most this share of the ring buffer (64 KiB at least) before the event loop
