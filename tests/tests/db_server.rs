@@ -93,8 +93,11 @@ fn postgres_server_spans_from_psql_against_the_postmaster() {
         assert_eq!(attr(s, "server.address"), "127.0.0.1");
         assert_eq!(attr(s, "server.port"), pg.port.to_string());
         assert_eq!(attr(s, "client.address"), "127.0.0.1");
-        // The backend (a forked child of the postmaster) is the traced process.
+        // The backend (a forked child of the postmaster) is the traced process. A psql backend
+        // is often gone before the agent reads /proc: it is still its parent's program.
         assert_ne!(s.resource.get("process.pid"), Some(&pg.pid().to_string()));
+        assert_eq!(s.resource.get("service.name").map(String::as_str), Some("postgres"), "{s:#?}");
+        assert_eq!(s.resource.get("process.executable.name").map(String::as_str), Some("postgres"), "{s:#?}");
     }
     // Three psql runs: three connections.
     let mut distinct = ports.clone();

@@ -235,6 +235,7 @@ impl Pipeline {
                 }
             }
             Record::Fork(ev) => {
+                self.stitcher.resources.set_parent(ev.hdr.tgid, ev.other);
                 if self.adopt(ev.hdr.tgid) {
                     tracing::debug!(pid = ev.hdr.tgid, parent = ev.other, comm = %comm(&ev.comm), "traced process forked");
                 }

@@ -507,6 +507,9 @@ pub struct Resources {
     node: Vec<(String, String)>,
     /// `comm` from the kernel's exec record, for processes gone before they were described.
     comms: FxHashMap<u32, String>,
+    /// The parent of a forked process, from the kernel's fork record: a child gone before it
+    /// was described (a PostgreSQL backend of a short connection) is its parent's program.
+    parents: FxHashMap<u32, u32>,
     /// FxHash (as `comms`): keyed by pid, looked up for every span.
     by_pid: FxHashMap<u32, Arc<ProcessResource>>,
 }
@@ -514,14 +517,38 @@ pub struct Resources {
 impl Resources {
     pub fn new() -> Self {
         let node = std::env::var("OTEL_RESOURCE_ATTRIBUTES").map(|v| parse_resource_attributes(&v)).unwrap_or_default();
-        Self { host: host_name(), node, comms: FxHashMap::default(), by_pid: FxHashMap::default() }
+        Self {
+            host: host_name(),
+            node,
+            comms: FxHashMap::default(),
+            parents: FxHashMap::default(),
+            by_pid: FxHashMap::default(),
+        }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessResource> {
         if let Some(r) = self.by_pid.get(&pid) {
             return r.clone();
         }
-        let r = Arc::new(resource(pid, &self.host, &self.node, self.comms.get(&pid).map(String::as_str)));
+        // (Taken out of the map: the answer is kept in `by_pid`, and a chain of parents met
+        // again through a reused pid cannot loop.)
+        let r = match self.parents.remove(&pid) {
+            // Gone already and never exec'd (an exec record forgets the parent): a fork shares
+            // its parent's program, command line and environment.
+            Some(parent) if parent != pid && fs::metadata(format!("/proc/{pid}")).is_err() => {
+                let p = self.get(parent);
+                let mut attributes = p.attributes.clone();
+                for (k, v) in attributes.iter_mut() {
+                    match k.as_ref() {
+                        "process.pid" => *v = AttrValue::Int(pid as i64),
+                        "service.instance.id" => *v = format!("{}/{pid}/0", self.host).into(),
+                        _ => {}
+                    }
+                }
+                Arc::new(ProcessResource { pid, service_name: p.service_name.clone(), attributes })
+            }
+            _ => Arc::new(resource(pid, &self.host, &self.node, self.comms.get(&pid).map(String::as_str))),
+        };
         if self.by_pid.len() >= 8192 {
             self.by_pid.clear();
         }
@@ -537,15 +564,46 @@ impl Resources {
         self.comms.insert(pid, comm);
     }
 
+    /// `pid` was forked by `parent` (a fallback for a child gone before it is described).
+    pub fn set_parent(&mut self, pid: u32, parent: u32) {
+        if self.parents.len() >= 8192 {
+            self.parents.clear();
+        }
+        self.parents.insert(pid, parent);
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
         self.comms.remove(&pid);
+        self.parents.remove(&pid);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fork_gone_before_it_is_described_is_its_parents_program() {
+        let parent = std::process::id();
+        let gone = 4_000_000_000; // above any pid_max: no /proc entry
+        let mut rs = Resources::new();
+        rs.set_parent(gone, parent);
+        let child = rs.get(gone);
+        let own = rs.get(parent);
+        assert_eq!(child.pid, gone);
+        assert_eq!(child.service_name, own.service_name);
+        let attr = |r: &ProcessResource, k: &str| r.attributes.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+        assert_eq!(attr(&child, "process.pid"), Some(AttrValue::Int(gone as i64)));
+        assert_eq!(attr(&child, "process.executable.name"), attr(&own, "process.executable.name"));
+        assert_ne!(attr(&child, "service.instance.id"), attr(&own, "service.instance.id"));
+        // Without the fork record it is described as before: by what /proc and the kernel said.
+        let mut fresh = Resources::new();
+        assert_eq!(
+            fresh.get(gone).attributes.iter().find(|(a, _)| a == "process.executable.name").map(|(_, v)| v.clone()),
+            Some(AttrValue::Str("unknown".into()))
+        );
+    }
 
     #[test]
     fn kernel_comms_match_exe_names_cut_to_15_bytes() {
