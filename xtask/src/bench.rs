@@ -41,7 +41,7 @@ use clap::Args;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Short rounds (about 2–3 minutes in all): a smoke run. The default takes 10–15 minutes.
+    /// Short rounds (about 3 minutes in all): a smoke run. The default takes about 18 minutes.
     #[arg(long)]
     quick: bool,
     /// Alternating pairs (one round without and one with the agent) per A/B scenario.
@@ -183,7 +183,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         let nginx = Nginx::start(work.path())?;
         warm_up(nginx.port)?;
         section("nginx", &mut rep, &mut |rep| nginx_saturation(&b, &plan, &nginx, rep));
-        section("budget", &mut rep, &mut |rep| budget(&b, &plan, &nginx, work.path(), rep));
+        section("budget", &mut rep, &mut |rep| budget(&b, &plan, &nginx, args.rate, work.path(), rep));
         section("rate", &mut rep, &mut |rep| nginx_rate(&b, &plan, &nginx, args.rate, rep));
         section("events", &mut rep, &mut |rep| events(&b, &plan, &nginx, &hookbench, rep));
     }
@@ -859,6 +859,37 @@ impl Bench {
         out
     }
 
+    /// `load` under each condition of [`BUDGET`], `rounds` times, the order rotated every round.
+    /// `config` is the config file of the no-export condition.
+    fn budget_rounds<T>(
+        &self,
+        pid: u32,
+        config: &str,
+        rounds: usize,
+        label: &str,
+        load: &mut dyn FnMut() -> Result<T>,
+    ) -> Result<ByCondition<T>> {
+        let mut res: ByCondition<T> = Default::default();
+        for i in 0..rounds {
+            let mut order = [0usize, 1, 2, 3];
+            order.rotate_left(i % 4);
+            for c in order {
+                eprintln!("bench: {label}: round {}/{rounds}, {}", i + 1, BUDGET[c]);
+                thread::sleep(Duration::from_millis(300));
+                res[c].push(match c {
+                    0 => (load()?, None),
+                    1 => (self.with_floor("raw-sys-exit", pid, load)?, None),
+                    _ => {
+                        let extra: &[&str] = if c == 2 { &["--config", config] } else { &[] };
+                        let (r, a) = self.with_agent(pid, extra, load)?;
+                        (r, Some(a))
+                    }
+                });
+            }
+        }
+        Ok(res)
+    }
+
     /// Alternating rounds without / with the agent (ABBA order).
     fn alternate<T: Clone>(
         &self,
@@ -888,6 +919,9 @@ impl Bench {
         Ok(p)
     }
 }
+
+/// Results by condition of [`BUDGET`], each with the agent's round where the agent ran.
+type ByCondition<T> = [Vec<(T, Option<AgentRound>)>; 4];
 
 struct Pairs<T> {
     off: Vec<T>,
@@ -1350,8 +1384,9 @@ const BUDGET: [&str; 4] = [
 /// rotated order. Each round splits the machine's busy time per request into nginx (in-kernel
 /// eBPF included), the agent, the collector and the rest (wrk, interrupts, everything else). On
 /// a saturated machine throughput follows that sum, so the table shows what each layer costs and
-/// what any tracer that exports every span to a collector on the same CPUs cannot avoid.
-fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, work: &Path, rep: &mut Report) -> Result<()> {
+/// what any tracer that exports every span to a collector on the same CPUs cannot avoid. Then the
+/// same four conditions at a constant moderate rate, for the latency percentiles of each.
+fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &mut Report) -> Result<()> {
     let secs = plan.sat_secs;
     let rounds = plan.db_pairs;
     let config = work.join("budget-no-export.yaml");
@@ -1379,27 +1414,17 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, work: &Path, rep: &mut Report) 
     };
     let mut res: [Vec<BudgetRound>; 4] = Default::default();
     let (mut exported, mut sampled_out, mut lost) = (0.0, 0.0, 0.0);
-    for i in 0..rounds {
-        let mut order = [0usize, 1, 2, 3];
-        order.rotate_left(i % 4);
-        for c in order {
-            eprintln!("bench: budget: round {}/{rounds}, {}", i + 1, BUDGET[c]);
-            thread::sleep(Duration::from_millis(300));
-            let r = match c {
-                0 => load()?,
-                1 => b.with_floor("raw-sys-exit", nginx.pid(), &mut load)?,
-                _ => {
-                    let extra: Vec<&str> = if c == 2 { vec!["--config", &config] } else { Vec::new() };
-                    let (mut r, a) = b.with_agent(nginx.pid(), &extra, &mut load)?;
-                    r.agent_s = a.cpu_s;
-                    lost += a.lost();
-                    if c == 2 {
-                        exported += a.d("waybill_spans_exported_total");
-                        sampled_out += a.d("waybill_spans_sampled_out_total");
-                    }
-                    r
+    let runs = b.budget_rounds(nginx.pid(), &config, rounds, "budget", &mut load)?;
+    for (c, rs) in runs.into_iter().enumerate() {
+        for (mut r, a) in rs {
+            if let Some(a) = a {
+                r.agent_s = a.cpu_s;
+                lost += a.lost();
+                if c == 2 {
+                    exported += a.d("waybill_spans_exported_total");
+                    sampled_out += a.d("waybill_spans_sampled_out_total");
                 }
-            };
+            }
             res[c].push(r);
         }
     }
@@ -1474,7 +1499,44 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, work: &Path, rep: &mut Report) 
         String::new(),
         format!("{} / {}, {}", f0(lost), f0(sampled_out), f0(exported)),
     ]);
+    // The same conditions at a constant moderate rate: which layer the tail comes from.
+    let conns = 4;
+    let rate_secs = plan.rate_secs;
+    let mut rload = || http_at_rate(nginx.port, rate as f64, conns, Duration::from_secs(rate_secs));
+    let tail = b
+        .budget_rounds(nginx.pid(), &config, rounds, &format!("budget at {rate} req/s"), &mut rload)?
+        .map(|rs| rs.into_iter().map(|(r, _)| r).collect::<Vec<_>>());
+    let pct = |c: usize, p: f64| median(&tail[c].iter().map(|r| r.pct_us(p)).collect::<Vec<_>>());
+    let t = rep.table(
+        &format!(
+            "1c. Where the tail comes from — nginx at a constant {rate} req/s over {conns} keep-alive \
+             connections, {rate_secs} s rounds, the conditions of table 1b, {rounds} rounds each in \
+             rotated order"
+        ),
+        &["condition", "p50 (µs)", "p90 (µs)", "p99 (µs)", "p99.9 (µs)", "p99 vs nothing (range)"],
+    );
+    let mut p99_vs_off = [0.0; 4];
+    for (c, label) in BUDGET.iter().enumerate() {
+        let r: Vec<f64> = tail[c].iter().zip(&tail[0]).map(|(x, o)| x.pct_us(99.0) / o.pct_us(99.0)).collect();
+        let ratio = Ratio {
+            off: 0.0,
+            on: 0.0,
+            median: median(&r),
+            min: r.iter().copied().fold(f64::INFINITY, f64::min),
+            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        };
+        p99_vs_off[c] = ratio.median;
+        t.row(&[
+            label.to_string(),
+            f0(pct(c, 50.0)),
+            f0(pct(c, 90.0)),
+            f0(pct(c, 99.0)),
+            f0(pct(c, 99.9)),
+            if c == 0 { "1".into() } else { ratio.cell() },
+        ]);
+    }
     rep.facts.budget = Some(Budget {
+        p99_vs_off,
         busy_off,
         hook_us: busy(1) - busy_off,
         hook_ratio: vs_off(1).median,
@@ -2130,7 +2192,7 @@ struct Facts {
     budget: Option<Budget>,
 }
 
-/// What the budget section (table 1b) found, for the notes under the summary.
+/// What the budget section (tables 1b and 1c) found, for the notes under the summary.
 #[derive(Debug, Default)]
 struct Budget {
     /// Busy CPU of the whole machine per request with nothing attached (µs).
@@ -2145,6 +2207,8 @@ struct Budget {
     collector_us: f64,
     agent_us: f64,
     kernel_us: f64,
+    /// p99 at a constant rate against nothing attached, per condition (table 1c).
+    p99_vs_off: [f64; 4],
 }
 
 struct Report {
@@ -2315,6 +2379,12 @@ impl Report {
                 g.collector_us,
                 g.full_ratio,
                 g.no_export_ratio
+            ));
+            notes.push(format!(
+                "Where the tail comes from (table 1c): p99 at a constant rate against nothing attached \
+                 is {:.3}× with the empty hook alone, {:.3}× with the agent exporting nothing and \
+                 {:.3}× with the whole agent.",
+                g.p99_vs_off[1], g.p99_vs_off[2], g.p99_vs_off[3]
             ));
         }
         let mut s = String::new();
