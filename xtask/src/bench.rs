@@ -306,6 +306,8 @@ unsafe extern "C" {
 const SIGINT: i32 = 2;
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
 
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a child we started; no memory is involved.
@@ -859,26 +861,30 @@ impl Bench {
         out
     }
 
-    /// `load` under each condition of [`BUDGET`], `rounds` times, the order rotated every round.
-    /// `config` is the config file of the no-export condition.
+    /// `load` under the first `n` conditions of [`BUDGET`], `rounds` times, the order rotated
+    /// every round. `config` is the config file of the no-export condition.
     fn budget_rounds<T>(
         &self,
         pid: u32,
         config: &str,
-        rounds: usize,
+        (rounds, n): (usize, usize),
         label: &str,
         load: &mut dyn FnMut() -> Result<T>,
     ) -> Result<ByCondition<T>> {
-        let mut res: ByCondition<T> = Default::default();
+        let mut res: ByCondition<T> = (0..n).map(|_| Vec::new()).collect();
         for i in 0..rounds {
-            let mut order = [0usize, 1, 2, 3];
-            order.rotate_left(i % 4);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.rotate_left(i % n);
             for c in order {
                 eprintln!("bench: {label}: round {}/{rounds}, {}", i + 1, BUDGET[c]);
                 thread::sleep(Duration::from_millis(300));
                 res[c].push(match c {
                     0 => (load()?, None),
                     1 => (self.with_floor("raw-sys-exit", pid, load)?, None),
+                    4 => {
+                        let (r, a) = self.with_stopped_agent(pid, load)?;
+                        (r, Some(a))
+                    }
                     _ => {
                         let extra: &[&str] = if c == 2 { &["--config", config] } else { &[] };
                         let (r, a) = self.with_agent(pid, extra, load)?;
@@ -888,6 +894,28 @@ impl Bench {
             }
         }
         Ok(res)
+    }
+
+    /// The kernel side alone: the agent attached with a ring buffer that holds the whole round,
+    /// then stopped (SIGSTOP) while `load` runs, so nothing is drained, parsed or exported. The
+    /// round's counters are read after it is resumed: `lost()` says whether the buffer held.
+    fn with_stopped_agent<T>(&self, pid: u32, load: &mut dyn FnMut() -> Result<T>) -> Result<(T, AgentRound)> {
+        let mut agent = self.start_agent(pid, &["--ring-buffer-bytes", KERNEL_ONLY_RING])?;
+        thread::sleep(Duration::from_millis(300));
+        let apid = agent.guard.pid();
+        let m0 = scrape(&agent.metrics_addr)?;
+        signal(apid, SIGSTOP);
+        let out = load();
+        signal(apid, SIGCONT);
+        // Long enough for a housekeeping tick to read the kernel's loss counters.
+        thread::sleep(Duration::from_millis(1500));
+        let m1 = scrape(&agent.metrics_addr)?;
+        let round = AgentRound {
+            delta: m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect(),
+            ..AgentRound::default()
+        };
+        agent.guard.stop();
+        Ok((out?, round))
     }
 
     /// Alternating rounds without / with the agent (ABBA order).
@@ -921,7 +949,7 @@ impl Bench {
 }
 
 /// Results by condition of [`BUDGET`], each with the agent's round where the agent ran.
-type ByCondition<T> = [Vec<(T, Option<AgentRound>)>; 4];
+type ByCondition<T> = Vec<Vec<(T, Option<AgentRound>)>>;
 
 struct Pairs<T> {
     off: Vec<T>,
@@ -1371,13 +1399,19 @@ struct BudgetRound {
     busy_share: f64,
 }
 
-/// The conditions of the budget section, each adding one layer to the one before.
-const BUDGET: [&str; 4] = [
+/// The conditions of the budget section, each adding one layer to the one before. The last,
+/// the kernel side alone, runs at the constant rate only (table 1c): at saturation no ring
+/// buffer holds a round's records.
+const BUDGET: [&str; 5] = [
     "nothing attached",
     "empty raw_tracepoint/sys_exit program only (the hook floor)",
     "agent tracing nginx, spans built, none exported (sampling_ratio 0)",
     "agent tracing nginx, every span exported to the collector (as table 1)",
+    "kernel side only: the agent attached with a 64 MiB ring buffer and stopped (SIGSTOP) for the round",
 ];
+/// The ring buffer of the kernel-side-only condition: a 10 s round at 3000 requests/s writes
+/// ~27 MB of records, under half of it (where every record would force a wake-up).
+const KERNEL_ONLY_RING: &str = "67108864";
 
 /// Where the CPU goes at saturation: nginx under wrk with nothing attached, with only the empty
 /// hook the data path uses, with the agent exporting nothing, and with the whole agent, rounds in
@@ -1414,7 +1448,7 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
     };
     let mut res: [Vec<BudgetRound>; 4] = Default::default();
     let (mut exported, mut sampled_out, mut lost) = (0.0, 0.0, 0.0);
-    let runs = b.budget_rounds(nginx.pid(), &config, rounds, "budget", &mut load)?;
+    let runs = b.budget_rounds(nginx.pid(), &config, (rounds, 4), "budget", &mut load)?;
     for (c, rs) in runs.into_iter().enumerate() {
         for (mut r, a) in rs {
             if let Some(a) = a {
@@ -1472,7 +1506,7 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
         ],
     );
     let busy_off = busy(0);
-    for (c, label) in BUDGET.iter().enumerate() {
+    for (c, label) in BUDGET.iter().enumerate().take(4) {
         let ratio = vs_off(c);
         t.row(&[
             label.to_string(),
@@ -1503,20 +1537,22 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
     let conns = 4;
     let rate_secs = plan.rate_secs;
     let mut rload = || http_at_rate(nginx.port, rate as f64, conns, Duration::from_secs(rate_secs));
-    let tail = b
-        .budget_rounds(nginx.pid(), &config, rounds, &format!("budget at {rate} req/s"), &mut rload)?
-        .map(|rs| rs.into_iter().map(|(r, _)| r).collect::<Vec<_>>());
+    let runs = b.budget_rounds(nginx.pid(), &config, (rounds, 5), &format!("budget at {rate} req/s"), &mut rload)?;
+    let kernel_only_lost: f64 = runs[4].iter().filter_map(|(_, a)| a.as_ref()).map(|a| a.lost()).sum();
+    let tail: Vec<Vec<RateRun>> = runs.into_iter().map(|rs| rs.into_iter().map(|(r, _)| r).collect()).collect();
     let pct = |c: usize, p: f64| median(&tail[c].iter().map(|r| r.pct_us(p)).collect::<Vec<_>>());
     let t = rep.table(
         &format!(
             "1c. Where the tail comes from — nginx at a constant {rate} req/s over {conns} keep-alive \
-             connections, {rate_secs} s rounds, the conditions of table 1b, {rounds} rounds each in \
+             connections, {rate_secs} s rounds, the conditions of table 1b and the kernel side alone, {rounds} rounds each in \
              rotated order"
         ),
         &["condition", "p50 (µs)", "p90 (µs)", "p99 (µs)", "p99.9 (µs)", "p99 vs nothing (range)"],
     );
-    let mut p99_vs_off = [0.0; 4];
-    for (c, label) in BUDGET.iter().enumerate() {
+    let mut p99_vs_off = [0.0; 5];
+    // The kernel side alone between the hook and the whole agent.
+    for c in [0, 1, 4, 2, 3] {
+        let label = BUDGET[c];
         let r: Vec<f64> = tail[c].iter().zip(&tail[0]).map(|(x, o)| x.pct_us(99.0) / o.pct_us(99.0)).collect();
         let ratio = Ratio {
             off: 0.0,
@@ -1534,6 +1570,20 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
             f0(pct(c, 99.9)),
             if c == 0 { "1".into() } else { ratio.cell() },
         ]);
+    }
+    t.row(&[
+        "records lost in the kernel-side-only rounds (0: the ring buffer held them all)".to_string(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        f0(kernel_only_lost),
+    ]);
+    if kernel_only_lost > 0.0 {
+        rep.warnings.push(format!(
+            "budget: the kernel-side-only rounds lost {} records: the ring buffer did not hold the round",
+            f0(kernel_only_lost)
+        ));
     }
     rep.facts.budget = Some(Budget {
         p99_vs_off,
@@ -2207,8 +2257,8 @@ struct Budget {
     collector_us: f64,
     agent_us: f64,
     kernel_us: f64,
-    /// p99 at a constant rate against nothing attached, per condition (table 1c).
-    p99_vs_off: [f64; 4],
+    /// p99 at a constant rate against nothing attached, per condition of [`BUDGET`] (table 1c).
+    p99_vs_off: [f64; 5],
 }
 
 struct Report {
@@ -2382,9 +2432,9 @@ impl Report {
             ));
             notes.push(format!(
                 "Where the tail comes from (table 1c): p99 at a constant rate against nothing attached \
-                 is {:.3}× with the empty hook alone, {:.3}× with the agent exporting nothing and \
-                 {:.3}× with the whole agent.",
-                g.p99_vs_off[1], g.p99_vs_off[2], g.p99_vs_off[3]
+                 is {:.3}× with the empty hook alone, {:.3}× with the kernel side alone (agent \
+                 stopped), {:.3}× with the agent exporting nothing and {:.3}× with the whole agent.",
+                g.p99_vs_off[1], g.p99_vs_off[4], g.p99_vs_off[2], g.p99_vs_off[3]
             ));
         }
         let mut s = String::new();
