@@ -496,20 +496,20 @@ fn cpu_s(pid: u32, tck: f64) -> f64 {
 /// CPU seconds of a process and of the children it has reaped (utime + stime + cutime + cstime,
 /// clock ticks): a PostgreSQL postmaster and the backends of connections that closed.
 fn cpu_with_reaped_children(pid: u32, tck: f64) -> f64 {
-    let ticks = || -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
-        (11..=14).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
-    };
-    ticks().unwrap_or(0) as f64 / tck
+    stat_ticks(pid, 4).unwrap_or(0) as f64 / tck
 }
 
 /// utime + stime of a process (all its threads, dead ones included), in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
+    stat_ticks(pid, 2)
+}
+
+/// The sum of the first `n` time fields of `/proc/PID/stat` from utime on (utime, stime,
+/// cutime, cstime), in clock ticks.
+fn stat_ticks(pid: u32, n: usize) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
+    (11..11 + n).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
 }
 
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
@@ -819,10 +819,7 @@ impl Bench {
             bpf: bpf_use(apid),
             startup_s,
             yielding_at_end: m1.as_ref().is_ok_and(|m| sum_metric(m, "waybill_cpu_yielding") > 0.0),
-            delta: m1
-                .as_ref()
-                .map(|m1| m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect())
-                .unwrap_or_default(),
+            delta: m1.as_ref().map(|m1| delta(&m0, m1)).unwrap_or_default(),
         };
         let alive = agent.guard.alive();
         let clean = agent.guard.stop();
@@ -910,10 +907,7 @@ impl Bench {
         // Long enough for a housekeeping tick to read the kernel's loss counters.
         thread::sleep(Duration::from_millis(1500));
         let m1 = scrape(&agent.metrics_addr)?;
-        let round = AgentRound {
-            delta: m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect(),
-            ..AgentRound::default()
-        };
+        let round = AgentRound { delta: delta(&m0, &m1), ..AgentRound::default() };
         agent.guard.stop();
         Ok((out?, round))
     }
@@ -969,13 +963,7 @@ impl<T> Pairs<T> {
     /// Median of on/off per pair, and the min–max of those ratios.
     fn ratio(&self, f: impl Fn(&T) -> f64) -> Ratio {
         let r: Vec<f64> = self.off.iter().zip(&self.on).map(|(a, (b, _))| f(b) / f(a)).collect();
-        Ratio {
-            off: median(&self.off_vals(&f)),
-            on: median(&self.on_vals(&f)),
-            median: median(&r),
-            min: r.iter().copied().fold(f64::INFINITY, f64::min),
-            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        }
+        Ratio { off: median(&self.off_vals(&f)), on: median(&self.on_vals(&f)), ..Ratio::of(&r) }
     }
     fn rounds(&self) -> Vec<&AgentRound> {
         self.on.iter().map(|(_, a)| a).collect()
@@ -992,6 +980,17 @@ struct Ratio {
 }
 
 impl Ratio {
+    /// The median and the min–max of per-round ratios (no medians of the sides).
+    fn of(r: &[f64]) -> Ratio {
+        Ratio {
+            off: 0.0,
+            on: 0.0,
+            median: median(r),
+            min: r.iter().copied().fold(f64::INFINITY, f64::min),
+            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+
     fn cell(&self) -> String {
         if self.min.is_finite() && (self.max - self.min) > 0.0005 {
             format!("{:.3} ({:.2}–{:.2})", self.median, self.min, self.max)
@@ -1039,6 +1038,11 @@ fn scrape(addr: &str) -> Result<BTreeMap<String, f64>> {
             Some((k.to_string(), v.parse().ok()?))
         })
         .collect())
+}
+
+/// What each series of `m1` gained since `m0`.
+fn delta(m0: &BTreeMap<String, f64>, m1: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    m1.iter().map(|(k, v)| (k.clone(), v - m0.get(k).copied().unwrap_or(0.0))).collect()
 }
 
 /// Sum of every series of `name` (all label sets).
@@ -1338,11 +1342,10 @@ fn nginx_rate(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, rep: &mut Report
             "p99 without agent, one round against the next (A/A noise): median |change|, range".to_string(),
             String::new(),
             String::new(),
-            format!(
-                "±{aa_dev:.1} % ({:.2}–{:.2})",
-                aa.iter().copied().fold(f64::INFINITY, f64::min),
-                aa.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            ),
+            {
+                let r = Ratio::of(&aa);
+                format!("±{aa_dev:.1} % ({:.2}–{:.2})", r.min, r.max)
+            },
         ]);
     }
     t.row(&["nginx CPU per request (µs, includes in-kernel eBPF)", &f1(app.off), &f1(app.on), &app.cell()]);
@@ -1476,16 +1479,8 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
     };
     let busy = |c: usize| per_req(c, &|r| r.busy_s);
     let rest = |c: usize| per_req(c, &|r| r.busy_s - r.nginx_s - r.rotel_s - r.agent_s);
-    let vs_off = |c: usize| -> Ratio {
-        let r: Vec<f64> = res[c].iter().zip(&res[0]).map(|(x, o)| x.rps / o.rps).collect();
-        Ratio {
-            off: 0.0,
-            on: 0.0,
-            median: median(&r),
-            min: r.iter().copied().fold(f64::INFINITY, f64::min),
-            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        }
-    };
+    let vs_off =
+        |c: usize| -> Ratio { Ratio::of(&res[c].iter().zip(&res[0]).map(|(x, o)| x.rps / o.rps).collect::<Vec<_>>()) };
     let t = rep.table(
         &format!(
             "1b. Where the CPU goes at saturation — nginx under wrk -t1 -c32, {secs} s rounds, {rounds} \
@@ -1554,13 +1549,7 @@ fn budget(b: &Bench, plan: &Plan, nginx: &Nginx, rate: u32, work: &Path, rep: &m
     for c in [0, 1, 4, 2, 3] {
         let label = BUDGET[c];
         let r: Vec<f64> = tail[c].iter().zip(&tail[0]).map(|(x, o)| x.pct_us(99.0) / o.pct_us(99.0)).collect();
-        let ratio = Ratio {
-            off: 0.0,
-            on: 0.0,
-            median: median(&r),
-            min: r.iter().copied().fold(f64::INFINITY, f64::min),
-            max: r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        };
+        let ratio = Ratio::of(&r);
         p99_vs_off[c] = ratio.median;
         t.row(&[
             label.to_string(),
