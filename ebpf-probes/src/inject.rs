@@ -3,7 +3,7 @@
 //!
 //! | operation | hook | notes |
 //! |-----------|------|-------|
-//! | decide a server request's ids | `sys_exit_read*` (syscalls.rs → [`on_server_read`]) | trace id from the request's own `traceparent` (bounded scan) or random; SERVER span id random; kept per thread in `THREAD_CTX` and sent as `KIND_SERVER_CTX` |
+//! | decide a server request's ids | `sys_exit_read*` (syscalls.rs → [`on_server_read`]) | trace id from the request's own `traceparent` (bounded scan) or random; SERVER span id random; kept per thread in `THREAD_CTX` and sent in the read's own record (`KIND_DATA_CTX`, a `CtxTrailer` after the payload) |
 //! | end a thread's current request | `sys_exit_write*` → [`on_server_write`] | a response head written on that connection |
 //! | select sockets | `sys_enter_connect` → [`on_connect`], `sock_ops` [`sock_ops_inject`] | destination + age of a traced process's connect(); sock_ops may run outside the process |
 //! | request boundaries | sk_msg + `sys_exit_read*` → [`on_client_read`] | a request may start only after the previous one's final response was read |
@@ -225,7 +225,7 @@ pub fn on_data(ev: *mut DataEvent, pid_tgid: u64, role: u32) {
         if role == ROLE_CLIENT {
             on_client_read(p, c, h.sk);
         } else {
-            on_server_read(p, c, pid_tgid, h.hdr.tgid, h.hdr.tid, h.fd, h.sk, h.hdr.ts_ns);
+            on_server_read(ev, c, pid_tgid, h.sk, h.hdr.ts_ns);
         }
     } else if role != ROLE_CLIENT {
         on_server_write(p, c, pid_tgid, h.sk);
@@ -234,11 +234,13 @@ pub fn on_data(ev: *mut DataEvent, pid_tgid: u64, role: u32) {
 
 /// A traced process read bytes on a socket that is not its client side: if they start an HTTP
 /// request, decide the request's ids and make them the thread's current context. Called from
-/// `sys_exit_read*` with the captured bytes at `p` (`SCRATCH`, ≥ HEAD_SCAN + 64 readable) and the
-/// record's timestamp, before the data record is sent.
-#[allow(clippy::too_many_arguments)]
+/// `sys_exit_read*` with the record assembled in `ev` (`SCRATCH`: `captured` payload bytes, the
+/// data array ≥ HEAD_SCAN + 64 readable) before it is sent. The ids ride in the same record: a
+/// [`CtxTrailer`] after the payload and the kind `KIND_DATA_CTX` (no second reservation).
 #[inline(always)]
-fn on_server_read(p: *const u8, captured: u32, pid_tgid: u64, tgid: u32, tid: u32, fd: u32, sk: u64, ts: u64) {
+fn on_server_read(ev: *mut DataEvent, captured: u32, pid_tgid: u64, sk: u64, ts: u64) {
+    // SAFETY: `ev` is this CPU's scratch record.
+    let p = unsafe { (*ev).data.as_ptr() };
     // SAFETY: p has ≥ 16 readable bytes; `captured` says how many are valid.
     if unsafe { method_len(p, captured) } == 0 {
         return;
@@ -284,20 +286,19 @@ fn on_server_read(p: *const u8, captured: u32, pid_tgid: u64, tgid: u32, tid: u3
             let _ = SRV_OWNER.insert(&sk, &pid_tgid, BPF_ANY as u64);
         }
     }
-    match EVENTS.reserve::<ServerCtxEvent>(0) {
-        Some(mut e) => {
-            e.write(ServerCtxEvent {
-                hdr: EventHeader { kind: KIND_SERVER_CTX, tgid, tid, _pad: 0, ts_ns: ts },
-                fd,
-                flags: ctx.flags,
-                sk,
-                trace_id: ctx.trace_id,
-                span_id: ctx.span_id,
-                parent_span_id: parent,
-            });
-            e.submit(crate::events::submit_flags(core::mem::size_of::<ServerCtxEvent>()));
-        }
-        None => crate::helpers::count_lost(LOST_RINGBUF_FULL),
+    // The trailer sits at the first 8-byte boundary after the payload (`ctx_trailer_offset`).
+    // `opaque` + clamp: the verifier needs the offset's bound (captured ≤ MAX_CAPTURE, and the
+    // data array is 2·MAX_CAPTURE long).
+    let mut off = opaque(ctx_trailer_offset(captured) as u64);
+    if off > MAX_CAPTURE as u64 {
+        off = MAX_CAPTURE as u64;
+    }
+    let trailer =
+        CtxTrailer { flags: ctx.flags, _pad: 0, trace_id: ctx.trace_id, span_id: ctx.span_id, parent_span_id: parent };
+    // SAFETY: off + 40 ≤ MAX_CAPTURE + 40 < 2·MAX_CAPTURE bytes of this CPU's scratch record.
+    unsafe {
+        core::ptr::write_unaligned((*ev).data.as_mut_ptr().add(off as usize).cast::<CtxTrailer>(), trailer);
+        core::ptr::write_volatile(&mut (*ev).head.hdr.kind, KIND_DATA_CTX);
     }
 }
 

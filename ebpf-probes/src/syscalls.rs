@@ -257,8 +257,14 @@ fn data_record(tgid: u32, tid: u32, pid_tgid: u64, args: &SyscallArgs, total: u6
     }
     // Re-read from map memory: the verifier then sees one state here whatever path led here.
     // SAFETY: as above.
-    let captured = unsafe { core::ptr::read_volatile(&(*ev).head.captured) } as u64;
-    let mut size = core::mem::size_of::<DataHeader>() as u64 + captured;
+    let (captured, kind) =
+        unsafe { (core::ptr::read_volatile(&(*ev).head.captured), core::ptr::read_volatile(&(*ev).head.hdr.kind)) };
+    let body = if kind == KIND_DATA_CTX {
+        ctx_trailer_offset(captured) as u64 + core::mem::size_of::<CtxTrailer>() as u64
+    } else {
+        captured as u64
+    };
+    let mut size = core::mem::size_of::<DataHeader>() as u64 + body;
     if size > core::mem::size_of::<DataEvent>() as u64 {
         size = core::mem::size_of::<DataEvent>() as u64;
     }

@@ -2,8 +2,9 @@
 //! of the ring-buffer item, valid until the item is released.
 
 use waybill_common::{
-    CloseEvent, ConnEvent, DataHeader, EventHeader, InjectEvent, KIND_CLOSE, KIND_CONN, KIND_DATA, KIND_INJECT,
-    KIND_PORT_MATCH, KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, KIND_SERVER_CTX, ProcEvent, ServerCtxEvent,
+    CloseEvent, ConnEvent, CtxTrailer, DataHeader, EventHeader, InjectEvent, KIND_CLOSE, KIND_CONN, KIND_DATA,
+    KIND_DATA_CTX, KIND_INJECT, KIND_PORT_MATCH, KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, ProcEvent,
+    ctx_trailer_offset,
 };
 
 pub mod pump;
@@ -13,13 +14,17 @@ mod timer;
 #[derive(Debug)]
 pub enum Record<'a> {
     Conn(ConnEvent),
-    Data { head: DataHeader, payload: &'a [u8] },
+    /// `ctx`: the kernel-decided ids of the server request this payload starts (`KIND_DATA_CTX`).
+    Data {
+        head: DataHeader,
+        payload: &'a [u8],
+        ctx: Option<CtxTrailer>,
+    },
     Close(CloseEvent),
     Exec(ProcEvent),
     Fork(ProcEvent),
     Exit(ProcEvent),
     PortMatch(ProcEvent),
-    ServerCtx(ServerCtxEvent),
     Inject(InjectEvent),
 }
 
@@ -37,21 +42,25 @@ pub fn decode(buf: &[u8]) -> Option<Record<'_>> {
     let hdr: EventHeader = read(buf)?;
     Some(match hdr.kind {
         KIND_CONN => Record::Conn(read(buf)?),
-        KIND_DATA => {
+        KIND_DATA | KIND_DATA_CTX => {
             let head: DataHeader = read(buf)?;
             let start = size_of::<DataHeader>();
             let end = start.checked_add(head.captured as usize)?;
             if end > buf.len() || head.captured as u64 > head.total {
                 return None;
             }
-            Record::Data { head, payload: &buf[start..end] }
+            let ctx = if hdr.kind == KIND_DATA_CTX {
+                Some(read(buf.get(start + ctx_trailer_offset(head.captured) as usize..)?)?)
+            } else {
+                None
+            };
+            Record::Data { head, payload: &buf[start..end], ctx }
         }
         KIND_CLOSE => Record::Close(read(buf)?),
         KIND_PROC_EXEC => Record::Exec(read(buf)?),
         KIND_PROC_FORK => Record::Fork(read(buf)?),
         KIND_PROC_EXIT => Record::Exit(read(buf)?),
         KIND_PORT_MATCH => Record::PortMatch(read(buf)?),
-        KIND_SERVER_CTX => Record::ServerCtx(read(buf)?),
         KIND_INJECT => Record::Inject(read(buf)?),
         _ => return None,
     })
@@ -86,7 +95,7 @@ mod tests {
         let mut b = bytes(&head);
         b.extend_from_slice(b"GET /");
         match decode(&b) {
-            Some(Record::Data { head, payload }) => {
+            Some(Record::Data { head, payload, ctx: None }) => {
                 assert_eq!(head.hdr.tgid, 7);
                 assert_eq!(payload, b"GET /");
             }
@@ -99,6 +108,37 @@ mod tests {
         u[0] = 0xff;
         assert!(decode(&u).is_none());
         assert!(decode(&b[..10]).is_none());
+    }
+
+    #[test]
+    fn decodes_the_context_trailer_after_the_padded_payload() {
+        let head = DataHeader {
+            hdr: EventHeader { kind: KIND_DATA_CTX, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 },
+            fd: 3,
+            dir: 0,
+            total: 20,
+            captured: 5,
+            syscall: 0,
+            sk: 1,
+        };
+        let trailer =
+            CtxTrailer { flags: 2, _pad: 0, trace_id: [0xab; 16], span_id: [0xcd; 8], parent_span_id: [0; 8] };
+        let mut b = bytes(&head);
+        b.extend_from_slice(b"GET /\0\0\0");
+        b.extend_from_slice(&bytes(&trailer));
+        match decode(&b) {
+            Some(Record::Data { payload, ctx: Some(ctx), .. }) => {
+                assert_eq!(payload, b"GET /");
+                assert_eq!((ctx.flags, ctx.trace_id, ctx.span_id), (2, [0xab; 16], [0xcd; 8]));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A trailer cut short is a malformed record, not a context of zeros.
+        assert!(decode(&b[..b.len() - 1]).is_none());
+        // The same bytes as a plain data record: no context.
+        let mut plain = b.clone();
+        plain[..4].copy_from_slice(&KIND_DATA.to_ne_bytes());
+        assert!(matches!(decode(&plain), Some(Record::Data { ctx: None, .. })));
     }
 
     #[test]

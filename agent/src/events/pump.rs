@@ -202,12 +202,14 @@ impl Pipeline {
             // here at a process's first socket: a burst of short-lived processes would stall the
             // pipeline. libssl loaded after exec is picked up by the rescan.)
             Record::Conn(ev) => self.conns.on_conn(&ev, m, &mut self.finished),
-            Record::Data { head, payload } => {
+            Record::Data { head, payload, ctx } => {
+                if let Some(ctx) = ctx {
+                    self.stitcher.on_server_ctx(head.hdr.tgid, head.fd, head.hdr.ts_ns, &ctx, m);
+                }
                 m.bytes_captured.add(payload.len() as u64);
                 self.conns.on_data(&head, payload, m, &mut self.finished)
             }
             Record::Close(ev) => self.conns.on_close(&ev, m, &mut self.finished),
-            Record::ServerCtx(ev) => self.stitcher.on_server_ctx(&ev, m),
             Record::Inject(ev) => self.stitcher.on_inject(&ev, m),
             Record::Exec(ev) => {
                 let pid = ev.hdr.tgid;

@@ -25,7 +25,7 @@ use crate::{
 };
 use context::{Correlator, Endpoint, KernelIds, RequestStart, Resolved};
 use span::{Attr, AttrStr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
-use waybill_common::{CTX_FROM_HEADER, CTX_HAS_PARENT, CTX_SAMPLED, InjectEvent, ServerCtxEvent};
+use waybill_common::{CTX_FROM_HEADER, CTX_HAS_PARENT, CTX_SAMPLED, CtxTrailer, InjectEvent};
 
 /// Methods named by the HTTP semantic conventions; others become `_OTHER`.
 const KNOWN_METHODS: &[&str] =
@@ -240,8 +240,9 @@ impl Stitcher {
         }
     }
 
-    /// The kernel decided the ids of the server request that starts in the next data record.
-    pub fn on_server_ctx(&mut self, ev: &ServerCtxEvent, m: &Metrics) {
+    /// The kernel decided the ids of the server request that starts in the data record read by
+    /// process `tgid` on `fd` at `ts_ns` (the record that carried them).
+    pub fn on_server_ctx(&mut self, tgid: u32, fd: u32, ts_ns: u64, ev: &CtxTrailer, m: &Metrics) {
         if self.server_ids.len() >= MAX_PENDING_KERNEL {
             // Records whose request head never came (parser bound, lost data record).
             m.inject_unmatched.add(self.server_ids.len() as u64);
@@ -249,7 +250,7 @@ impl Stitcher {
         }
         let from_header = ev.flags & CTX_FROM_HEADER != 0;
         self.server_ids.insert(
-            (ev.hdr.tgid, ev.fd, ev.hdr.ts_ns),
+            (tgid, fd, ts_ns),
             KernelIds {
                 trace_id: ev.trace_id,
                 span_id: ev.span_id,

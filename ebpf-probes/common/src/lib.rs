@@ -28,8 +28,11 @@ pub const KIND_DATA: u32 = 201;
 pub const KIND_CLOSE: u32 = 202;
 
 // 3xx: trace-context propagation (ebpf-probes/src/inject.rs).
-/// A traced server thread read an HTTP request head: the ids the kernel decided for it.
-pub const KIND_SERVER_CTX: u32 = 300;
+/// A `KIND_DATA` record whose payload starts an HTTP request a traced server thread read: a
+/// [`CtxTrailer`] with the ids the kernel decided for that request follows the payload. One
+/// record instead of a data record and a context record: a ring-buffer reservation per request
+/// less in the traced thread, a record less to decode in the agent.
+pub const KIND_DATA_CTX: u32 = 300;
 /// The sk_msg program inserted a `traceparent` header into an outgoing request.
 pub const KIND_INJECT: u32 = 301;
 
@@ -94,7 +97,7 @@ pub const HEAD_SCAN: usize = 256;
 /// Length of the inserted `traceparent: 00-<32>-<16>-<2>\r\n` line.
 pub const TRACEPARENT_LINE: u32 = 70;
 
-/// `ServerCtxEvent::flags` / `InjectEvent::flags`: the trace id came from the request's own header.
+/// `CtxTrailer::flags` / `InjectEvent::flags`: the trace id came from the request's own header.
 pub const CTX_FROM_HEADER: u32 = 1;
 /// The trace is sampled (W3C flags bit 0).
 pub const CTX_SAMPLED: u32 = 2;
@@ -250,23 +253,30 @@ pub struct CloseEvent {
 }
 const _: () = assert!(size_of::<CloseEvent>() == 40);
 
-/// `KIND_SERVER_CTX`: sent just before the `KIND_DATA` record of the read it describes, with the
-/// same `hdr.ts_ns`, tgid, tid and fd, so user space can give that request exactly these ids.
+/// Follows the payload of a `KIND_DATA_CTX` record (at `size_of::<DataHeader>() + captured`): the
+/// ids of the server request that payload starts, decided in the kernel when the thread read it
+/// (the request's own `traceparent` or random ones), so user space gives that request exactly
+/// these ids.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ServerCtxEvent {
-    pub hdr: EventHeader,
-    pub fd: u32,
+pub struct CtxTrailer {
     /// `CTX_*` bits.
     pub flags: u32,
-    pub sk: u64,
+    pub _pad: u32,
     pub trace_id: [u8; 16],
     /// The SERVER span's id.
     pub span_id: [u8; 8],
     /// The remote parent from the request's header (zero when generated).
     pub parent_span_id: [u8; 8],
 }
-const _: () = assert!(size_of::<ServerCtxEvent>() == 72);
+const _: () = assert!(size_of::<CtxTrailer>() == 40);
+
+/// Offset of a `KIND_DATA_CTX` record's [`CtxTrailer`] from the end of its `DataHeader`: the
+/// payload rounded up to 8 bytes, so the trailer is aligned in the ring buffer.
+#[inline(always)]
+pub const fn ctx_trailer_offset(captured: u32) -> u32 {
+    (captured + 7) & !7
+}
 
 /// `KIND_INJECT`: what the sk_msg program inserted (sent from the sender's own send call, before
 /// the `KIND_DATA` record of the same write).
