@@ -167,6 +167,18 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         rep.warnings.push(msg);
     }
     rep.warnings.push(format!("load average at start: {}", loadavg()));
+    // Run-time statistics make the kernel read the clock twice around every eBPF program run (on
+    // every syscall of the host, with the agent's `sys_exit` hook): a cost no production host
+    // pays. Off for the whole run; the one section that reports eBPF time turns them on for
+    // itself. The previous value comes back when the run ends.
+    let _stats_off = Sysctl::set(BPF_STATS, "0")?;
+    if _stats_off.old.trim() != "0" {
+        rep.warnings.push(format!(
+            "{BPF_STATS} was {} on this host: turned off for the run except for table 5a (it adds two clock \
+             reads to every eBPF program run); restored at the end",
+            _stats_off.old.trim()
+        ));
+    }
 
     // Any section may fail (a missing tool, a crashed server): report it and go on.
     let section = |name: &str, rep: &mut Report, f: &mut dyn FnMut(&mut Report) -> Result<()>| {
@@ -392,6 +404,9 @@ impl Drop for TempDir {
 }
 
 /// Sets a sysctl file and restores the old value on drop.
+/// `kernel.bpf_stats_enabled`: eBPF programs' run time and count in /proc/PID/fdinfo.
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
 struct Sysctl {
     path: &'static str,
     old: String,
@@ -1888,7 +1903,7 @@ impl HookBench {
 }
 
 fn events(b: &Bench, plan: &Plan, nginx: &Nginx, hookbench: &Path, rep: &mut Report) -> Result<()> {
-    let stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    let stats = Sysctl::set(BPF_STATS, "1")?;
     let secs = plan.sweep_secs;
     // (label, achieved ops/s, events/s, lost, eBPF ns per op, agent CPU µs per op)
     let mut steps: Vec<[String; 7]> = Vec::new();
