@@ -171,12 +171,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     // every syscall of the host, with the agent's `sys_exit` hook): a cost no production host
     // pays. Off for the whole run; the one section that reports eBPF time turns them on for
     // itself. The previous value comes back when the run ends.
-    let _stats_off = Sysctl::set(BPF_STATS, "0")?;
-    if _stats_off.old.trim() != "0" {
+    let stats_off = Sysctl::set(BPF_STATS, "0")?;
+    if stats_off.old.trim() != "0" {
         rep.warnings.push(format!(
             "{BPF_STATS} was {} on this host: turned off for the run except for table 5a (it adds two clock \
              reads to every eBPF program run); restored at the end",
-            _stats_off.old.trim()
+            stats_off.old.trim()
         ));
     }
 

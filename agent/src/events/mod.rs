@@ -81,18 +81,22 @@ mod tests {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
     }
 
-    #[test]
-    fn decodes_data_with_payload_and_rejects_lies() {
-        let head = DataHeader {
-            hdr: EventHeader { kind: KIND_DATA, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 },
+    /// A data record header of `kind` from pid 7 with 5 captured bytes of `total`.
+    fn data_head(kind: u32, total: u64) -> DataHeader {
+        DataHeader {
+            hdr: EventHeader { kind, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 },
             fd: 3,
             dir: 0,
-            total: 10,
+            total,
             captured: 5,
             syscall: 0,
             sk: 1,
-        };
-        let mut b = bytes(&head);
+        }
+    }
+
+    #[test]
+    fn decodes_data_with_payload_and_rejects_lies() {
+        let mut b = bytes(&data_head(KIND_DATA, 10));
         b.extend_from_slice(b"GET /");
         match decode(&b) {
             Some(Record::Data { head, payload, ctx: None }) => {
@@ -112,18 +116,9 @@ mod tests {
 
     #[test]
     fn decodes_the_context_trailer_after_the_padded_payload() {
-        let head = DataHeader {
-            hdr: EventHeader { kind: KIND_DATA_CTX, tgid: 7, tid: 8, _pad: 0, ts_ns: 99 },
-            fd: 3,
-            dir: 0,
-            total: 20,
-            captured: 5,
-            syscall: 0,
-            sk: 1,
-        };
         let trailer =
             CtxTrailer { flags: 2, _pad: 0, trace_id: [0xab; 16], span_id: [0xcd; 8], parent_span_id: [0; 8] };
-        let mut b = bytes(&head);
+        let mut b = bytes(&data_head(KIND_DATA_CTX, 20));
         b.extend_from_slice(b"GET /\0\0\0");
         b.extend_from_slice(&bytes(&trailer));
         match decode(&b) {
