@@ -1,11 +1,13 @@
 //! Small shared helpers: target filter, loss counters, globals, the fd → socket walk.
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel};
-use waybill_common::{AF_INET, AF_INET6, KernelOffsets, ProbeConfig, SockInfo, TracepointOffsets, Tuple};
+use waybill_common::{
+    AF_INET, AF_INET6, KernelOffsets, ProbeConfig, SockInfo, TARGET_CHUNK, TARGET_TRACED, TracepointOffsets, Tuple,
+};
 
-use crate::maps::{INJECT_STATS, LOST, SOCKS, TARGETS};
+use crate::maps::{INJECT_STATS, LOST, SOCKS, TARGET_BYTES, TARGETS};
 
 /// Kernel struct member offsets, written by user space from /sys/kernel/btf/vmlinux before load.
 #[unsafe(no_mangle)]
@@ -74,18 +76,55 @@ pub fn current() -> (u32, u32, u64) {
     ((v >> 32) as u32, v as u32, v)
 }
 
+/// `tgid`'s byte in `TARGET_BYTES` (None: beyond the array, ask `TARGETS`).
+#[inline(always)]
+fn target_byte(tgid: u32) -> Option<*mut u8> {
+    let chunk = TARGET_BYTES.get_ptr_mut(tgid / TARGET_CHUNK)?;
+    // SAFETY: the index is masked below the chunk's size.
+    Some(unsafe { (chunk as *mut u8).add((tgid & (TARGET_CHUNK - 1)) as usize) })
+}
+
 /// Is this tgid traced? The first check of every program.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
-    // SAFETY: the value is only tested for presence.
-    unsafe { TARGETS.get(&tgid) }.is_some()
+    target_flags(tgid).is_some()
 }
 
 /// The `TARGET_*` bits of a traced process (None: not traced).
 #[inline(always)]
 pub fn target_flags(tgid: u32) -> Option<u32> {
-    // SAFETY: a copy of the value is read.
-    unsafe { TARGETS.get(&tgid) }.copied()
+    match target_byte(tgid) {
+        // SAFETY: a byte of a map value; user space may write it at any time (a byte store).
+        Some(p) => match unsafe { read_volatile(p) } {
+            0 => None,
+            b => Some(b as u32),
+        },
+        // SAFETY: a copy of the value is read.
+        None => unsafe { TARGETS.get(&tgid) }.copied(),
+    }
+}
+
+/// Starts tracing `tgid` with `flags` (`TARGETS`, then its byte). False when `TARGETS` is full.
+#[inline(always)]
+pub fn target_insert(tgid: u32, flags: u32) -> bool {
+    if TARGETS.insert(&tgid, &flags, 0).is_err() {
+        return false;
+    }
+    if let Some(p) = target_byte(tgid) {
+        // SAFETY: a byte of a map value (see `target_flags`).
+        unsafe { write_volatile(p, (flags | TARGET_TRACED) as u8) };
+    }
+    true
+}
+
+/// Stops tracing `tgid` (its byte, then `TARGETS`).
+#[inline(always)]
+pub fn target_remove(tgid: u32) {
+    if let Some(p) = target_byte(tgid) {
+        // SAFETY: as in `target_insert`.
+        unsafe { write_volatile(p, 0) };
+    }
+    let _ = TARGETS.remove(&tgid);
 }
 
 /// Count one lost item of kind `idx`.

@@ -1,10 +1,13 @@
 //! Every map the programs use, with its bound and eviction rule.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
-use waybill_common::{ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTERS, SYSCALL_TABLE, SockInfo, Tuple};
+use waybill_common::{
+    ConnectKey, DataEvent, HEAD_SCAN, INJ_COUNTERS, LOST_COUNTERS, SYSCALL_TABLE, SockInfo, TARGET_CHUNK, Tuple,
+};
 
 /// Records to user space. Size set by user space at load time (`--ring-buffer-bytes`); when it is
 /// full a record is dropped and `LOST[LOST_RINGBUF_FULL]` counts it.
@@ -22,6 +25,16 @@ pub static AGENT_SLEEPING: Array<u32> = Array::with_max_entries(1, 0);
 /// beyond it and user space reports the process as not attached).
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The same set as `TARGETS`, one byte per tgid (its `TARGET_*` bits; 0: not traced), so the
+/// check that starts every program on every syscall of the host is an inlined array load rather
+/// than a hash lookup. `TARGET_CHUNK` tgids per entry; user space sizes it from
+/// `/proc/sys/kernel/pid_max` at load time and writes single bytes through a shared mapping
+/// (`BPF_F_MMAPABLE`), so kernel and user writers never overwrite each other's bytes. A tgid
+/// beyond the last entry (pid_max raised after start) falls back to `TARGETS`. Every writer sets
+/// `TARGETS` first and the byte after it, and clears the byte first and `TARGETS` after it.
+#[map]
+pub static TARGET_BYTES: Array<[u8; TARGET_CHUNK as usize]> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// `comm` values (executable names, 15 bytes + NUL padding) named with `--exe`: a process that
 /// execs one is traced from its first instruction, before user space hears of it.

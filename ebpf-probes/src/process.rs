@@ -14,8 +14,8 @@ use waybill_common::{KIND_PROC_EXEC, KIND_PROC_EXIT, KIND_PROC_FORK, TARGET_TRAC
 
 use crate::{
     events::emit_proc,
-    helpers::{config, current, is_target, target_flags, tp_offsets},
-    maps::{TARGETS, WATCH_COMMS},
+    helpers::{config, current, is_target, target_flags, target_insert, target_remove, tp_offsets},
+    maps::WATCH_COMMS,
 };
 
 const CLONE_THREAD: u64 = 0x0001_0000;
@@ -31,7 +31,7 @@ pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
     if let Ok(comm) = bpf_get_current_comm() {
         // SAFETY: presence test only.
         if unsafe { WATCH_COMMS.get(&comm) }.is_some() && !is_target(tgid) {
-            let _ = TARGETS.insert(&tgid, &TARGET_TRACED, 0);
+            let _ = target_insert(tgid, TARGET_TRACED);
         }
     }
     emit_proc(KIND_PROC_EXEC, tgid, tid, 0);
@@ -60,7 +60,7 @@ pub fn tp_task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // The child inherits the parent's policy bits (e.g. no injection).
-    let _ = TARGETS.insert(&child, &parent_flags, 0);
+    let _ = target_insert(child, parent_flags);
     emit_proc(KIND_PROC_FORK, child, child, tgid);
     let _ = tid;
     0
@@ -72,7 +72,7 @@ pub fn tp_sched_process_exit(_ctx: TracePointContext) -> u32 {
     if tgid != tid || !is_target(tgid) {
         return 0;
     }
-    let _ = TARGETS.remove(&tgid);
+    target_remove(tgid);
     emit_proc(KIND_PROC_EXIT, tgid, tid, 0);
     0
 }

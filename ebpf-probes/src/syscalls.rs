@@ -34,10 +34,12 @@ use waybill_common::*;
 
 use crate::{
     events::emit_close,
-    helpers::{config, count_lost, current, is_target, opaque, sock_info, sock_key, target_flags, walk_fd},
+    helpers::{
+        config, count_lost, current, is_target, opaque, sock_info, sock_key, target_flags, target_insert, walk_fd,
+    },
     maps::{
         DATA_PENDING, DATA_PROG, EVENTS, PendingData, SCRATCH, SLOT_ACCEPT, SLOT_CLOSE, SLOT_CONNECT, SLOT_COPY,
-        SLOT_LISTEN, SOCKS, STASH, SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, TARGETS, WATCH_PORTS,
+        SLOT_LISTEN, SOCKS, STASH, SYS_CONNECT_STASH, SYSCALL_KIND, SyscallArgs, WATCH_PORTS,
     },
 };
 
@@ -298,7 +300,7 @@ pub fn raw_sys_exit_accept(ctx: RawTracePointContext) -> i32 {
         if unsafe { WATCH_PORTS.get(&t.lport) }.is_none() {
             return 0;
         }
-        let _ = TARGETS.insert(&tgid, &1, 0);
+        let _ = target_insert(tgid, TARGET_TRACED);
         crate::events::emit_proc(KIND_PORT_MATCH, tgid, tid, t.lport as u32);
     }
     let _ = sock_info(tgid, tid, fd, ROLE_SERVER);
@@ -386,7 +388,7 @@ pub fn raw_sys_exit_listen(ctx: RawTracePointContext) -> i32 {
     if unsafe { WATCH_PORTS.get(&t.lport) }.is_none() {
         return 0;
     }
-    let _ = TARGETS.insert(&tgid, &1, 0);
+    let _ = target_insert(tgid, TARGET_TRACED);
     crate::events::emit_proc(KIND_PORT_MATCH, tgid, tid, t.lport as u32);
     0
 }

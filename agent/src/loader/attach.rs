@@ -54,6 +54,11 @@ pub enum LoadError {
     },
     #[error("eBPF map {0} is missing from the object (build mismatch: rebuild with `cargo xtask build`)")]
     MissingMap(&'static str),
+    #[error(
+        "could not map the eBPF array TARGET_BYTES into memory: {0}. Waybill needs a kernel ≥ 5.8 \
+         (BPF_F_MMAPABLE); run `waybill check`"
+    )]
+    TargetBytes(#[source] std::io::Error),
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -87,6 +92,8 @@ pub struct LoadOptions {
 pub struct Probes {
     pub ebpf: Ebpf,
     pub targets: BpfHashMap<MapData, u32, u32>,
+    /// `TARGET_BYTES`, the kernel's one-byte-per-tgid copy of `targets` (loader/targets.rs).
+    target_bytes: super::targets::TargetBytes,
     pub watch_ports: BpfHashMap<MapData, u16, u32>,
     /// `--exe` names as the kernel's `comm` (15 bytes, NUL-padded): traced from exec on.
     pub watch_comms: BpfHashMap<MapData, [u8; 16], u32>,
@@ -242,6 +249,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
     let regs: SyscallRegs = btf::syscall_regs(&btf)?;
     drop(btf);
     let tp: TracepointOffsets = tracefs::tracepoint_offsets().unwrap_or_default();
+    let target_chunks = super::targets::chunks_for_host();
     // No CO-RE relocations in the object (kernel offsets come in as the globals above), so aya
     // need not parse the kernel's BTF a second time: that parse was most of the start-up peak.
     let mut ebpf = EbpfLoader::new()
@@ -251,6 +259,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         .override_global("REGS", &regs, true)
         .override_global("CONFIG", &opts.config, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)
+        .map_max_entries("TARGET_BYTES", target_chunks)
         .load(bytes)
         .map_err(LoadError::Load)?;
 
@@ -307,6 +316,12 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         .map_err(|e| LoadError::Map { name: "EVENTS", source: e })?;
     let targets = BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?)
         .map_err(|e| LoadError::Map { name: "TARGETS", source: e })?;
+    let target_bytes = match ebpf.take_map("TARGET_BYTES") {
+        Some(aya::maps::Map::Array(data)) => {
+            super::targets::TargetBytes::map(data, target_chunks).map_err(LoadError::TargetBytes)?
+        }
+        _ => return Err(LoadError::MissingMap("TARGET_BYTES")),
+    };
     let watch_ports = BpfHashMap::try_from(ebpf.take_map("WATCH_PORTS").ok_or(LoadError::MissingMap("WATCH_PORTS"))?)
         .map_err(|e| LoadError::Map { name: "WATCH_PORTS", source: e })?;
     let watch_comms = BpfHashMap::try_from(ebpf.take_map("WATCH_COMMS").ok_or(LoadError::MissingMap("WATCH_COMMS"))?)
@@ -319,6 +334,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         Probes {
             ebpf,
             targets,
+            target_bytes,
             watch_ports,
             watch_comms,
             lost,
@@ -336,7 +352,27 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
 impl Probes {
     /// Starts tracing `pid` (kernel-side filter). Returns false when the map is full.
     pub fn add_target(&mut self, pid: u32) -> bool {
-        self.targets.insert(pid, waybill_common::TARGET_TRACED, 0).is_ok()
+        let ok = self.targets.insert(pid, waybill_common::TARGET_TRACED, 0).is_ok();
+        if ok {
+            self.sync_target_byte(pid);
+        }
+        ok
+    }
+
+    /// Copies `pid`'s `TARGETS` value into its `TARGET_BYTES` byte after a write to `TARGETS`.
+    /// Re-reads `TARGETS` after the byte store: when the process exited in between (the kernel
+    /// cleared the byte, then removed the entry), the byte is cleared again.
+    fn sync_target_byte(&mut self, pid: u32) {
+        let flags = self.targets.get(&pid, 0).ok();
+        self.target_bytes.set(pid, flags);
+        if flags.is_some() && self.targets.get(&pid, 0).is_err() {
+            self.target_bytes.set(pid, None);
+        }
+    }
+
+    /// The kernel's byte for `pid` (`TARGET_BYTES`; None beyond the array). For tests.
+    pub fn target_byte(&self, pid: u32) -> Option<u8> {
+        self.target_bytes.get(pid)
     }
 
     /// Sets a traced process's policy bits: `no_inject` turns `traceparent` injection off for it
@@ -344,7 +380,9 @@ impl Probes {
     pub fn set_target_policy(&mut self, pid: u32, no_inject: bool) {
         let keep = self.targets.get(&pid, 0).unwrap_or(0) & waybill_common::TARGET_TLS;
         let flags = waybill_common::TARGET_TRACED | keep | if no_inject { waybill_common::TARGET_NO_INJECT } else { 0 };
-        let _ = self.targets.insert(pid, flags, 0);
+        if self.targets.insert(pid, flags, 0).is_ok() {
+            self.sync_target_byte(pid);
+        }
     }
 
     /// Tells the kernel side that OpenSSL probes are being attached in `pid` (`TARGET_TLS`), so its
@@ -354,11 +392,14 @@ impl Probes {
         let Ok(flags) = self.targets.get(&pid, 0) else { return };
         if flags & waybill_common::TARGET_TLS == 0 {
             // BPF_EXIST: never re-adds a process that exited in between.
-            let _ = self.targets.insert(pid, flags | waybill_common::TARGET_TLS, 2);
+            if self.targets.insert(pid, flags | waybill_common::TARGET_TLS, 2).is_ok() {
+                self.sync_target_byte(pid);
+            }
         }
     }
 
     pub fn remove_target(&mut self, pid: u32) {
+        self.target_bytes.set(pid, None);
         let _ = self.targets.remove(&pid);
     }
 

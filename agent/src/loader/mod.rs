@@ -6,5 +6,6 @@ pub mod elf;
 pub mod features;
 pub mod floor;
 pub mod mounts;
+pub mod targets;
 pub mod tracefs;
 pub mod uprobes;

@@ -90,6 +90,11 @@ pub const TARGET_NO_INJECT: u32 = 2;
 /// (`SSL_ARGS`, `LAST_READ_FD`). Set by user space before the first probe attaches; processes
 /// without it skip those lookups on every data syscall.
 pub const TARGET_TLS: u32 = 4;
+/// Bytes per `TARGET_BYTES` entry: tgid `t` is byte `t % TARGET_CHUNK` of entry `t / TARGET_CHUNK`.
+/// One page, so user space can map the array and write single bytes.
+pub const TARGET_CHUNK: u32 = 4096;
+/// `TARGET_BYTES` never has more entries than this (`PID_MAX_LIMIT`, 4 194 304 tgids, 4 MiB).
+pub const TARGET_CHUNKS_MAX: u32 = 1024;
 
 /// Bytes of a request head the kernel scans (for the request line end, the head end and an
 /// existing `traceparent`). A power of two.
