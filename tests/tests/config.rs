@@ -140,14 +140,14 @@ fn ring_buffer_overflow_is_counted_exactly() {
             metric_value(prom, "waybill_ringbuf_records_lost_total{reason=\"buffer_full\"}"),
         )
     };
-    // Lost counters are read from the kernel every half second: wait until the sum settles.
+    // Lost counters are read from the kernel every two seconds: wait until the sum settles.
     let end = Instant::now() + Duration::from_secs(15);
     let (mut received, mut lost) = count(&http_get(&maddr, "/metrics").1);
     while received + lost < WRITES + 2 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(200));
         (received, lost) = count(&http_get(&maddr, "/metrics").1);
     }
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(2500));
     let (_, prom) = http_get(&maddr, "/metrics");
     let out = agent.stop();
     drop(stdin);
@@ -195,9 +195,17 @@ fn per_service_rule_switches_injection_off() {
         let agent = Agent::start(&["--config", cfg.to_str().unwrap(), "--metrics-addr", &maddr], &[]);
         let (code, body) = http_get(&format!("127.0.0.1:{pu}"), "/call");
         assert_eq!((code, body.as_str()), (200, "ok\n"));
-        // The kernel's injection counters are read every 500 ms.
-        std::thread::sleep(Duration::from_millis(1200));
-        let (_, prom) = http_get(&maddr, "/metrics");
+        // The kernel's injection counters are read every two seconds: wait until they show.
+        let counted = |prom: &str| {
+            let v = |r: &str| metric_value(prom, &format!("waybill_traceparent_injections_total{{result=\"{r}\"}}"));
+            v("injected") + v("disabled_by_rule") > 0
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        let (_, mut prom) = http_get(&maddr, "/metrics");
+        while !counted(&prom) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+            prom = http_get(&maddr, "/metrics").1;
+        }
         let out = agent.stop();
         let recs = std::fs::read_to_string(&log).unwrap();
         let get = recs.lines().next().expect("the downstream got /down/get");

@@ -58,11 +58,25 @@ pub fn exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Parent PID from /proc/PID/stat (the field after the parenthesised comm).
-pub fn ppid(pid: u32) -> Option<u32> {
+/// Field `n` (1-based, as in proc(5)) of /proc/PID/stat, for a field after the parenthesised
+/// comm (n ≥ 3).
+fn stat_field(pid: u32, n: usize) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
+    rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// Parent PID (field 4 of /proc/PID/stat).
+pub fn ppid(pid: u32) -> Option<u32> {
+    stat_field(pid, 4).and_then(|v| u32::try_from(v).ok())
+}
+
+/// Virtual memory size in pages (the first field of /proc/PID/statm, far cheaper for the kernel
+/// to produce than /proc/PID/stat). It changes whenever a mapping is added or removed, so an
+/// unchanged value means /proc/PID/maps need not be read again.
+pub fn vsize(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    s.split(' ').next()?.parse().ok()
 }
 
 /// `pid` and all its living descendants.
@@ -428,9 +442,7 @@ fn argv(pid: u32) -> Vec<String> {
 
 /// Process start time in clock ticks since boot (field 22 of /proc/PID/stat).
 fn start_ticks(pid: u32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    stat_field(pid, 22)
 }
 
 /// Describes process `pid` as an OpenTelemetry resource. `service.name` is the process's own
