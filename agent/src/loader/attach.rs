@@ -456,3 +456,53 @@ impl Probes {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waybill_common::{TARGET_NO_INJECT, TARGET_TLS, TARGET_TRACED};
+
+    /// The kernel's copy of the target set (`TARGET_BYTES`) follows every write: user space's
+    /// through the shared mapping, the kernel's own at fork and exit. Needs root and the object
+    /// (`WAYBILL_EBPF_OBJ`, set by `cargo xtask test`).
+    #[test]
+    fn target_bytes_follow_user_and_kernel_writes() {
+        let Some(object) = std::env::var_os("WAYBILL_EBPF_OBJ").map(PathBuf::from) else {
+            eprintln!("skipped: WAYBILL_EBPF_OBJ not set (run `cargo xtask test`)");
+            return;
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading the probes needs root");
+            return;
+        }
+        let opts = LoadOptions { config: ProbeConfig::default(), ring_buffer_bytes: 1 << 20, object: Some(object) };
+        let (mut p, _ring) = load(&opts).expect("the probes load as root");
+        let me = std::process::id();
+        assert_eq!(p.target_byte(me), Some(0));
+        assert!(p.add_target(me));
+        assert_eq!(p.target_byte(me), Some(TARGET_TRACED as u8));
+        p.set_target_policy(me, true);
+        assert_eq!(p.target_byte(me), Some((TARGET_TRACED | TARGET_NO_INJECT) as u8));
+        p.mark_target_tls(me);
+        assert_eq!(p.target_byte(me), Some((TARGET_TRACED | TARGET_NO_INJECT | TARGET_TLS) as u8));
+        // A tgid past the array is left to TARGETS alone.
+        assert_eq!(p.target_byte(u32::MAX), None);
+        // The kernel side: a child of a traced process is traced from fork (with the parent's
+        // bits), and forgotten at its exit.
+        if p.attached.iter().any(|h| h == "task/task_newtask")
+            && p.attached.iter().any(|h| h == "sched/sched_process_exit")
+        {
+            let mut child = std::process::Command::new("sleep").arg("0.2").spawn().expect("sleep");
+            let pid = child.id();
+            assert_eq!(p.target_byte(pid), Some((TARGET_TRACED | TARGET_NO_INJECT | TARGET_TLS) as u8));
+            assert!(p.is_target(pid));
+            child.wait().unwrap();
+            assert_eq!(p.target_byte(pid), Some(0), "the exit hook clears the byte");
+            assert!(!p.is_target(pid));
+        }
+        p.remove_target(me);
+        assert_eq!(p.target_byte(me), Some(0));
+        assert!(!p.is_target(me));
+    }
+}
