@@ -363,6 +363,10 @@ fn check_reports_this_kernel() {
     assert_eq!(line("kprobes").contains(" yes "), kprobes_here);
     assert!(line("accelerators").contains("tracepoints"), "{}", out.stdout);
     assert!(line("socket data").contains("raw tracepoint sys_exit"), "{}", out.stdout);
+    assert!(line("mmapable array map").contains(" yes "), "{}", out.stdout);
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let covered = pid_max.div_ceil(4096).clamp(1, 1024) * 4096;
+    assert!(line("target filter").contains(&format!("one byte per tgid below {covered} ")), "{}", out.stdout);
     if !kprobes_here {
         assert!(line("accelerators").contains("fallback to syscall tracepoints"), "{}", out.stdout);
     }

@@ -56,7 +56,24 @@ impl Features {
             "traceparent injection NOT available (needs cgroup2 + sock_ops + sk_msg): spans are linked on this host only"
                 .to_string()
         };
+        let probed = self.probes.iter().any(|p| p.name == "mmapable array map" && !p.detail.starts_with("not probed"));
+        let filter = if !probed {
+            "unknown: not probed without privileges (needs BPF_F_MMAPABLE array maps, Linux ≥ 5.5)".to_string()
+        } else if self.get("mmapable array map") {
+            let chunks = super::targets::chunks_for_host();
+            format!(
+                "one byte per tgid below {} ({} KiB array sized from pid_max, written by user space through a shared \
+                 mapping); the TARGETS hash beyond",
+                chunks * waybill_common::TARGET_CHUNK,
+                chunks * waybill_common::TARGET_CHUNK / 1024
+            )
+        } else {
+            "NONE: array maps cannot be mapped into user space here (BPF_F_MMAPABLE, Linux ≥ 5.5); the agent cannot \
+             start"
+                .to_string()
+        };
         vec![
+            ("target filter", filter),
             ("socket data", data),
             ("cross-host context", inject),
             ("fd → TCP 4-tuple", "task→files→fdtable→file→socket→sock walk, offsets from BTF at load time".to_string()),
@@ -83,6 +100,37 @@ impl Features {
         }
         s
     }
+}
+
+/// Can an array map be mapped into user space (`BPF_F_MMAPABLE`, Linux ≥ 5.5)? The traced-process
+/// filter (`TARGET_BYTES`, loader/targets.rs) is written through such a mapping.
+fn probe_mmapable_array() -> (bool, String) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let len = waybill_common::TARGET_CHUNK as usize;
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags.
+    let mut attr = [0u32; 32];
+    attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+    attr[1] = 4;
+    attr[2] = waybill_common::TARGET_CHUNK;
+    attr[3] = 1;
+    attr[4] = 1 << 10; // BPF_F_MMAPABLE
+    // SAFETY: BPF_MAP_CREATE (0) reads `size` bytes of `attr`, which is zero-padded.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+    if fd < 0 {
+        return (false, format!("refused: {} (needs Linux ≥ 5.5)", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: a fresh shared mapping of the map's one value, unmapped below.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+    };
+    if p == libc::MAP_FAILED {
+        return (false, format!("created but not mappable: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    (true, "BPF_F_MMAPABLE array maps into user space".into())
 }
 
 fn tracefs_root() -> Option<&'static str> {
@@ -222,6 +270,9 @@ pub fn detect() -> Features {
             "not supported (kernel < 5.8?) or no privileges".into()
         },
     });
+    let (mm, mm_detail) =
+        if privileged { probe_mmapable_array() } else { (false, "not probed (needs privileges)".into()) };
+    probes.push(Probe { name: "mmapable array map", available: mm, detail: mm_detail });
     let cg = cgroup2_mount();
     let sockops = aya::sys::is_program_supported(ProgramType::SockOps).unwrap_or(false);
     let skmsg = aya::sys::is_program_supported(ProgramType::SkMsg).unwrap_or(false);
