@@ -370,7 +370,8 @@ impl Probes {
         }
     }
 
-    /// The kernel's byte for `pid` (`TARGET_BYTES`; None beyond the array). For tests.
+    /// The kernel's byte for `pid` (`TARGET_BYTES`; None beyond the array).
+    #[cfg(test)]
     pub fn target_byte(&self, pid: u32) -> Option<u8> {
         self.target_bytes.get(pid)
     }

@@ -73,6 +73,7 @@ impl TargetBytes {
     }
 
     /// `pid`'s byte (None beyond the array).
+    #[cfg(test)]
     pub fn get(&self, pid: u32) -> Option<u8> {
         self.byte(pid).map(|b| b.load(Ordering::Acquire))
     }
