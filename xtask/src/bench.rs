@@ -21,6 +21,10 @@
 //!    (`waybill floor --hook raw-sys-exit | syscall-tracepoint | uprobe`), what the hook itself
 //!    costs on this kernel before any of Waybill's work.
 //!
+//! 7. The user-space pipeline alone (`agent/benches/pipeline.rs`): CPU time and allocations per
+//!    request of decoding, parsing, span building, RED and OTLP encoding, warm and with cold
+//!    caches, without a kernel or a network in the way.
+//!
 //! Only 127.0.0.1 traffic; every load loop is bounded in time; every child is stopped by a guard.
 
 use std::{
@@ -50,7 +54,8 @@ pub struct BenchArgs {
     /// Request rate of the constant-rate scenario (requests per second).
     #[arg(long, default_value_t = 3000)]
     rate: u32,
-    /// Only these sections, comma separated: nginx, budget, rate, postgres, redis, events, hooks.
+    /// Only these sections, comma separated: nginx, budget, rate, postgres, redis, events, hooks,
+    /// pipeline.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Benchmark this agent binary (default: build and use target/release/waybill).
@@ -61,7 +66,7 @@ pub struct BenchArgs {
     no_build: bool,
 }
 
-const SECTIONS: &[&str] = &["nginx", "budget", "rate", "postgres", "redis", "events", "hooks"];
+const SECTIONS: &[&str] = &["nginx", "budget", "rate", "postgres", "redis", "events", "hooks", "pipeline"];
 
 /// Durations and sizes of one run (`--quick` or default).
 struct Plan {
@@ -202,6 +207,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     section("postgres", &mut rep, &mut |rep| postgres(&b, &plan, &tools, rep));
     section("redis", &mut rep, &mut |rep| redis(&b, &plan, rep));
     section("hooks", &mut rep, &mut |rep| hooks(&b, &plan, &hookbench, rep));
+    section("pipeline", &mut rep, &mut |rep| pipeline(root, args.quick, rep));
 
     rep.warnings.push(format!(
         "load average at end: {}; total time {:.0} s",
@@ -213,6 +219,41 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let path = out_dir.join("results.md");
     std::fs::write(&path, &text)?;
     eprintln!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+/// Table 7: runs `agent/benches/pipeline.rs` (built with cargo's bench profile) and reports its
+/// rows. No root, no kernel: the floor of the agent's own work per request.
+fn pipeline(root: &Path, quick: bool, rep: &mut Report) -> Result<()> {
+    let requests = if quick { "50000" } else { "200000" };
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["bench", "--quiet", "-p", "waybill", "--bench", "pipeline"])
+        .env("WAYBILL_PIPELINE_TSV", "1")
+        .env("WAYBILL_PIPELINE_REQUESTS", requests)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo bench -p waybill --bench pipeline")?;
+    if !out.status.success() {
+        bail!("cargo bench -p waybill --bench pipeline failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    let params = rows.iter().find(|r| r[0] == "params" && r.len() == 6).ok_or_else(|| anyhow!("no params row"))?;
+    let (n, batch, step, mib, clock) = (params[1], params[2], params[3], params[4], params[5]);
+    let t = rep.table(
+        &format!(
+            "7. User-space pipeline alone — ns of CPU per HTTP request (median of 7 rounds of {n} requests, min–max), \
+             warm (batches of {batch} back to back) and cold ({mib} MiB of other memory walked before each step of \
+             {step} requests; {clock} ns clock reading subtracted)"
+        ),
+        &["stage", "warm", "cold", "allocations / request", "bytes allocated / request"],
+    );
+    for r in rows.iter().filter(|r| r[0] == "stage" && r.len() == 10) {
+        t.row(&[r[1], &format!("{} ({}–{})", r[2], r[3], r[4]), &format!("{} ({}–{})", r[5], r[6], r[7]), r[8], r[9]]);
+    }
+    let total = rows.iter().find(|r| r[0] == "total" && r.len() == 5).ok_or_else(|| anyhow!("no total row"))?;
+    t.row(&["**total**", total[1], total[2], total[3], total[4]]);
     Ok(())
 }
 
