@@ -452,7 +452,7 @@ mod tests {
             parent_span_id: parent.map(|p| [p; 8]),
             trace_state: None,
             sampled: true,
-            name: name.into(),
+            name: name.to_string().into(),
             kind,
             start_unix_ns: T0 + (start_ms * MS as f64) as u64,
             end_unix_ns: T0 + (end_ms * MS as f64) as u64,
@@ -641,7 +641,7 @@ Trace 4bf92f35…  (incomplete)  2 spans  worker (pid 7)
     }
 
     fn names(traces: &[Vec<SpanRecord>]) -> Vec<Vec<String>> {
-        traces.iter().map(|t| t.iter().map(|s| s.name.clone()).collect()).collect()
+        traces.iter().map(|t| t.iter().map(|s| s.name.to_string()).collect()).collect()
     }
 
     #[test]

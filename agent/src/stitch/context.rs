@@ -424,11 +424,10 @@ impl Correlator {
             self.finished.push_back((now_ns, id));
             if ctx.start.server {
                 let key = (ctx.start.pid, ctx.start.tid);
+                // An emptied list stays (with its memory) for the thread's next request; the
+                // sweep drops empty ones.
                 if let Some(v) = self.threads.get_mut(&key) {
                     v.retain(|x| *x != id);
-                    if v.is_empty() {
-                        self.threads.remove(&key);
-                    }
                 }
             }
         }
@@ -496,6 +495,10 @@ impl Correlator {
             self.order.pop_front();
         }
         self.compact();
+        // The per-thread and per-connection lists that emptied since the last sweep: kept until
+        // now so that a thread's or connection's next request reuses the list's memory.
+        self.threads.retain(|_, v| !v.is_empty());
+        self.clients.retain(|_, q| !q.is_empty());
     }
 
     /// Drops stale entries of the queues once they outnumber the contexts (amortised O(1)).
@@ -533,22 +536,13 @@ impl Correlator {
             let (server, pid, tid, local, remote) =
                 (c.start.server, c.start.pid, c.start.tid, c.start.local, c.start.remote);
             self.ctxs.delete(id);
+            // Emptied lists stay until the sweep, as in `finish`.
             if server {
-                let key = (pid, tid);
-                if let Some(v) = self.threads.get_mut(&key) {
+                if let Some(v) = self.threads.get_mut(&(pid, tid)) {
                     v.retain(|x| *x != id);
-                    if v.is_empty() {
-                        self.threads.remove(&key);
-                    }
                 }
-            } else {
-                let key = (local, remote);
-                if let Some(q) = self.clients.get_mut(&key) {
-                    q.retain(|x| *x != id);
-                    if q.is_empty() {
-                        self.clients.remove(&key);
-                    }
-                }
+            } else if let Some(q) = self.clients.get_mut(&(local, remote)) {
+                q.retain(|x| *x != id);
             }
         }
     }

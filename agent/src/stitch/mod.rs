@@ -156,21 +156,30 @@ pub struct Stitcher {
     texts: Texts,
 }
 
-/// Distinct addresses, and distinct `Host` names, interned at most (each lives as long as the
+/// Distinct addresses, distinct `Host` names and distinct span names, interned at most (each lives as long as the
 /// agent); past that, a new one is formatted or copied for every span.
 const MAX_INTERNED: usize = 4096;
 /// Longest `Host` name interned (the header is the client's to choose: with this cap the
 /// interned names hold at most 4096 × 64 B); longer ones are copied per span.
 const MAX_INTERNED_HOST: usize = 64;
+/// Longest HTTP span name interned ("METHOD route": at most 4096 × 128 B held). The route is
+/// the low-cardinality template (ids become `{id}`), so a service has a few dozen; a client
+/// that sends thousands of distinct word paths fills the table, after which new names are
+/// allocated per span, as before interning.
+const MAX_INTERNED_NAME: usize = 128;
 
 /// The texts a span names its ends with (`client.address`, `network.peer.address`,
-/// `server.address`): a service talks to a few addresses and is called under a few host names
+/// `server.address`), and HTTP server span names: a service talks to a few addresses and is called under a few host names
 /// again and again, and each span would otherwise format or copy the same text two or three
 /// times. Interned texts are `&'static` (leaked once), so attributes borrow them for free.
 #[derive(Default)]
 struct Texts {
     addrs: FxHashMap<IpAddr, &'static str>,
     hosts: FxHashSet<&'static str>,
+    /// HTTP span names ("GET /users/{id}").
+    names: FxHashSet<&'static str>,
+    /// Where a span name is put together before it is looked up.
+    scratch: String,
     /// The last two addresses asked for (a span names both ends of its connection), checked
     /// before the table.
     recent: [Option<(IpAddr, &'static str)>; 2],
@@ -198,6 +207,19 @@ impl Texts {
         };
         self.recent[self.next] = Some((ip, s));
         self.next ^= 1;
+        Cow::Borrowed(s)
+    }
+
+    /// A span name (see [`MAX_INTERNED_NAME`]).
+    fn name(&mut self, n: &str) -> AttrStr {
+        if let Some(s) = self.names.get(n) {
+            return Cow::Borrowed(s);
+        }
+        if self.names.len() >= MAX_INTERNED || n.len() > MAX_INTERNED_NAME {
+            return Cow::Owned(n.to_string());
+        }
+        let s: &'static str = Box::leak(n.into());
+        self.names.insert(s);
         Cow::Borrowed(s)
     }
 
@@ -407,7 +429,7 @@ impl Stitcher {
             return None;
         }
         let system = call.system.as_str();
-        let name = call.summary.as_deref().or(call.operation.as_deref()).unwrap_or(system).to_string();
+        let name: AttrStr = call.summary.as_deref().or(call.operation.as_deref()).unwrap_or(system).to_string().into();
         let DbCall {
             operation,
             collection,
@@ -502,7 +524,7 @@ impl Stitcher {
         meta: &ConnMeta,
         ctx: Resolved,
         m: &Metrics,
-        name: String,
+        name: AttrStr,
         (start_ns, end_ns): (u64, u64),
         mut attributes: Vec<Attr>,
         status: SpanStatus,
@@ -595,13 +617,17 @@ impl Stitcher {
         let known: Option<&'static str> = KNOWN_METHODS.iter().copied().find(|k| *k == req.method);
         let method = known.unwrap_or("_OTHER");
         let name = if server {
-            let mut n = String::with_capacity(method.len() + 1 + req.path.len().min(256));
+            // "METHOD route": few distinct values per service, interned (no allocation per span).
+            let mut n = std::mem::take(&mut self.texts.scratch);
+            n.clear();
             n.push_str(method);
             n.push(' ');
             http1::push_path_template(&mut n, &req.path);
-            n
+            let name = self.texts.name(&n);
+            self.texts.scratch = n;
+            name
         } else {
-            method.to_string()
+            Cow::Borrowed(method)
         };
         let mut a: Vec<Attr> = Vec::with_capacity(20);
         a.push(attr("http.request.method", method));

@@ -135,7 +135,8 @@ pub struct SpanRecord {
     /// W3C `tracestate` carried from the incoming request, if any.
     pub trace_state: Option<String>,
     pub sampled: bool,
-    pub name: String,
+    /// Interned (borrowed) for the HTTP names that repeat, owned otherwise.
+    pub name: AttrStr,
     pub kind: SpanKind,
     /// Wall-clock start and end, nanoseconds since the Unix epoch.
     pub start_unix_ns: u64,
@@ -156,7 +157,7 @@ impl SpanRecord {
             parent_span_id: None,
             trace_state: None,
             sampled: true,
-            name: format!("span {n}"),
+            name: format!("span {n}").into(),
             kind: SpanKind::Server,
             start_unix_ns: 1_700_000_000_000_000_000,
             end_unix_ns: 1_700_000_000_005_000_000,
