@@ -604,6 +604,23 @@ mod tests {
     }
 
     #[test]
+    fn emptied_thread_lists_are_reused_then_swept() {
+        let mut c = Correlator::new();
+        let a = c.start(start(1, 11, true, 8080, 50000, 100, None));
+        c.finish(a, 150);
+        // Kept, empty, for the thread's next request: it reads as "no current request".
+        assert!(c.threads.get(&(1, 11)).is_some_and(Vec::is_empty));
+        assert_eq!(c.current_server(1, 11), None);
+        let call = c.start(start(1, 11, false, 40000, 9090, 200, None));
+        assert_eq!(c.finish(call, 210).unwrap().source, ParentSource::None);
+        let b = c.start(start(1, 11, true, 8080, 50000, 300, None));
+        assert_eq!(c.current_server(1, 11).map(|(id, _)| id), Some(b));
+        c.finish(b, 350);
+        c.sweep(400);
+        assert!(!c.threads.contains_key(&(1, 11)), "the sweep drops emptied lists");
+    }
+
+    #[test]
     fn thread_forgets_finished_request_and_flags_ambiguity() {
         let mut c = Correlator::new();
         let a = c.start(start(1, 11, true, 8080, 50000, 100, None));

@@ -756,6 +756,22 @@ mod tests {
     }
 
     #[test]
+    fn span_names_are_interned_within_bounds() {
+        let mut t = Texts::default();
+        let (a, b) = (t.name("GET /users/{id}"), t.name("GET /users/{id}"));
+        assert!(matches!((&a, &b), (Cow::Borrowed(x), Cow::Borrowed(y)) if std::ptr::eq(*x, *y)));
+        let long = format!("GET /{}", "w".repeat(MAX_INTERNED_NAME));
+        assert!(matches!(t.name(&long), Cow::Owned(n) if n == long));
+        for i in 1..MAX_INTERNED {
+            assert!(matches!(t.name(&format!("GET /r{i}")), Cow::Borrowed(_)));
+        }
+        // The table is full: a new name is copied (and not kept), a known one still borrowed.
+        assert!(matches!(t.name("GET /new"), Cow::Owned(n) if n == "GET /new"));
+        assert!(matches!(t.name("GET /users/{id}"), Cow::Borrowed(_)));
+        assert_eq!(t.names.len(), MAX_INTERNED);
+    }
+
+    #[test]
     fn server_span_has_semconv_attributes() {
         let m = Metrics::default();
         let mut s = Stitcher::new(Clock::new());
