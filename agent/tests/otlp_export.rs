@@ -36,7 +36,7 @@ fn records(trace_byte: u8) -> Vec<SpanRecord> {
         parent_span_id: None,
         trace_state: None,
         sampled: true,
-        name: String::new(),
+        name: "".into(),
         kind: SpanKind::Server,
         start_unix_ns: T0,
         end_unix_ns: T0,
