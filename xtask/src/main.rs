@@ -393,6 +393,14 @@ fn test(root: &Path, no_setup: bool, unit: bool, no_fuzz: bool, args: &[String])
         .current_dir(root)
         .args(["test", "--workspace", "--exclude", "waybill-tests", "--release"])
         .env("WAYBILL_EBPF_OBJ", &obj))?;
+    // The pipeline bench's own checks (every record decodes, every request makes one span), on a
+    // few thousand requests: the bench is kept working, its timings are not judged here.
+    eprintln!("xtask: pipeline bench, smoke run");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--release", "-p", "waybill", "--bench", "pipeline"])
+        .env("WAYBILL_PIPELINE_REQUESTS", "4096")
+        .env("WAYBILL_EBPF_OBJ", &obj))?;
     if unit {
         return Ok(());
     }
