@@ -6,10 +6,11 @@
 //! requests (a drain's worth at a few thousand requests per second).
 //!
 //! Reports per request, for each stage: CPU time (thread CPU clock, median of the rounds) and
-//! heap allocations (a counting wrapper around the agent's allocator, mimalloc). Warm caches by
-//! construction, so it is the floor of what the live agent costs per request, and the number
-//! to watch when changing the hot path: it moves by tens of nanoseconds, which the live
-//! measurements of `cargo xtask bench` cannot resolve on a noisy 2-CPU machine.
+//! heap allocations (a counting wrapper around the agent's allocator, mimalloc). It is the floor
+//! of what the live agent costs per request (which adds the ring-buffer reads, the wake-ups and
+//! the gRPC send), and the number to watch when changing the hot path: it moves by a few
+//! nanoseconds from run to run, where the live measurements of `cargo xtask bench` move by
+//! hundreds on a noisy 2-CPU machine.
 //!
 //! Two conditions, rounds alternated: *warm*, batches of 1024 requests handled back to back; and
 //! *cold*, the same work in steps of 16 requests with 8 MiB of other memory walked before each
@@ -23,10 +24,8 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
+    cell::Cell,
+    sync::Arc,
 };
 
 use waybill::{
@@ -45,17 +44,25 @@ use waybill_common::{
     SYS_WRITEV, Tuple,
 };
 
-/// Counts allocations (and reallocations) made through the agent's allocator.
+/// Counts allocations (and reallocations) made through the agent's allocator, per thread (the
+/// pipeline runs on one; a thread-local add costs less than an atomic one, so the counting
+/// hardly shows in the times).
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    static ALLOC_BYTES: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count(bytes: usize) {
+    ALLOCS.with(|c| c.set(c.get() + 1));
+    ALLOC_BYTES.with(|c| c.set(c.get() + bytes as u64));
+}
 
 // SAFETY: forwards every call unchanged to mimalloc; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        ALLOC_BYTES.fetch_add(l.size() as u64, Relaxed);
+        count(l.size());
         // SAFETY: the caller's contract is passed on.
         unsafe { mimalloc::MiMalloc.alloc(l) }
     }
@@ -64,14 +71,12 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { mimalloc::MiMalloc.dealloc(p, l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        ALLOC_BYTES.fetch_add(l.size() as u64, Relaxed);
+        count(l.size());
         // SAFETY: as above.
         unsafe { mimalloc::MiMalloc.alloc_zeroed(l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Relaxed);
-        ALLOC_BYTES.fetch_add(new as u64, Relaxed);
+        count(new);
         // SAFETY: as above.
         unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
     }
@@ -160,11 +165,11 @@ struct Cost {
 }
 
 fn measure<R>(cost: &mut Cost, f: impl FnOnce() -> R) -> R {
-    let (a0, b0, t0) = (ALLOCS.load(Relaxed), ALLOC_BYTES.load(Relaxed), cpu_ns());
+    let (a0, b0, t0) = (ALLOCS.with(Cell::get), ALLOC_BYTES.with(Cell::get), cpu_ns());
     let r = f();
     cost.ns += cpu_ns() - t0;
-    cost.allocs += ALLOCS.load(Relaxed) - a0;
-    cost.bytes += ALLOC_BYTES.load(Relaxed) - b0;
+    cost.allocs += ALLOCS.with(Cell::get) - a0;
+    cost.bytes += ALLOC_BYTES.with(Cell::get) - b0;
     r
 }
 

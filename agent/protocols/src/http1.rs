@@ -376,12 +376,13 @@ impl Http1Conn {
                     } else {
                         let hb = HeadBuf::new(ts, tentative);
                         tentative = false;
+                        self.side_mut(dir).ends = LineEnds::default();
                         Phase::Head(hb)
                     }
                 }
                 Phase::Head(mut hb) => {
                     let from = pos;
-                    let (n, done) = hb.push(&data[pos..], ts);
+                    let (n, done) = hb.push(&data[pos..], ts, &mut self.side_mut(dir).ends);
                     pos += n;
                     // A head that starts and ends in this chunk is parsed where it lies.
                     let buf = std::mem::take(&mut hb.buf);
@@ -514,7 +515,8 @@ impl Http1Conn {
     /// chunk), register/pair the message, and pick the next phase.
     fn on_head(&mut self, dir: FlowDir, hb: HeadBuf, buf: &[u8], end: HeadEnd, ts: u64) -> Phase {
         let complete = end == HeadEnd::Complete;
-        let Some(head) = parse_head(dir, buf) else {
+        let ends = self.side_mut(dir).ends;
+        let Some(head) = parse_head(dir, buf, ends.as_slice()) else {
             if !hb.tentative {
                 self.stats.parse_errors += 1;
             }
@@ -668,11 +670,39 @@ struct Side {
     phase: Phase,
     /// A chunk was seen on this side (the first one may start mid-message).
     started: bool,
+    /// Where the lines of the head being read end (kept here, not in the phase, which moves).
+    ends: LineEnds,
 }
 
 impl Side {
     fn new() -> Self {
-        Side { phase: Phase::Start, started: false }
+        Side { phase: Phase::Start, started: false, ends: LineEnds::default() }
+    }
+}
+
+/// Lines kept in [`LineEnds`]; a head with more lines has the rest found again by the parser.
+const LINE_ENDS: usize = 32;
+
+/// The offsets of the `\n`s of the head being read (from its first byte), in order, as
+/// [`HeadBuf::push`] finds them while it looks for the head's end: the parser then splits the
+/// head into lines without searching it a second time.
+#[derive(Clone, Copy, Debug, Default)]
+struct LineEnds {
+    at: [u16; LINE_ENDS],
+    n: u8,
+}
+
+impl LineEnds {
+    fn push(&mut self, offset: usize) {
+        if (self.n as usize) < LINE_ENDS {
+            // Heads are at most MAX_HEAD_BYTES (16 KiB) long.
+            self.at[self.n as usize] = offset as u16;
+            self.n += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[u16] {
+        &self.at[..self.n as usize]
     }
 }
 
@@ -809,7 +839,7 @@ impl HeadBuf {
     /// Append bytes up to the end of the head or the buffer limit. Returns (consumed, head ended).
     /// When the whole head is in `data` (nothing buffered yet), nothing is copied: the head is
     /// `data[..consumed]`.
-    fn push(&mut self, data: &[u8], ts: u64) -> (usize, bool) {
+    fn push(&mut self, data: &[u8], ts: u64, ends: &mut LineEnds) -> (usize, bool) {
         let lim = data.len().min(MAX_HEAD_BYTES.saturating_sub(self.buf.len()));
         let mut end = None;
         // Line by line (memchr finds each '\n'): the head ends at a '\n' whose line holds
@@ -822,6 +852,7 @@ impl HeadBuf {
                 break;
             };
             let i = pos + k;
+            ends.push(self.buf.len() + i);
             if self.first_line_end.is_none() {
                 self.first_line_end = Some(self.buf.len() + i);
             }
@@ -1283,21 +1314,31 @@ fn trim_ows(mut b: &[u8]) -> &[u8] {
 
 /// Parse a head: the start line (complete, or a long enough prefix if the head was cut) and every
 /// header line ended by '\n' (a last line without one was cut and is ignored). None when the start
-/// line is invalid.
-fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
+/// line is invalid. `ends`: offsets of `buf`'s first '\n's, as far as known (each is checked; the
+/// lines past them are found by searching).
+fn parse_head<'a>(dir: FlowDir, buf: &'a [u8], ends: &[u16]) -> Option<Head<'a>> {
     // One pass: each line is complete when a '\n' ends it; the piece after the last '\n' is not.
-    let mut rest = buf;
-    let mut next_line = || -> Option<(&[u8], bool)> {
-        if rest.is_empty() {
+    let mut at = 0;
+    let mut known = ends.iter().map(|&e| e as usize);
+    let mut next_line = || -> Option<(&'a [u8], bool)> {
+        if at >= buf.len() {
             return None;
         }
-        Some(match memchr::memchr(b'\n', rest) {
+        let nl = match known.next() {
+            Some(e) if e >= at && buf.get(e) == Some(&b'\n') => Some(e),
+            _ => memchr::memchr(b'\n', &buf[at..]).map(|i| at + i),
+        };
+        Some(match nl {
             Some(i) => {
-                let line = &rest[..i];
-                rest = &rest[i + 1..];
+                let line = &buf[at..i];
+                at = i + 1;
                 (strip_cr(line), true)
             }
-            None => (std::mem::take(&mut rest), false),
+            None => {
+                let line = &buf[at..];
+                at = buf.len();
+                (line, false)
+            }
         })
     };
     let (first, first_complete) = next_line().unwrap_or((&[], false));
@@ -1336,15 +1377,25 @@ fn parse_head(dir: FlowDir, buf: &[u8]) -> Option<Head<'_>> {
 }
 
 fn parse_header(head: &mut Head, line: &[u8]) {
-    let Some(colon) = memchr::memchr(b':', line) else {
-        head.bad_lines += 1;
-        return;
+    // `[OWS] name [OWS] ":"` in one pass: the name is a run of `tchar`s, so the walk that checks
+    // it also finds the colon (a line without one, or with anything else before it, is bad).
+    let skip_ows = |mut i: usize| {
+        while i < line.len() && matches!(line[i], b' ' | b'\t') {
+            i += 1;
+        }
+        i
     };
-    let name = trim_ows(&line[..colon]);
-    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+    let start = skip_ows(0);
+    let mut end = start;
+    while end < line.len() && is_tchar(line[end]) {
+        end += 1;
+    }
+    let colon = skip_ows(end);
+    if end == start || line.get(colon) != Some(&b':') {
         head.bad_lines += 1;
         return;
     }
+    let name = &line[start..end];
     let value = trim_ows(&line[colon + 1..]);
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     // Dispatch on the length first: most header names match none of these.
@@ -1545,6 +1596,35 @@ mod tests {
         ];
         for (line, complete, want) in cases {
             assert_eq!(check_status_line(line, *complete), *want, "{:?}", String::from_utf8_lossy(line));
+        }
+    }
+
+    /// The line ends `HeadBuf::push` records give the same parse as searching for them, however
+    /// the head is cut into chunks, with more lines than are recorded, and with wrong offsets.
+    #[test]
+    fn recorded_line_ends_parse_like_a_search() {
+        let many: String = (0..40).map(|i| format!("X-H{i}: v{i}\r\n")).collect();
+        let heads: Vec<(FlowDir, Vec<u8>)> = vec![
+            (
+                FlowDir::ToServer,
+                b"GET /a?b=1 HTTP/1.1\r\nHost: h:80\r\nUser-Agent: t\r\n Bad Line\r\nX: y\r\n\r\n".to_vec(),
+            ),
+            (FlowDir::ToServer, format!("POST /p HTTP/1.1\r\n{many}Content-Length: 3\r\n\r\n").into_bytes()),
+            (FlowDir::ToClient, b"HTTP/1.1 200 OK\nContent-Length: 5\nTransfer-Encoding :chunked\n\n".to_vec()),
+        ];
+        for (dir, head) in &heads {
+            let searched = format!("{:?}", parse_head(*dir, head, &[]));
+            for cut in 1..head.len() {
+                let mut hb = HeadBuf::new(0, false);
+                let mut ends = LineEnds::default();
+                let (n1, done1) = hb.push(&head[..cut], 0, &mut ends);
+                let (n2, done2) = if done1 { (0, true) } else { hb.push(&head[n1..], 0, &mut ends) };
+                assert!(done2 && n1 + n2 == head.len(), "the head ends where it does");
+                let bytes = if hb.buf.is_empty() { &head[..] } else { &hb.buf[..] };
+                assert_eq!(format!("{:?}", parse_head(*dir, bytes, ends.as_slice())), searched, "cut at {cut}");
+            }
+            let wrong = [3u16, 1, 500, 7];
+            assert_eq!(format!("{:?}", parse_head(*dir, head, &wrong)), searched, "wrong offsets are not trusted");
         }
     }
 

@@ -155,17 +155,56 @@ impl<'a> Borrowed<'a> {
     }
 }
 
+/// The attributes of a span that series are made of, found in one pass over its list (the
+/// first of each key, as [`SpanRecord::attr`] finds it): one scan per span instead of one per
+/// key, most of them for keys an HTTP span does not have.
+#[derive(Default)]
+struct SeriesFields<'a> {
+    db_system: Option<&'a AttrValue>,
+    db_operation: Option<&'a AttrValue>,
+    method: Option<&'a AttrValue>,
+    route: Option<&'a AttrValue>,
+    path: Option<&'a AttrValue>,
+    server_address: Option<&'a AttrValue>,
+    server_port: Option<&'a AttrValue>,
+    status: Option<&'a AttrValue>,
+    error: Option<&'a AttrValue>,
+}
+
+impl<'a> SeriesFields<'a> {
+    fn of(r: &'a SpanRecord) -> Self {
+        let mut f = SeriesFields::default();
+        for (k, v) in &r.attributes {
+            let slot = match k.as_ref() {
+                "http.request.method" => &mut f.method,
+                "url.path" => &mut f.path,
+                "server.address" => &mut f.server_address,
+                "server.port" => &mut f.server_port,
+                "http.response.status_code" => &mut f.status,
+                "error.type" => &mut f.error,
+                "http.route" => &mut f.route,
+                "db.system.name" => &mut f.db_system,
+                "db.operation.name" => &mut f.db_operation,
+                _ => continue,
+            };
+            slot.get_or_insert(v);
+        }
+        f
+    }
+}
+
 /// The metric a span feeds and its attributes, borrowed from the span; the server route
 /// (template of `url.path` when the span has no `http.route`) is built in `route`.
 fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(RedMetric, Borrowed<'a>)> {
     let mut b = Borrowed { attrs: [("", ValRef::Bool(false)); MAX_SERIES_ATTRS], len: 0 };
-    let metric = if r.attr("db.system.name").is_some() {
+    let f = SeriesFields::of(r);
+    let metric = if f.db_system.is_some() {
         if r.kind != SpanKind::Client {
             // A traced PostgreSQL/Redis server's own spans: no client operation to measure.
             return None;
         }
         RedMetric::DbClient
-    } else if r.attr("http.request.method").is_some() {
+    } else if f.method.is_some() {
         match r.kind {
             SpanKind::Server => RedMetric::HttpServer,
             SpanKind::Client => RedMetric::HttpClient,
@@ -176,13 +215,13 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
     // The route first (it needs `route` mutably), then only shared borrows.
     route.clear();
     let has_route = metric == RedMetric::HttpServer && {
-        match r.attr("http.route") {
+        match f.route {
             Some(v) => {
                 use std::fmt::Write;
                 let _ = write!(route, "{v}");
                 true
             }
-            None => match r.attr("url.path") {
+            None => match f.path {
                 Some(p) => {
                     match p {
                         AttrValue::Str(p) => waybill_protocols::http1::push_path_template(route, p),
@@ -195,32 +234,32 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
         }
     };
     let route: &'a String = route;
-    let copy = |b: &mut Borrowed<'a>, key: &'static str| {
-        if let Some(v) = r.attr(key) {
+    let copy = |b: &mut Borrowed<'a>, key: &'static str, v: Option<&'a AttrValue>| {
+        if let Some(v) = v {
             b.push(key, ValRef::of(v));
         }
     };
     match metric {
         RedMetric::DbClient => {
-            for k in ["db.system.name", "db.operation.name", "server.address"] {
-                copy(&mut b, k);
-            }
+            copy(&mut b, "db.system.name", f.db_system);
+            copy(&mut b, "db.operation.name", f.db_operation);
+            copy(&mut b, "server.address", f.server_address);
         }
         RedMetric::HttpServer => {
-            copy(&mut b, "http.request.method");
+            copy(&mut b, "http.request.method", f.method);
             if has_route {
                 b.push("http.route", ValRef::Str(route));
             }
-            copy(&mut b, "http.response.status_code");
+            copy(&mut b, "http.response.status_code", f.status);
         }
         RedMetric::HttpClient => {
-            copy(&mut b, "http.request.method");
-            for k in ["server.address", "server.port", "http.response.status_code"] {
-                copy(&mut b, k);
-            }
+            copy(&mut b, "http.request.method", f.method);
+            copy(&mut b, "server.address", f.server_address);
+            copy(&mut b, "server.port", f.server_port);
+            copy(&mut b, "http.response.status_code", f.status);
         }
     }
-    copy(&mut b, "error.type");
+    copy(&mut b, "error.type", f.error);
     b.attrs[..b.len].sort_by(|x, y| x.0.cmp(y.0));
     Some((metric, b))
 }
