@@ -142,12 +142,25 @@ fn main() -> ExitCode {
                 Ok(e) => e,
                 Err(e) => return fail(&format!("floor: {e}")),
             };
-            println!("attached {hook:?}");
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&format!("cannot start the runtime: {e}")),
             };
-            let _ = rt.block_on(tokio::signal::ctrl_c());
+            // The handlers go in before "attached" is printed: whoever reads that line may send
+            // SIGINT at once, and it must end the wait, not kill the process.
+            use tokio::signal::unix::{SignalKind, signal};
+            let signals = rt.block_on(async { (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) });
+            let (mut int, mut term) = match signals {
+                (Ok(i), Ok(t)) => (i, t),
+                (Err(e), _) | (_, Err(e)) => return fail(&format!("cannot handle SIGINT/SIGTERM: {e}")),
+            };
+            println!("attached {hook:?}");
+            rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
             drop(held);
             ExitCode::SUCCESS
         }
@@ -367,14 +380,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Start-up parsed vmlinux BTF and target ELF files; that memory is free now: return it.
     // SAFETY: mi_collect has no preconditions.
     unsafe { libmimalloc_sys::mi_collect(true) };
+    // The signal handlers are in place before "ready" is said: a SIGINT or SIGTERM sent as soon
+    // as that is seen flushes the spans instead of killing the process.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot handle SIGINT: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(processes = n, "ready");
 
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("shutting down: flushing spans");
