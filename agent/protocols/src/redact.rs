@@ -10,6 +10,8 @@
 //!
 //! Both keep the parameter order and the `&` separators, so the output stays a valid query string.
 
+use std::borrow::Cow;
+
 /// Replacement for a sensitive value in [`redact_query`].
 pub const REDACTED: &str = "REDACTED";
 
@@ -81,8 +83,14 @@ fn map_params(q: &str, f: impl Fn(&str, &str) -> Option<&'static str>) -> String
 
 /// True when a parameter name designates a secret or personal data.
 pub fn name_is_sensitive(name: &str) -> bool {
-    let lower = percent_decode_lossy(name).to_ascii_lowercase();
-    SENSITIVE_NAME_PARTS.iter().any(|p| lower.contains(p)) || SENSITIVE_NAMES.contains(&lower.as_str())
+    let decoded = percent_decode_lossy(name);
+    // Lower-cased copy only for a name that has upper-case letters (most have none).
+    let lower: Cow<'_, str> = if decoded.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(decoded.to_ascii_lowercase())
+    } else {
+        decoded
+    };
+    SENSITIVE_NAME_PARTS.iter().any(|p| lower.contains(p)) || SENSITIVE_NAMES.contains(&lower.as_ref())
 }
 
 /// True when a value looks like a credential or personal data whatever its name: a JWT
@@ -94,8 +102,12 @@ pub fn value_looks_sensitive(value: &str) -> bool {
     jwt || email
 }
 
-/// Decode `%XX` escapes and `+` (as space) for matching purposes only.
-fn percent_decode_lossy(s: &str) -> String {
+/// Decode `%XX` escapes and `+` (as space) for matching purposes only. Borrowed when there is
+/// nothing to decode (the usual case: no copy per parameter).
+fn percent_decode_lossy(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(s);
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -114,7 +126,7 @@ fn percent_decode_lossy(s: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn hex_val(c: u8) -> Option<u8> {
