@@ -3,7 +3,9 @@
 //! kernel side writes them (nginx serving a 615-byte page, as in `cargo xtask bench`), go
 //! through the same code the event loop and the exporter run — decode, connection table and
 //! HTTP parser, span building, RED histograms, OTLP protobuf encoding — in batches of 1024
-//! requests (a drain's worth at a few thousand requests per second).
+//! requests (a drain's worth at a few thousand requests per second). A second kind of traffic,
+//! a browser calling a JSON API (a 600-byte head with an incoming `traceparent`, a 2 KiB
+//! response), shows how the cost grows with the heads ([`MIXES`]).
 //!
 //! Reports per request, for each stage: CPU time (thread CPU clock, median of the rounds) and
 //! heap allocations (a counting wrapper around the agent's allocator, mimalloc). It is the floor
@@ -89,11 +91,50 @@ static GLOBAL: Counting = Counting;
 const CONNS: u32 = 4;
 /// Requests per batch: one drain's records, one `ship()`, one encoded request body.
 const BATCH: usize = 1024;
-/// The request wrk sends and the response head nginx writes before the 615-byte index page.
-const REQUEST: &[u8] = b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n";
-const RESPONSE_HEAD: &str = "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 07:00:00 GMT\r\n\
-    Content-Type: text/html\r\nContent-Length: 615\r\nLast-Modified: Fri, 04 Dec 2026 10:00:00 GMT\r\n\
-    Connection: keep-alive\r\nETag: \"6751a4f0-267\"\r\nAccept-Ranges: bytes\r\n\r\n";
+/// One kind of traffic: what the server reads and writes for each request.
+struct Mix {
+    name: &'static str,
+    /// The request head of request `n`.
+    request: fn(u64) -> Vec<u8>,
+    /// The response head; a body of `body` bytes follows it in the same `writev`.
+    response_head: &'static str,
+    body: usize,
+}
+
+/// The two kinds of traffic measured: what `cargo xtask bench` sends nginx (wrk's bare request,
+/// nginx's 615-byte index page), and a browser calling a JSON API through a traced server: a
+/// 600-byte head with cookies and an incoming `traceparent` (a new trace id per request), an id
+/// in the path, a query, and a 2 KiB JSON response.
+const MIXES: [Mix; 2] = [
+    Mix {
+        name: "nginx page",
+        request: |_| b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n".to_vec(),
+        response_head: "HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 07:00:00 GMT\r\n\
+            Content-Type: text/html\r\nContent-Length: 615\r\nLast-Modified: Fri, 04 Dec 2026 10:00:00 GMT\r\n\
+            Connection: keep-alive\r\nETag: \"6751a4f0-267\"\r\nAccept-Ranges: bytes\r\n\r\n",
+        body: 615,
+    },
+    Mix {
+        name: "browser to JSON API",
+        request: |n| {
+            format!(
+                "GET /api/orders/{n}?expand=items&page=2 HTTP/1.1\r\nHost: shop.example.com\r\n\
+                 User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) \
+                 Chrome/131.0.0.0 Safari/537.36\r\nAccept: application/json, text/plain, */*\r\n\
+                 Accept-Language: en-US,en;q=0.9\r\nAccept-Encoding: gzip, deflate, br\r\n\
+                 Referer: https://shop.example.com/orders\r\nCookie: session=3f9a1c0e8b7d4a2f; theme=dark\r\n\
+                 traceparent: 00-{:032x}-00f067aa0ba902b7-01\r\nConnection: keep-alive\r\n\r\n",
+                0x4bf9_2f35_77b3_4da6_u128 << 64 | u128::from(n + 1)
+            )
+            .into_bytes()
+        },
+        response_head: "HTTP/1.1 200 OK\r\nDate: Sat, 05 Dec 2026 07:00:00 GMT\r\n\
+            Content-Type: application/json; charset=utf-8\r\nContent-Length: 2048\r\nCache-Control: no-store\r\n\
+            Vary: Accept-Encoding\r\nX-Request-Id: 7f3c2a90-5b1e-4c7d-9a2f-1e0d3c4b5a69\r\n\
+            Strict-Transport-Security: max-age=31536000\r\nConnection: keep-alive\r\n\r\n",
+        body: 2048,
+    },
+];
 
 fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a plain #[repr(C)] record of integers, read as bytes.
@@ -132,17 +173,17 @@ fn data_record(pid: u32, fd: u32, dir: u32, syscall: u32, ts_ns: u64, payload: &
     item(&[bytes_of(&head), payload])
 }
 
-/// The records of `requests` requests from request `first` on: for each request, nginx's read of the request and its writev of
-/// head and page, connections taken in turn. Timestamps move on 50 µs per request.
-fn batch_records(pid: u32, first: u64, requests: usize) -> Vec<Vec<u8>> {
-    let page = vec![b'x'; 615];
-    let response = [RESPONSE_HEAD.as_bytes(), &page].concat();
+/// The records of `requests` requests of `mix` from request `first` on: for each request, the
+/// server's read of the request and its `writev` of head and body, connections taken in turn.
+/// Timestamps move on 50 µs per request.
+fn batch_records(mix: &Mix, pid: u32, first: u64, requests: usize) -> Vec<Vec<u8>> {
+    let response = [mix.response_head.as_bytes(), &vec![b'x'; mix.body]].concat();
     let mut out = Vec::with_capacity(2 * requests);
     for i in 0..requests as u64 {
         let n = first + i;
         let fd = 10 + (n % CONNS as u64) as u32;
         let ts = 1_000_000_000 + n * 50_000;
-        out.push(data_record(pid, fd, DIR_READ, SYS_RECVFROM, ts, REQUEST));
+        out.push(data_record(pid, fd, DIR_READ, SYS_RECVFROM, ts, &(mix.request)(n)));
         out.push(data_record(pid, fd, DIR_WRITE, SYS_WRITEV, ts + 20_000, &response));
     }
     out
@@ -254,8 +295,8 @@ impl Agent {
     }
 
     /// One warm batch: a drain's worth of records handled back to back.
-    fn warm_batch(&mut self, cost: &mut [Cost; 4]) {
-        let records = batch_records(self.pid, self.next, BATCH);
+    fn warm_batch(&mut self, mix: &Mix, cost: &mut [Cost; 4]) {
+        let records = batch_records(mix, self.pid, self.next, BATCH);
         self.next += BATCH as u64;
         let mut spans = Vec::with_capacity(BATCH);
         self.parse(&records, &mut spans, cost);
@@ -266,10 +307,10 @@ impl Agent {
     /// One cold batch: the same work in steps of [`COLD_STEP`] requests, with [`THRASH_BYTES`]
     /// of other memory walked before each step (and before the ship), as the traced server, the
     /// kernel and the load generator do to the agent's CPU between two of its time slices.
-    fn cold_batch(&mut self, cost: &mut [Cost; 4], thrash: &mut [u8]) {
+    fn cold_batch(&mut self, mix: &Mix, cost: &mut [Cost; 4], thrash: &mut [u8]) {
         let mut spans = Vec::with_capacity(BATCH);
         for _ in 0..BATCH / COLD_STEP {
-            let records = batch_records(self.pid, self.next, COLD_STEP);
+            let records = batch_records(mix, self.pid, self.next, COLD_STEP);
             self.next += COLD_STEP as u64;
             walk(thrash);
             self.parse(&records, &mut spans, cost);
@@ -301,32 +342,13 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 fn main() {
     let requests: u64 = std::env::var("WAYBILL_PIPELINE_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    // `WAYBILL_PIPELINE_TSV=1`: tab-separated rows for `cargo xtask bench` to read.
+    let tsv = std::env::var_os("WAYBILL_PIPELINE_TSV").is_some();
     let rounds = 7;
     let batches = requests.div_ceil(BATCH as u64);
     let n = (batches * BATCH as u64) as f64;
     let mut agent = Agent::new();
     let mut thrash = vec![0u8; THRASH_BYTES];
-
-    // Round 0 of each kind warms up (process resource, RED series, encoder cache) and is not
-    // reported. Warm and cold rounds alternate.
-    let mut warm: Vec<[Cost; 4]> = Vec::new();
-    let mut cold: Vec<[Cost; 4]> = Vec::new();
-    for round in 0..=rounds {
-        let mut cost = [Cost::default(); 4];
-        for _ in 0..batches {
-            agent.warm_batch(&mut cost);
-        }
-        if round > 0 {
-            warm.push(cost);
-        }
-        let mut cost = [Cost::default(); 4];
-        for _ in 0..batches {
-            agent.cold_batch(&mut cost, &mut thrash);
-        }
-        if round > 0 {
-            cold.push(cost);
-        }
-    }
     // What reading the clock costs, per reading pair (subtracted from the cold rounds, which
     // read it once per step and stage).
     let mut clock = Cost::default();
@@ -334,55 +356,82 @@ fn main() {
         measure(&mut clock, || ());
     }
     let clock_ns = clock.ns as f64 / 100_000.0;
-    // `WAYBILL_PIPELINE_TSV=1`: tab-separated rows for `cargo xtask bench` to read.
-    let tsv = std::env::var_os("WAYBILL_PIPELINE_TSV").is_some();
     let cold_readings = (batches as usize * (2 * BATCH / COLD_STEP + 2)) as f64;
+    if tsv {
+        println!("params\t{}\t{BATCH}\t{COLD_STEP}\t{}\t{clock_ns:.0}", n as u64, THRASH_BYTES >> 20);
+    } else {
+        println!(
+            "user-space pipeline per HTTP request: {rounds} rounds of {} requests each, warm and cold alternated; \
+             median (min–max)",
+            n as u64
+        );
+    }
 
-    println!(
-        "user-space pipeline per HTTP request: {rounds} rounds of {} requests each, warm and cold alternated; \
-         median (min–max)",
-        n as u64
-    );
-    println!(
-        "{:<40} {:>19} {:>19} {:>10} {:>9}",
-        "stage", "warm CPU ns/req", "cold CPU ns/req", "allocs/req", "bytes/req"
-    );
-    let mut totals = [0f64; 4];
-    for (i, stage) in STAGES.iter().enumerate() {
-        let (w, wmin, wmax) = spread(warm.iter().map(|c| c[i].ns as f64 / n).collect());
-        let readings = if i < 2 { cold_readings - 2.0 * batches as f64 } else { 2.0 * batches as f64 } / 2.0;
-        let (c, cmin, cmax) =
-            spread(cold.iter().map(|c| (c[i].ns as f64 - readings * clock_ns).max(0.0) / n).collect());
-        let allocs = warm[0][i].allocs as f64 / n;
-        let bytes = warm[0][i].bytes as f64 / n;
-        totals[0] += w;
-        totals[1] += c;
-        totals[2] += allocs;
-        totals[3] += bytes;
-        if tsv {
+    for mix in &MIXES {
+        // Round 0 of each kind warms up (process resource, RED series, encoder cache, interned
+        // texts) and is not reported. Warm and cold rounds alternate.
+        let mut warm: Vec<[Cost; 4]> = Vec::new();
+        let mut cold: Vec<[Cost; 4]> = Vec::new();
+        for round in 0..=rounds {
+            let mut cost = [Cost::default(); 4];
+            for _ in 0..batches {
+                agent.warm_batch(mix, &mut cost);
+            }
+            if round > 0 {
+                warm.push(cost);
+            }
+            let mut cost = [Cost::default(); 4];
+            for _ in 0..batches {
+                agent.cold_batch(mix, &mut cost, &mut thrash);
+            }
+            if round > 0 {
+                cold.push(cost);
+            }
+        }
+        let name = mix.name;
+        if !tsv {
             println!(
-                "stage\t{stage}\t{w:.0}\t{wmin:.0}\t{wmax:.0}\t{c:.0}\t{cmin:.0}\t{cmax:.0}\t{allocs:.2}\t{bytes:.0}"
-            );
-        } else {
-            println!(
-                "{stage:<40} {w:>6.0} ({wmin:>4.0}–{wmax:<4.0}) {c:>6.0} ({cmin:>4.0}–{cmax:<4.0}) {allocs:>10.2} {bytes:>9.0}"
+                "\n{name}:\n{:<40} {:>19} {:>19} {:>10} {:>9}",
+                "stage", "warm CPU ns/req", "cold CPU ns/req", "allocs/req", "bytes/req"
             );
         }
+        let mut totals = [0f64; 4];
+        for (i, stage) in STAGES.iter().enumerate() {
+            let (w, wmin, wmax) = spread(warm.iter().map(|c| c[i].ns as f64 / n).collect());
+            let readings = if i < 2 { cold_readings - 2.0 * batches as f64 } else { 2.0 * batches as f64 } / 2.0;
+            let (c, cmin, cmax) =
+                spread(cold.iter().map(|c| (c[i].ns as f64 - readings * clock_ns).max(0.0) / n).collect());
+            let allocs = warm[0][i].allocs as f64 / n;
+            let bytes = warm[0][i].bytes as f64 / n;
+            totals[0] += w;
+            totals[1] += c;
+            totals[2] += allocs;
+            totals[3] += bytes;
+            if tsv {
+                println!(
+                    "stage\t{name}\t{stage}\t{w:.0}\t{wmin:.0}\t{wmax:.0}\t{c:.0}\t{cmin:.0}\t{cmax:.0}\t{allocs:.2}\t{bytes:.0}"
+                );
+            } else {
+                println!(
+                    "{stage:<40} {w:>6.0} ({wmin:>4.0}–{wmax:<4.0}) {c:>6.0} ({cmin:>4.0}–{cmax:<4.0}) {allocs:>10.2} \
+                     {bytes:>9.0}"
+                );
+            }
+        }
+        if tsv {
+            println!("total\t{name}\t{:.0}\t{:.0}\t{:.2}\t{:.0}", totals[0], totals[1], totals[2], totals[3]);
+        } else {
+            println!("{:<40} {:>6.0} {:>18.0} {:>23.2} {:>9.0}", "total", totals[0], totals[1], totals[2], totals[3]);
+            println!("(encoded request body of {BATCH} spans: {} bytes)", agent.body_bytes);
+        }
     }
-    if tsv {
-        println!("total\t{:.0}\t{:.0}\t{:.2}\t{:.0}", totals[0], totals[1], totals[2], totals[3]);
-        println!("params\t{}\t{BATCH}\t{COLD_STEP}\t{}\t{clock_ns:.0}", n as u64, THRASH_BYTES >> 20);
-        return;
+    if !tsv {
+        println!(
+            "\nwarm: batches of {BATCH} requests back to back. cold: steps of {COLD_STEP} requests, {} MiB of other \
+             memory walked before each step and before each batch's RED and encoding (clock reading, {clock_ns:.0} \
+             ns, subtracted). Spans created: {}.",
+            THRASH_BYTES >> 20,
+            agent.metrics.spans_created.get()
+        );
     }
-    println!("{:<40} {:>6.0} {:>18.0} {:>23.2} {:>9.0}", "total", totals[0], totals[1], totals[2], totals[3]);
-    println!(
-        "warm: batches of {BATCH} requests back to back. cold: steps of {COLD_STEP} requests, {} MiB of other memory \
-         walked before each step and before each batch's RED and encoding (clock reading, {clock_ns:.0} ns, subtracted).",
-        THRASH_BYTES >> 20
-    );
-    println!(
-        "spans created: {}; encoded request body of {BATCH} spans: {} bytes.",
-        agent.metrics.spans_created.get(),
-        agent.body_bytes
-    );
 }
