@@ -212,28 +212,27 @@ impl Texts {
 
     /// A span name (see [`MAX_INTERNED_NAME`]).
     fn name(&mut self, n: &str) -> AttrStr {
-        if let Some(s) = self.names.get(n) {
-            return Cow::Borrowed(s);
-        }
-        if self.names.len() >= MAX_INTERNED || n.len() > MAX_INTERNED_NAME {
-            return Cow::Owned(n.to_string());
-        }
-        let s: &'static str = Box::leak(n.into());
-        self.names.insert(s);
-        Cow::Borrowed(s)
+        intern(&mut self.names, n, MAX_INTERNED_NAME)
     }
 
     fn host(&mut self, h: &str) -> AttrStr {
-        if let Some(s) = self.hosts.get(h) {
-            return Cow::Borrowed(s);
-        }
-        if self.hosts.len() >= MAX_INTERNED || h.len() > MAX_INTERNED_HOST {
-            return Cow::Owned(h.to_string());
-        }
-        let s: &'static str = Box::leak(h.into());
-        self.hosts.insert(s);
-        Cow::Borrowed(s)
+        intern(&mut self.hosts, h, MAX_INTERNED_HOST)
     }
+}
+
+/// `text` borrowed from `set`, added to it (leaked, kept for the agent's life) if new, while the
+/// set holds fewer than [`MAX_INTERNED`] texts and `text` is at most `max_len` bytes; otherwise
+/// a copy of its own.
+fn intern(set: &mut FxHashSet<&'static str>, text: &str, max_len: usize) -> AttrStr {
+    if let Some(s) = set.get(text) {
+        return Cow::Borrowed(s);
+    }
+    if set.len() >= MAX_INTERNED || text.len() > max_len {
+        return Cow::Owned(text.to_string());
+    }
+    let s: &'static str = Box::leak(text.into());
+    set.insert(s);
+    Cow::Borrowed(s)
 }
 
 /// A connection end as the correlator compares it: an IPv4-mapped IPv6 address (a dual-stack
