@@ -52,6 +52,9 @@ pub struct FileConfig {
     pub inject: Option<bool>,
     /// `adaptive`, `batch` or `idle` (as `--cpu-policy`).
     pub cpu_policy: Option<crate::sched::CpuPolicy>,
+    /// `true`: spans also carry the semantic conventions' Opt-In attributes (as
+    /// `--opt-in-attributes`).
+    pub opt_in_attributes: Option<bool>,
     /// Per-service rules, applied in order: the first rule whose `match` fits wins.
     #[serde(default)]
     pub services: Vec<ServiceRule>,
@@ -271,6 +274,7 @@ mod tests {
             "targets:\n  pids: [1, 2]\n  exes: [nginx]\n  ports: [8080]\nmetrics_addr: 127.0.0.1:9464\n\
              capture_bytes: 512\nring_buffer_bytes: 65536\nmax_connections: 10\nidle_timeout_secs: 5\n\
              span_queue: 7\nexport_backlog: 9\nred_series_limit: 3\ninject: false\ncpu_policy: batch\n\
+             opt_in_attributes: true\n\
              services:\n  - match: { service_name: shop }\n    sampling_ratio: 0.5\n\
              \x20 - match: { exe: pgbouncer }\n    trace: false\n\
              \x20 - match: { exe: curl }\n    inject: false\n",
@@ -285,6 +289,7 @@ mod tests {
         assert_eq!((c.span_queue, c.export_backlog, c.red_series_limit), (Some(7), Some(9), Some(3)));
         assert_eq!(c.inject, Some(false));
         assert_eq!(c.cpu_policy, Some(crate::sched::CpuPolicy::Batch));
+        assert_eq!(c.opt_in_attributes, Some(true));
         assert_eq!(c.excluded_exes(), ["pgbouncer"]);
         assert_eq!(c.sampling_ratio(&res("shop", "python3")), 0.5);
         assert_eq!(c.sampling_ratio(&res("other", "python3")), 1.0);

@@ -102,6 +102,12 @@ struct RunArgs {
     /// linked without it.
     #[arg(long)]
     no_inject: bool,
+    /// Also set the attributes the OpenTelemetry semantic conventions mark Opt-In:
+    /// `client.port`, `network.transport`, `network.protocol.name`, `http.request.body.size`,
+    /// `http.response.body.size`, `user_agent.original` on CLIENT spans. Also
+    /// `opt_in_attributes: true` in the config file.
+    #[arg(long, env = "WAYBILL_OPT_IN_ATTRIBUTES")]
+    opt_in_attributes: bool,
     /// Load this eBPF object instead of the embedded one (development).
     #[arg(long, hide = true)]
     ebpf_object: Option<std::path::PathBuf>,
@@ -222,6 +228,7 @@ struct Settings {
     cpu_policy: waybill::sched::CpuPolicy,
     /// The file's `inject` (flags and WAYBILL_INJECT are applied in [`inject_enabled`]).
     inject: Option<bool>,
+    opt_in_attributes: bool,
 }
 
 impl Settings {
@@ -257,6 +264,7 @@ impl Settings {
             red_series_limit: pick(args.red_series_limit, file.red_series_limit, export::red::DEFAULT_SERIES_LIMIT),
             cpu_policy: pick(args.cpu_policy, file.cpu_policy, waybill::sched::CpuPolicy::Adaptive),
             inject: file.inject,
+            opt_in_attributes: args.opt_in_attributes || file.opt_in_attributes.unwrap_or(false),
             file,
         })
     }
@@ -374,6 +382,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules,
         cpu_policy: s.cpu_policy,
         ring_buffer_bytes: s.ring_buffer_bytes,
+        opt_in_attributes: s.opt_in_attributes,
     };
     let mut pipeline = Pipeline::new(probes, cfg, metrics.clone(), tx, tee);
     let n = pipeline.initial_targets();

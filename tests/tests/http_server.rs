@@ -110,7 +110,11 @@ fn python_keepalive_requests_become_exact_server_spans_over_grpc() {
     let post = by_path("/orders");
     assert_eq!(post.name, "POST /orders");
     assert_eq!(attr(post, "http.response.status_code"), "201");
-    assert_eq!(attr(post, "http.request.body.size"), "15");
+    // The semantic conventions' Opt-In attributes only with --opt-in-attributes (the nginx
+    // test below turns them on).
+    for k in ["client.port", "network.transport", "network.protocol.name", "http.request.body.size"] {
+        assert!(!post.attributes.contains_key(k), "{k} set by default: {post:#?}");
+    }
     assert_eq!(attr(by_path("/missing"), "http.response.status_code"), "404");
     assert_eq!(by_path("/missing").status_code, "Unset", "4xx is not a server error");
     let fail = by_path("/fail");
@@ -125,7 +129,7 @@ fn python_keepalive_requests_become_exact_server_spans_over_grpc() {
         let d = (s.end_unix_ns - s.start_unix_ns) as f64 / 1e6;
         assert!(d > 0.0 && d < 2000.0, "{}: implausible duration {d} ms", s.name);
         // All on the same client connection.
-        assert_eq!(attr(s, "client.port"), attr(get42, "client.port"));
+        assert_eq!(attr(s, "network.peer.port"), attr(get42, "network.peer.port"));
         assert_eq!(s.resource.get("service.name").map(String::as_str), Some("shop"));
         assert_eq!(s.resource.get("process.pid"), Some(&app.proc.pid().to_string()));
         assert!(s.resource.get("process.executable.name").is_some_and(|n| n.starts_with("python")));
@@ -152,7 +156,8 @@ fn nginx_pipelined_and_keepalive_over_http_protobuf() {
     let rx = Receiver::start(Proto::HttpProtobuf);
     let nginx = Nginx::start();
     std::thread::sleep(Duration::from_millis(300)); // the worker is forked
-    let env = otlp_env(&rx);
+    let mut env = otlp_env(&rx);
+    env.push(("WAYBILL_OPT_IN_ATTRIBUTES", "true".into()));
     let agent = Agent::start(&["--pid", &nginx.proc.pid().to_string()], &env_refs(&env));
     let codes = sh(
         "python3",
@@ -206,7 +211,11 @@ fn nginx_pipelined_and_keepalive_over_http_protobuf() {
     assert!(statuses.contains(&("/nope", "404")));
     assert!(statuses.contains(&("/api/items.json", "200")));
     let big = spans.iter().find(|s| attr(s, "url.path") == "/big.bin").unwrap();
+    // Opt-In attributes, asked for through WAYBILL_OPT_IN_ATTRIBUTES.
     assert_eq!(attr(big, "http.response.body.size"), "200000");
+    assert_eq!(attr(big, "network.transport"), "tcp");
+    assert_eq!(attr(big, "network.protocol.name"), "http");
+    assert_eq!(attr(big, "client.port"), attr(big, "network.peer.port"));
     let head = spans.iter().find(|s| attr(s, "http.request.method") == "HEAD").expect("HEAD span");
     assert_eq!(attr(head, "http.response.status_code"), "200");
     let teapot = spans.iter().find(|s| attr(s, "url.path") == "/teapot").unwrap();

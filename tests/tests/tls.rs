@@ -98,7 +98,7 @@ fn assert_server_spans(rx: &Receiver, server: &mut Proc, agent: Agent, port: u16
         assert!(attr(s, "user_agent.original").starts_with("curl/"));
         assert_eq!(s.resource.get("process.pid"), Some(&server.pid().to_string()));
         // All on curl's one connection.
-        assert_eq!(attr(s, "client.port"), attr(&spans[0], "client.port"));
+        assert_eq!(attr(s, "network.peer.port"), attr(&spans[0], "network.peer.port"));
     }
     let slow = spans.iter().find(|s| attr(s, "url.path") == "/slow").unwrap();
     let ms = (slow.end_unix_ns - slow.start_unix_ns) as f64 / 1e6;

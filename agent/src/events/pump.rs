@@ -56,6 +56,8 @@ pub struct PipelineConfig {
     pub cpu_policy: crate::sched::CpuPolicy,
     /// Size of the ring buffer (the governor's measure of falling behind).
     pub ring_buffer_bytes: u32,
+    /// Spans also carry the semantic conventions' Opt-In attributes (`--opt-in-attributes`).
+    pub opt_in_attributes: bool,
 }
 
 pub struct Pipeline {
@@ -75,10 +77,12 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(probes: Probes, cfg: PipelineConfig, metrics: Arc<Metrics>, spans: SpanSender, tee: Tee) -> Self {
         let conns = ConnTable::new(cfg.max_connections, cfg.idle_timeout.as_nanos() as u64);
+        let mut stitcher = Stitcher::new(Clock::new());
+        stitcher.set_opt_in_attributes(cfg.opt_in_attributes);
         Self {
             probes,
             conns,
-            stitcher: Stitcher::new(Clock::new()),
+            stitcher,
             metrics,
             cfg,
             spans,

@@ -154,6 +154,8 @@ pub struct Stitcher {
     db_sends: FxHashMap<u64, DbSends>,
     /// Address and host texts of span attributes, interned.
     texts: Texts,
+    /// Also set the attributes the semantic conventions mark Opt-In (`--opt-in-attributes`).
+    opt_in: bool,
 }
 
 /// Distinct addresses, distinct `Host` names and distinct span names, interned at most (each lives as long as the
@@ -258,7 +260,17 @@ impl Stitcher {
             injections: FxHashMap::default(),
             db_sends: FxHashMap::default(),
             texts: Texts::default(),
+            opt_in: false,
         }
+    }
+
+    /// With `on`, spans also carry the attributes the semantic conventions mark Opt-In, which
+    /// instrumentations set only when the operator asks: `client.port`, `network.transport`,
+    /// `network.protocol.name = http`, `http.request.body.size`, `http.response.body.size`, and
+    /// `user_agent.original` on CLIENT spans. Off by default (each costs bytes on every span, in
+    /// the agent, the collector and the backend).
+    pub fn set_opt_in_attributes(&mut self, on: bool) {
+        self.opt_in = on;
     }
 
     /// The kernel decided the ids of the server request that starts in the data record read by
@@ -474,13 +486,17 @@ impl Stitcher {
                 a.push(attr("network.peer.address", p.clone()));
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
                 a.push(attr("client.address", p));
-                a.push(attr("client.port", meta.tuple.rport as i64));
+                if self.opt_in {
+                    a.push(attr("client.port", meta.tuple.rport as i64));
+                }
             } else {
                 a.push(attr("network.peer.address", p));
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         }
-        a.push(attr("network.transport", "tcp"));
+        if self.opt_in {
+            a.push(attr("network.transport", "tcp"));
+        }
         if meta.tls {
             a.push(attr("tls.protocol.name", "tls"));
         }
@@ -654,7 +670,9 @@ impl Stitcher {
             }
             if let Some(r) = remote {
                 a.push(attr("client.address", r.clone()));
-                a.push(attr("client.port", meta.tuple.rport as i64));
+                if self.opt_in {
+                    a.push(attr("client.port", meta.tuple.rport as i64));
+                }
                 a.push(attr("network.peer.address", r));
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
@@ -688,23 +706,28 @@ impl Stitcher {
                 a.push(attr("network.peer.port", meta.tuple.rport as i64));
             }
         }
-        a.push(attr("network.transport", "tcp"));
         if meta.tls {
             // Plaintext from the TLS uprobes (semconv `tls.protocol.name`: "tls" or "ssl").
             a.push(attr("tls.protocol.name", "tls"));
         }
-        a.push(attr("network.protocol.name", "http"));
+        // Opt-In in the HTTP conventions (`network.protocol.name` is required only when it is
+        // not "http"); `user_agent.original` is Recommended on SERVER spans, Opt-In on CLIENT.
+        let opt_in = self.opt_in;
+        if opt_in {
+            a.push(attr("network.transport", "tcp"));
+            a.push(attr("network.protocol.name", "http"));
+        }
         a.push(attr("network.protocol.version", if req.version_minor == 0 { "1.0" } else { "1.1" }));
-        if let Some(ua) = req.user_agent {
+        if let Some(ua) = req.user_agent.filter(|_| server || opt_in) {
             a.push(attr("user_agent.original", ua));
         }
-        if let Some(n) = req.content_length.filter(|n| *n > 0) {
+        if let Some(n) = req.content_length.filter(|n| opt_in && *n > 0) {
             a.push(attr("http.request.body.size", n as i64));
         }
         let status = match &response {
             Some(r) => {
                 a.push(attr("http.response.status_code", r.status as i64));
-                if let Some(n) = r.content_length {
+                if let Some(n) = r.content_length.filter(|_| opt_in) {
                     a.push(attr("http.response.body.size", n as i64));
                 }
                 let is_err = if server { r.status >= 500 } else { r.status >= 400 };
@@ -788,14 +811,42 @@ mod tests {
         assert_eq!(get("server.address").as_deref(), Some("shop.local"));
         assert_eq!(get("server.port").as_deref(), Some("8080"));
         assert_eq!(get("client.address").as_deref(), Some("127.0.0.2"));
-        assert_eq!(get("client.port").as_deref(), Some("40000"));
+        assert_eq!(get("network.peer.port").as_deref(), Some("40000"));
         assert_eq!(get("http.response.status_code").as_deref(), Some("503"));
         assert_eq!(get("user_agent.original").as_deref(), Some("curl/8"));
         assert_eq!(get("network.protocol.version").as_deref(), Some("1.1"));
+        // Opt-In attributes only when asked for.
+        for k in ["client.port", "network.transport", "network.protocol.name", "http.response.body.size"] {
+            assert_eq!(get(k), None, "{k}");
+        }
         assert!(matches!(sp.status, SpanStatus::Error(_)));
         assert_eq!(sp.end_unix_ns - sp.start_unix_ns, 2_000_000);
         assert_eq!(sp.parent_source, ParentSource::None);
         assert_eq!(m.spans_created.get(), 1);
+    }
+
+    #[test]
+    fn opt_in_attributes_when_asked_for() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        s.set_opt_in_attributes(true);
+        let req = b"POST /orders HTTP/1.1\r\nHost: shop\r\nUser-Agent: curl/8\r\nContent-Length: 2\r\n\r\n{}";
+        let resp = b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nmade!";
+        let server = s.span(Finished::Http(meta(Role::Server), 0, exchange(req, resp)), &m).unwrap();
+        let get = |sp: &SpanRecord, k: &str| sp.attr(k).map(|v| v.to_string());
+        assert_eq!(get(&server, "client.port").as_deref(), Some("40000"));
+        assert_eq!(get(&server, "network.transport").as_deref(), Some("tcp"));
+        assert_eq!(get(&server, "network.protocol.name").as_deref(), Some("http"));
+        assert_eq!(get(&server, "http.request.body.size").as_deref(), Some("2"));
+        assert_eq!(get(&server, "http.response.body.size").as_deref(), Some("5"));
+        // `user_agent.original` is Opt-In on CLIENT spans only.
+        let client = s.span(Finished::Http(meta(Role::Client), 0, exchange(req, resp)), &m).unwrap();
+        assert_eq!(get(&client, "user_agent.original").as_deref(), Some("curl/8"));
+        s.set_opt_in_attributes(false);
+        let client = s.span(Finished::Http(meta(Role::Client), 1, exchange(req, resp)), &m).unwrap();
+        assert_eq!(get(&client, "user_agent.original"), None);
+        assert_eq!(get(&client, "http.request.body.size"), None);
+        assert_eq!(get(&client, "http.response.status_code").as_deref(), Some("201"));
     }
 
     #[test]
