@@ -243,9 +243,9 @@ pub fn sock_info(tgid: u32, tid: u32, fd: u32, role: u32) -> Option<SockInfo> {
     let info = match walk_fd(fd, &mut t) {
         Some(sk) => {
             crate::events::emit_conn(tgid, tid, fd, role, sk, &t);
-            SockInfo { sk, is_tcp: 1, role }
+            SockInfo { sk, is_tcp: 1, role, owner: 0 }
         }
-        None => SockInfo { sk: 0, is_tcp: 0, role },
+        None => SockInfo { sk: 0, is_tcp: 0, role, owner: 0 },
     };
     let _ = SOCKS.insert(&key, &info, 0);
     Some(info)

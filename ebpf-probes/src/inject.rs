@@ -25,10 +25,10 @@ use aya_ebpf::{
 use waybill_common::*;
 
 use crate::{
-    helpers::{count_inject, current, opaque, target_flags},
+    helpers::{count_inject, current, opaque, sock_key, target_flags},
     maps::{
         EVENTS, HEAD_BUF, HeadScan, INJECT_ACTIVE, INJECT_SOCKS, MSG_AWAITING_RESPONSE, MSG_BOUNDARY, MSG_NOT_HTTP,
-        MSG_STATE, PENDING_CONNECT, SRV_OWNER, THREAD_CTX, ThreadCtx,
+        MSG_STATE, PENDING_CONNECT, SOCKS, THREAD_CTX, ThreadCtx,
     },
 };
 
@@ -225,10 +225,10 @@ pub fn on_data(ev: *mut DataEvent, pid_tgid: u64, role: u32) {
         if role == ROLE_CLIENT {
             on_client_read(p, c, h.sk);
         } else {
-            on_server_read(ev, c, pid_tgid, h.sk, h.hdr.ts_ns);
+            on_server_read(ev, c, pid_tgid, h.sk, h.hdr.ts_ns, sock_key(h.hdr.tgid, h.fd));
         }
     } else if role != ROLE_CLIENT {
-        on_server_write(p, c, pid_tgid, h.sk);
+        on_server_write(p, c, pid_tgid, h.sk, sock_key(h.hdr.tgid, h.fd));
     }
 }
 
@@ -238,7 +238,7 @@ pub fn on_data(ev: *mut DataEvent, pid_tgid: u64, role: u32) {
 /// data array ≥ HEAD_SCAN + 64 readable) before it is sent. The ids ride in the same record: a
 /// [`CtxTrailer`] after the payload and the kind `KIND_DATA_CTX` (no second reservation).
 #[inline(always)]
-fn on_server_read(ev: *mut DataEvent, captured: u32, pid_tgid: u64, sk: u64, ts: u64) {
+fn on_server_read(ev: *mut DataEvent, captured: u32, pid_tgid: u64, sk: u64, ts: u64, sock: u64) {
     // SAFETY: `ev` is this CPU's scratch record.
     let p = unsafe { (*ev).data.as_ptr() };
     // SAFETY: p has ≥ 16 readable bytes; `captured` says how many are valid.
@@ -279,12 +279,11 @@ fn on_server_read(ev: *mut DataEvent, captured: u32, pid_tgid: u64, sk: u64, ts:
             let _ = THREAD_CTX.insert(&pid_tgid, &ctx, BPF_ANY as u64);
         }
     }
-    match SRV_OWNER.get_ptr_mut(&sk) {
-        // SAFETY: as above.
-        Some(o) => unsafe { *o = pid_tgid },
-        None => {
-            let _ = SRV_OWNER.insert(&sk, &pid_tgid, BPF_ANY as u64);
-        }
+    // The connection's socket-cache entry, which the first half of this syscall's hook has just
+    // looked up (a warm line): it names the owner for a response written by another thread.
+    if let Some(s) = SOCKS.get_ptr_mut(&sock) {
+        // SAFETY: a map value of this type.
+        unsafe { (*s).owner = pid_tgid };
     }
     // The trailer sits at the first 8-byte boundary after the payload (`ctx_trailer_offset`).
     // `opaque` + clamp: the verifier needs the offset's bound (captured ≤ MAX_CAPTURE, and the
@@ -305,7 +304,7 @@ fn on_server_read(ev: *mut DataEvent, captured: u32, pid_tgid: u64, sk: u64, ts:
 /// A traced process wrote on a server connection: a response head ends the current request of
 /// the thread that read it.
 #[inline(always)]
-fn on_server_write(p: *const u8, captured: u32, pid_tgid: u64, sk: u64) {
+fn on_server_write(p: *const u8, captured: u32, pid_tgid: u64, sk: u64, sock: u64) {
     if captured < 8 {
         return;
     }
@@ -327,9 +326,9 @@ fn on_server_write(p: *const u8, captured: u32, pid_tgid: u64, sk: u64) {
             }
         }
     }
-    let Some(o) = SRV_OWNER.get_ptr_mut(&sk) else { return };
+    let Some(s) = SOCKS.get_ptr_mut(&sock) else { return };
     // SAFETY: a map value of this type.
-    let owner = unsafe { core::ptr::replace(o, 0) };
+    let owner = unsafe { core::ptr::replace(&mut (*s).owner, 0) };
     if owner == 0 {
         return;
     }

@@ -215,12 +215,6 @@ pub const MSG_NOT_HTTP: u32 = 2;
 #[map]
 pub static THREAD_CTX: LruHashMap<u64, ThreadCtx> = LruHashMap::with_max_entries(16384, 0);
 
-/// Server connection (`struct sock *`) → the thread whose `THREAD_CTX` belongs to its current
-/// request, so a response written by another thread still ends it; 0 once the response head is
-/// written (kept for the connection's next request). LRU.
-#[map]
-pub static SRV_OWNER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
-
 /// Outcomes of the sk_msg program and sock_ops, indexed by `INJ_*`; user space sums the CPUs.
 #[map]
 pub static INJECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(INJ_COUNTERS, 0);

@@ -61,7 +61,7 @@ pub fn on_socket_syscall(pid_tgid: u64, tgid: u32, fd: u32, syscall: u32, info: 
 #[inline(always)]
 pub fn mark_tls(tgid: u32, fd: u32, info: &SockInfo) {
     if info.is_tcp == 1 {
-        let v = SockInfo { sk: info.sk, is_tcp: SOCK_TLS, role: info.role };
+        let v = SockInfo { is_tcp: SOCK_TLS, ..*info };
         let _ = SOCKS.insert(&sock_key(tgid, fd), &v, 0);
     }
 }

@@ -432,8 +432,13 @@ pub struct SockInfo {
     /// 1 for a TCP socket, 0 for "not a TCP socket" (negative entries are cached too).
     pub is_tcp: u32,
     pub role: u32,
+    /// On a server connection: the pid_tgid of the thread whose `THREAD_CTX` holds the request
+    /// open on it, so a response written by another thread still ends it; 0 once the response
+    /// head is written. Kept here, not in a map of its own: the request read has just looked
+    /// this entry up, so setting it touches no other cache line.
+    pub owner: u64,
 }
-const _: () = assert!(size_of::<SockInfo>() == 16);
+const _: () = assert!(size_of::<SockInfo>() == 24);
 
 /// Bytes a ring-buffer record of `size` bytes takes in the buffer: the kernel's 8-byte record
 /// header, rounded up to 8.
