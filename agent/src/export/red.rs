@@ -193,6 +193,14 @@ impl<'a> SeriesFields<'a> {
     }
 }
 
+/// The route part of an HTTP server span's name, "METHOD route", when the name starts with the
+/// span's method (the stitcher names server spans so; a renamed span has its route rebuilt).
+fn route_in_name<'a>(r: &'a SpanRecord, method: Option<&AttrValue>) -> Option<&'a str> {
+    let Some(AttrValue::Str(m)) = method else { return None };
+    let rest = r.name.strip_prefix(m.as_ref())?.strip_prefix(' ')?;
+    rest.starts_with('/').then_some(rest)
+}
+
 /// The metric a span feeds and its attributes, borrowed from the span; the server route
 /// (template of `url.path` when the span has no `http.route`) is built in `route`.
 fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(RedMetric, Borrowed<'a>)> {
@@ -212,28 +220,33 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
     } else {
         return None;
     };
-    // The route first (it needs `route` mutably), then only shared borrows.
+    // The route first (it may need `route` mutably), then only shared borrows.
     route.clear();
-    let has_route = metric == RedMetric::HttpServer && {
+    let mut route_text: Option<&'a str> = None;
+    let has_route = metric == RedMetric::HttpServer && (f.route.is_some() || f.path.is_some());
+    if has_route {
         match f.route {
             Some(v) => {
                 use std::fmt::Write;
                 let _ = write!(route, "{v}");
-                true
             }
-            None => match f.path {
-                Some(p) => {
-                    match p {
-                        AttrValue::Str(p) => waybill_protocols::http1::push_path_template(route, p),
-                        other => waybill_protocols::http1::push_path_template(route, &other.to_string()),
-                    }
-                    true
+            None => {
+                // An HTTP server span built by the stitcher is named "METHOD template-of-url.path":
+                // the route is already there, templated once per span.
+                route_text = f.path.and_then(|_| route_in_name(r, f.method));
+                match f.path {
+                    _ if route_text.is_some() => {}
+                    Some(AttrValue::Str(p)) => waybill_protocols::http1::push_path_template(route, p),
+                    Some(other) => waybill_protocols::http1::push_path_template(route, &other.to_string()),
+                    None => {}
                 }
-                None => false,
-            },
+            }
         }
+    }
+    let route: &'a str = match route_text {
+        Some(t) => t,
+        None => route.as_str(),
     };
-    let route: &'a String = route;
     let copy = |b: &mut Borrowed<'a>, key: &'static str, v: Option<&'a AttrValue>| {
         if let Some(v) = v {
             b.push(key, ValRef::of(v));
@@ -734,6 +747,24 @@ mod tests {
             )
         );
         assert!(measurement(&span(&p, SpanKind::Server, 1, &[])).is_none());
+    }
+
+    #[test]
+    fn server_route_comes_from_the_span_name_the_stitcher_gave() {
+        let p = process(1, "shop");
+        let attrs = [("http.request.method", "GET".into()), ("url.path", "/users/123".into())];
+        let route = |name: &str| {
+            let mut s = span(&p, SpanKind::Server, 1, &attrs);
+            s.name = name.to_string().into();
+            get(&s).1.into_iter().find(|(k, _)| k == "http.route").map(|(_, v)| v)
+        };
+        // "METHOD route" (as `Stitcher` names server spans): the name's route, not re-templated.
+        assert_eq!(route("GET /users/{id}").as_deref(), Some("/users/{id}"));
+        assert_eq!(route("GET /named").as_deref(), Some("/named"));
+        // Any other name: the template of `url.path`.
+        for other in ["POST /users/{id}", "GET", "GETX /a", "GET users", "custom"] {
+            assert_eq!(route(other).as_deref(), Some("/users/{id}"), "{other}");
+        }
     }
 
     #[test]
