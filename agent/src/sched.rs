@@ -4,7 +4,10 @@
 //!
 //! - **yield** (`SCHED_IDLE`): the agent runs only on CPU time no application thread wants, and
 //!   any application thread that wakes takes the CPU from it at once. This is what keeps the
-//!   applications' tail latency flat at ordinary load (measured: docs/performance.md).
+//!   applications' tail latency flat at ordinary load (measured: docs/performance.md). The kernel
+//!   applies the policy inside the thread's scheduling group (its cgroup with the `cpu`
+//!   controller, else its session's autogroup); against other groups the agent's group competes
+//!   by weight (docs/configuration.md, "Where idle priority reaches").
 //! - **compete** (`SCHED_BATCH`, 0.1 ms slice where the kernel honours `sched_runtime`): the agent
 //!   gets a fair share but never preempts an application thread on wake-up, and an application
 //!   thread waits at most one short slice. Needed when the applications keep every CPU busy:
