@@ -154,19 +154,12 @@ fn main() -> ExitCode {
             };
             // The handlers go in before "attached" is printed: whoever reads that line may send
             // SIGINT at once, and it must end the wait, not kill the process.
-            use tokio::signal::unix::{SignalKind, signal};
-            let signals = rt.block_on(async { (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) });
-            let (mut int, mut term) = match signals {
-                (Ok(i), Ok(t)) => (i, t),
-                (Err(e), _) | (_, Err(e)) => return fail(&format!("cannot handle SIGINT/SIGTERM: {e}")),
+            let stop = match rt.block_on(async { shutdown_signals() }) {
+                Ok(stop) => stop,
+                Err(e) => return fail(&format!("cannot handle SIGINT/SIGTERM: {e}")),
             };
             println!("attached {hook:?}");
-            rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            });
+            rt.block_on(stop);
             drop(held);
             ExitCode::SUCCESS
         }
@@ -210,6 +203,20 @@ fn inject_enabled(no_inject: bool, env: Option<&str>, file: Option<bool>) -> any
 fn fail(msg: &str) -> ExitCode {
     eprintln!("waybill: error: {msg}");
     ExitCode::from(1)
+}
+
+/// SIGINT and SIGTERM, handled from this call on (a signal sent later ends the wait instead of
+/// killing the process); the future resolves at the first of them. Must run inside a runtime.
+fn shutdown_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// The settings in force: flags and their variables over the config file over the defaults.
@@ -391,17 +398,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     unsafe { libmimalloc_sys::mi_collect(true) };
     // The signal handlers are in place before "ready" is said: a SIGINT or SIGTERM sent as soon
     // as that is seen flushes the spans instead of killing the process.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot handle SIGINT: {e}"))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
+    let stop = shutdown_signals().map_err(|e| anyhow::anyhow!("cannot handle SIGINT/SIGTERM: {e}"))?;
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(processes = n, "ready");
 
     let shutdown = async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
+        stop.await;
         tracing::info!("shutting down: flushing spans");
     };
     // The runtime's one thread also drives its timers and epoll: a drain wakes one thread, not a
