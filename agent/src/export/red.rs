@@ -220,33 +220,25 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
     } else {
         return None;
     };
-    // The route first (it may need `route` mutably), then only shared borrows.
+    // The route first (it may need `route` mutably), then only shared borrows. An HTTP server
+    // span built by the stitcher is named "METHOD template-of-url.path": its route is already
+    // there, templated once per span; other spans have `url.path` templated here.
     route.clear();
-    let mut route_text: Option<&'a str> = None;
     let has_route = metric == RedMetric::HttpServer && (f.route.is_some() || f.path.is_some());
-    if has_route {
-        match f.route {
-            Some(v) => {
+    let named = if has_route && f.route.is_none() { route_in_name(r, f.method) } else { None };
+    if has_route && named.is_none() {
+        match (f.route, f.path) {
+            (Some(v), _) => {
                 use std::fmt::Write;
                 let _ = write!(route, "{v}");
             }
-            None => {
-                // An HTTP server span built by the stitcher is named "METHOD template-of-url.path":
-                // the route is already there, templated once per span.
-                route_text = f.path.and_then(|_| route_in_name(r, f.method));
-                match f.path {
-                    _ if route_text.is_some() => {}
-                    Some(AttrValue::Str(p)) => waybill_protocols::http1::push_path_template(route, p),
-                    Some(other) => waybill_protocols::http1::push_path_template(route, &other.to_string()),
-                    None => {}
-                }
-            }
+            (None, Some(AttrValue::Str(p))) => waybill_protocols::http1::push_path_template(route, p),
+            (None, Some(other)) => waybill_protocols::http1::push_path_template(route, &other.to_string()),
+            (None, None) => {}
         }
     }
-    let route: &'a str = match route_text {
-        Some(t) => t,
-        None => route.as_str(),
-    };
+    let route: &'a String = route;
+    let route: &'a str = named.unwrap_or(route.as_str());
     let copy = |b: &mut Borrowed<'a>, key: &'static str, v: Option<&'a AttrValue>| {
         if let Some(v) = v {
             b.push(key, ValRef::of(v));
