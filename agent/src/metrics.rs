@@ -80,6 +80,8 @@ pub struct Metrics {
     /// 1 while the agent yields the CPU to the applications (SCHED_IDLE), 0 while it competes.
     pub cpu_yielding: Counter,
     pub cpu_policy_switches: Counter,
+    /// Times the event loop, yielding, gave the CPU back in the middle of a drain.
+    pub cpu_courtesy_yields: Counter,
     /// Ring-buffer drains by what started them: the kernel's wake-up, the drain timer, the
     /// housekeeping tick while the event loop sleeps.
     pub drains_wakeup: Counter,
@@ -257,8 +259,14 @@ impl Metrics {
             &[("", self.cpu_policy_switches.get())],
         );
         c(
+            "waybill_cpu_courtesy_yields_total",
+            "Times the agent, at idle priority, gave the CPU back in the middle of a long drain (every 100 µs of work), so an application thread waiting on that CPU runs.",
+            "counter",
+            &[("", self.cpu_courtesy_yields.get())],
+        );
+        c(
             "waybill_ring_drains_total",
-            "Ring-buffer drains, by what started them: the kernel's wake-up (a sixteenth of the buffer filled, or the first record after the agent went to sleep), the 100 ms drain timer, or the 1 s housekeeping tick while asleep.",
+            "Ring-buffer drains, by what started them: the kernel's wake-up (a sixteenth of the buffer filled, or the first record after the agent went to sleep), the 250 ms drain timer, or the 1 s housekeeping tick while asleep.",
             "counter",
             &[
                 ("trigger=\"wakeup\"", self.drains_wakeup.get()),

@@ -72,6 +72,8 @@ pub struct Pipeline {
     outgoing: Vec<SpanRecord>,
     traced: HashSet<u32>,
     finished: Vec<Finished>,
+    /// Gives the CPU back during long drains while the agent yields.
+    courtesy: crate::sched::Courtesy,
 }
 
 impl Pipeline {
@@ -90,6 +92,7 @@ impl Pipeline {
             outgoing: Vec::new(),
             traced: HashSet::new(),
             finished: Vec::new(),
+            courtesy: Default::default(),
         }
     }
 
@@ -301,6 +304,9 @@ impl Pipeline {
         while let Some(item) = rb.next() {
             bytes += item.len() as u64;
             self.handle(&item);
+            if self.courtesy.step() {
+                self.metrics.cpu_courtesy_yields.inc();
+            }
             if bytes >= slice {
                 return (bytes, true);
             }
@@ -392,6 +398,7 @@ impl Pipeline {
             if pending {
                 if !more {
                     drained = 0;
+                    self.courtesy.restart();
                 }
                 let this;
                 (this, more) = self.drain_slice(ring.get_mut(), slice);
