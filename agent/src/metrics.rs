@@ -80,8 +80,6 @@ pub struct Metrics {
     /// 1 while the agent yields the CPU to the applications (SCHED_IDLE), 0 while it competes.
     pub cpu_yielding: Counter,
     pub cpu_policy_switches: Counter,
-    /// Times the event loop, yielding, gave the CPU back in the middle of a drain.
-    pub cpu_courtesy_yields: Counter,
     /// Ring-buffer drains by what started them: the kernel's wake-up, the drain timer, the
     /// housekeeping tick while the event loop sleeps.
     pub drains_wakeup: Counter,
@@ -260,9 +258,9 @@ impl Metrics {
         );
         c(
             "waybill_cpu_courtesy_yields_total",
-            "Times the agent, at idle priority, gave the CPU back in the middle of a long drain (every 100 µs of work), so an application thread waiting on that CPU runs.",
+            "Times the agent, at idle priority, gave the CPU back in the middle of a long stretch of work (every 100 µs), so an application thread waiting on that CPU runs.",
             "counter",
-            &[("", self.cpu_courtesy_yields.get())],
+            &[("", crate::sched::courtesy_yields())],
         );
         c(
             "waybill_ring_drains_total",

@@ -4,8 +4,8 @@
 //!
 //! - **yield** (`SCHED_IDLE`): the agent runs only on CPU time no application thread wants, and
 //!   any application thread that wakes takes the CPU from it at once; one that was already
-//!   waiting gets it at the event loop's next [`Courtesy`] yield (every [`COURTESY_EVERY`] of a
-//!   long drain). This is what keeps the applications' tail latency flat at ordinary load
+//!   waiting gets it at the event loop's next [`courtesy`] yield (every [`COURTESY_EVERY`] of
+//!   a long stretch of work). This is what keeps the applications' tail latency flat at ordinary load
 //!   (measured: docs/performance.md). The kernel applies the policy inside the thread's
 //!   scheduling group (its cgroup with the `cpu` controller, else its session's autogroup);
 //!   against other groups the agent's group competes by weight (docs/configuration.md, "Where
@@ -106,7 +106,7 @@ pub fn apply_current(mode: Mode) {
 /// Thread id of the [`Watchdog`] (0: none): it keeps competing whatever the mode.
 static WATCHDOG_TID: AtomicI32 = AtomicI32::new(0);
 
-/// True while [`apply_all`] last put the agent's threads under `SCHED_IDLE`: [`Courtesy`] reads it.
+/// True while [`apply_all`] last put the agent's threads under `SCHED_IDLE`: [`courtesy`] reads it.
 static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// Applies `mode` to every thread of the agent but the watchdog. Returns how many took it.
@@ -132,7 +132,9 @@ pub fn can_return_from_yield() -> bool {
 /// CPU back (see [`Courtesy`]).
 pub const COURTESY_EVERY: Duration = Duration::from_micros(100);
 
-/// Gives the CPU back every [`COURTESY_EVERY`] of a long stretch of work while the agent yields.
+/// Gives the CPU back every [`COURTESY_EVERY`] of a long stretch of work while the agent yields:
+/// the event loop calls this once per unit of work (a record drained, a span measured or
+/// encoded), and [`courtesy_restart`] when its thread has just got the CPU.
 ///
 /// `SCHED_IDLE` makes an application thread that *wakes* take the CPU at once, but not one that
 /// is already runnable. On EEVDF kernels (6.6 and later) the scheduler may pick the idle-priority
@@ -144,44 +146,46 @@ pub const COURTESY_EVERY: Duration = Duration::from_micros(100);
 /// times that without the agent (docs/performance.md). A `sched_yield` ends such a stretch: by
 /// then the agent's virtual time, which runs ~340 times faster than a normal thread's at its
 /// weight, is far ahead, so the waiting thread is picked; with nothing else runnable the call
-/// returns at once (~0.3 µs).
-#[derive(Debug)]
-pub struct Courtesy {
-    since: Instant,
-    steps: u32,
-}
-
-impl Default for Courtesy {
-    fn default() -> Self {
-        Courtesy { since: Instant::now(), steps: 0 }
-    }
-}
-
-impl Courtesy {
-    /// Only every this many steps is the clock read.
-    const CHECK_EVERY: u32 = 16;
-
-    /// The thread has just got the CPU (a wake-up): the stretch starts now.
-    pub fn restart(&mut self) {
-        self.since = Instant::now();
-    }
-
-    /// One unit of work done (a record). Returns true when it gave the CPU back.
-    #[inline]
-    pub fn step(&mut self) -> bool {
-        self.steps = self.steps.wrapping_add(1);
-        if !self.steps.is_multiple_of(Self::CHECK_EVERY) || !YIELDING.load(Relaxed) {
+/// returns at once (~0.3 µs). The clock is read every [`COURTESY_CHECK_EVERY`] calls only.
+/// Returns true when it gave the CPU back.
+#[inline]
+pub fn courtesy() -> bool {
+    STRETCH.with(|s| {
+        let (since, steps) = s.get();
+        let steps = steps.wrapping_add(1);
+        s.set((since, steps));
+        if !steps.is_multiple_of(COURTESY_CHECK_EVERY) || !YIELDING.load(Relaxed) {
             return false;
         }
-        let now = Instant::now();
-        if now.duration_since(self.since) < COURTESY_EVERY {
+        if since.elapsed() < COURTESY_EVERY {
             return false;
         }
         // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
         unsafe { libc::sched_yield() };
-        self.since = Instant::now();
+        s.set((Instant::now(), steps));
+        COURTESY_YIELDS.fetch_add(1, Relaxed);
         true
-    }
+    })
+}
+
+/// The calling thread has just got the CPU (a wake-up): its stretch of work starts now.
+pub fn courtesy_restart() {
+    STRETCH.with(|s| s.set((Instant::now(), s.get().1)));
+}
+
+/// How many times [`courtesy`] gave the CPU back, in every thread.
+pub fn courtesy_yields() -> u64 {
+    COURTESY_YIELDS.load(Relaxed)
+}
+
+/// [`courtesy`] reads the clock only every this many calls.
+const COURTESY_CHECK_EVERY: u32 = 16;
+
+static COURTESY_YIELDS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The calling thread's stretch of work: when it started, and [`courtesy`] calls so far.
+    static STRETCH: std::cell::Cell<(Instant, u32)> = std::cell::Cell::new((Instant::now(), 0));
 }
 
 /// State shared by the event loop and its [`Watchdog`].
@@ -524,22 +528,22 @@ mod tests {
     fn courtesy_yields_after_a_long_stretch_while_yielding() {
         let _mode = PROCESS_MODE.lock().unwrap_or_else(|e| e.into_inner());
         let was = YIELDING.load(Relaxed);
-        let mut c = Courtesy::default();
-        let stretch = |c: &mut Courtesy| (0..Courtesy::CHECK_EVERY).filter(|_| c.step()).count();
+        let stretch = || (0..COURTESY_CHECK_EVERY).filter(|_| courtesy()).count();
         // Competing: never, however long the stretch.
         YIELDING.store(false, Relaxed);
         std::thread::sleep(COURTESY_EVERY * 2);
-        assert_eq!(stretch(&mut c), 0);
-        // Yielding: once the stretch is long enough, at the next clock check.
+        assert_eq!(stretch(), 0);
+        // Yielding: once the stretch is long enough, at the next clock check, and counted.
         YIELDING.store(true, Relaxed);
-        c.restart();
+        courtesy_restart();
         std::thread::sleep(COURTESY_EVERY * 2);
-        let before = Instant::now();
-        assert_eq!(stretch(&mut c), 1);
+        let (n0, before) = (courtesy_yields(), Instant::now());
+        assert_eq!(stretch(), 1);
+        assert!(courtesy_yields() > n0);
         // The yield started a new stretch.
-        assert!(c.since >= before);
+        assert!(STRETCH.with(|s| s.get().0) >= before);
         std::thread::sleep(COURTESY_EVERY * 2);
-        assert_eq!(stretch(&mut c), 1);
+        assert_eq!(stretch(), 1);
         YIELDING.store(was, Relaxed);
     }
 

@@ -72,8 +72,6 @@ pub struct Pipeline {
     outgoing: Vec<SpanRecord>,
     traced: HashSet<u32>,
     finished: Vec<Finished>,
-    /// Gives the CPU back during long drains while the agent yields.
-    courtesy: crate::sched::Courtesy,
 }
 
 impl Pipeline {
@@ -92,7 +90,6 @@ impl Pipeline {
             outgoing: Vec::new(),
             traced: HashSet::new(),
             finished: Vec::new(),
-            courtesy: Default::default(),
         }
     }
 
@@ -304,9 +301,7 @@ impl Pipeline {
         while let Some(item) = rb.next() {
             bytes += item.len() as u64;
             self.handle(&item);
-            if self.courtesy.step() {
-                self.metrics.cpu_courtesy_yields.inc();
-            }
+            crate::sched::courtesy();
             if bytes >= slice {
                 return (bytes, true);
             }
@@ -398,7 +393,7 @@ impl Pipeline {
             if pending {
                 if !more {
                     drained = 0;
-                    self.courtesy.restart();
+                    crate::sched::courtesy_restart();
                 }
                 let this;
                 (this, more) = self.drain_slice(ring.get_mut(), slice);

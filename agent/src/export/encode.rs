@@ -311,6 +311,7 @@ impl Encoder {
                 groups.len() - 1
             });
             groups[i].1.push(SpanEnc::new(r));
+            crate::sched::courtesy();
         }
         let mut parts = Vec::with_capacity(groups.len());
         let mut total = 0;
@@ -332,6 +333,7 @@ impl Encoder {
             put_scope(&mut buf);
             for s in spans {
                 s.put(&mut buf);
+                crate::sched::courtesy();
             }
         }
         debug_assert_eq!(buf.len(), total);

@@ -417,6 +417,7 @@ impl Red {
         let mut route = String::new();
         for r in spans {
             self.record_locked(&mut procs, r, &mut route);
+            crate::sched::courtesy();
         }
     }
 
