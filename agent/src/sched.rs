@@ -5,11 +5,11 @@
 //! - **yield** (`SCHED_IDLE`): the agent runs only on CPU time no application thread wants, and
 //!   any application thread that wakes takes the CPU from it at once; one that was already
 //!   waiting gets it at the event loop's next [`courtesy`] yield (every [`COURTESY_EVERY`] of
-//!   a long stretch of work). This is what keeps the applications' tail latency flat at ordinary load
-//!   (measured: docs/performance.md). The kernel applies the policy inside the thread's
-//!   scheduling group (its cgroup with the `cpu` controller, else its session's autogroup);
-//!   against other groups the agent's group competes by weight (docs/configuration.md, "Where
-//!   idle priority reaches").
+//!   a long stretch of work). This is what keeps the applications' tail latency flat at
+//!   ordinary load (measured: docs/performance.md). The kernel applies the policy inside the
+//!   thread's scheduling group (its cgroup with the `cpu` controller, else its session's
+//!   autogroup); against other groups the agent's group competes by weight
+//!   (docs/configuration.md, "Where idle priority reaches").
 //! - **compete** (`SCHED_BATCH`, 0.1 ms slice where the kernel honours `sched_runtime`): the agent
 //!   gets a fair share but never preempts an application thread on wake-up, and an application
 //!   thread waits at most one short slice. Needed when the applications keep every CPU busy:
@@ -129,7 +129,7 @@ pub fn can_return_from_yield() -> bool {
 }
 
 /// While the agent yields, the longest stretch of work the event loop does without giving the
-/// CPU back (see [`Courtesy`]).
+/// CPU back (see [`courtesy`]).
 pub const COURTESY_EVERY: Duration = Duration::from_micros(100);
 
 /// Gives the CPU back every [`COURTESY_EVERY`] of a long stretch of work while the agent yields:
@@ -528,6 +528,8 @@ mod tests {
     fn courtesy_yields_after_a_long_stretch_while_yielding() {
         let _mode = PROCESS_MODE.lock().unwrap_or_else(|e| e.into_inner());
         let was = YIELDING.load(Relaxed);
+        // Count from a clock check, whatever ran on this thread before.
+        STRETCH.with(|s| s.set((Instant::now(), 0)));
         let stretch = || (0..COURTESY_CHECK_EVERY).filter(|_| courtesy()).count();
         // Competing: never, however long the stretch.
         YIELDING.store(false, Relaxed);
