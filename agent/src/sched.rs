@@ -106,7 +106,8 @@ pub fn apply_current(mode: Mode) {
 /// Thread id of the [`Watchdog`] (0: none): it keeps competing whatever the mode.
 static WATCHDOG_TID: AtomicI32 = AtomicI32::new(0);
 
-/// True while [`apply_all`] last put the agent's threads under `SCHED_IDLE`: [`courtesy`] reads it.
+/// True while [`apply_all`] last put the agent's threads under `SCHED_IDLE`: [`courtesy`] reads
+/// it, and the [`Watchdog`] watches only then.
 static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// Applies `mode` to every thread of the agent but the watchdog. Returns how many took it.
@@ -193,8 +194,6 @@ thread_local! {
 pub struct Shared {
     /// Milliseconds since `epoch` at the last drain.
     last_drain_ms: AtomicU64,
-    /// True while the agent's threads run under `SCHED_IDLE`.
-    yielding: AtomicBool,
     /// True while the event loop sleeps with the ring buffer empty and no drain timer (the
     /// kernel side wakes it with the next record; it drains on its 1 s tick as well).
     asleep: AtomicBool,
@@ -238,7 +237,7 @@ impl Watchdog {
             let level = RingLevel::map(&ring);
             let now_ms = || epoch.elapsed().as_millis() as u64;
             loop {
-                if !s.yielding.load(Relaxed) {
+                if !YIELDING.load(Relaxed) {
                     // `set_mode(Yield)` unparks; the timeout only bounds a missed unpark.
                     std::thread::park_timeout(Duration::from_secs(5));
                     continue;
@@ -266,9 +265,8 @@ impl Watchdog {
                     let late = patience(s.asleep.load(Relaxed)).as_millis() as u64;
                     waiting && now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= late
                 };
-                if starved && s.yielding.load(Relaxed) {
+                if starved && YIELDING.load(Relaxed) {
                     apply_all(Mode::Compete);
-                    s.yielding.store(false, Relaxed);
                     s.rescues.fetch_add(1, Relaxed);
                 }
             }
@@ -297,10 +295,10 @@ impl Watchdog {
         self.shared.asleep.store(asleep, Relaxed);
     }
 
-    /// The agent's threads were switched to `mode` by the event loop.
+    /// The event loop switched the agent's threads to `mode` ([`apply_all`]): the watchdog
+    /// watches from now on while they yield, and parks while they compete.
     pub fn set_mode(&self, mode: Mode) {
         self.drained();
-        self.shared.yielding.store(mode == Mode::Yield, Relaxed);
         if mode == Mode::Yield
             && let Some(t) = &self.thread
         {
@@ -308,9 +306,10 @@ impl Watchdog {
         }
     }
 
-    /// The watchdog switched the agent to competing since the event loop last looked.
+    /// Whether the agent competes: read by an event loop that last switched it to yield, true
+    /// means the watchdog has rescued it since.
     pub fn rescued(&self) -> bool {
-        !self.shared.yielding.load(Relaxed)
+        !YIELDING.load(Relaxed)
     }
 }
 
@@ -568,6 +567,9 @@ mod tests {
             assert_eq!(unsafe { libc::write(wr.as_raw_fd(), b"x".as_ptr().cast(), 1) }, 1);
         };
         let w = Watchdog::spawn(rd, 8 << 20);
+        // The event loop's switch to yielding, without moving this process's threads to
+        // `SCHED_IDLE`: the loop below must keep draining on a loaded machine.
+        let was = YIELDING.swap(true, Relaxed);
         w.set_mode(Mode::Yield);
         // Woken, and the event loop keeps draining (every millisecond, for longer than the
         // watchdog can take to wake and check, even on a loaded machine): no rescue.
@@ -598,6 +600,7 @@ mod tests {
         // SAFETY: a plain query of another thread of this process.
         assert_eq!(unsafe { libc::sched_getscheduler(tid) }, libc::SCHED_BATCH);
         apply_all(Mode::Compete);
+        YIELDING.store(was, Relaxed);
     }
 
     /// The watchdog reads a real ring buffer's level from its mapped position pages (root: it
