@@ -281,7 +281,8 @@ impl Agent {
         let body = measure(&mut cost[3], || self.encoder.encode(spans));
         self.body_bytes = body.len();
         assert_eq!(spans.len(), BATCH, "every request must make one span");
-        spans.clear();
+        // As the exporter does once a batch is encoded.
+        waybill::stitch::span::recycle(spans);
     }
 
     /// The event loop's housekeeping tick (once a second of the records' time), which expires

@@ -277,7 +277,7 @@ impl Pipeline {
         if self.outgoing.is_empty() {
             return;
         }
-        let mut batch = std::mem::take(&mut self.outgoing);
+        let mut batch = std::mem::replace(&mut self.outgoing, crate::stitch::span::batch_vec());
         self.tee.pass(&mut batch);
         let dropped = self.spans.try_send(batch);
         self.metrics.spans_dropped_queue_full.add(dropped as u64);

@@ -673,10 +673,10 @@ impl Exporter<'_> {
         self.stats.pending.fetch_sub(n as u64, Ordering::Relaxed);
     }
 
-    fn take(&mut self, spans: Vec<SpanRecord>) {
+    fn take(&mut self, mut spans: Vec<SpanRecord>) {
         let max_batch = self.cfg.max_batch_size.max(1);
         self.add_pending(spans.len());
-        for r in spans {
+        for r in spans.drain(..) {
             if self.filling.is_empty() {
                 self.fill_deadline = Some(Instant::now() + self.cfg.schedule_delay);
             }
@@ -685,6 +685,7 @@ impl Exporter<'_> {
                 self.seal();
             }
         }
+        crate::stitch::span::recycle_batch(spans);
         self.bound();
     }
 
@@ -696,7 +697,7 @@ impl Exporter<'_> {
         }
         let body = self.encoder.encode(&self.filling);
         let spans = self.filling.len();
-        self.filling.clear();
+        crate::stitch::span::recycle(&mut self.filling);
         self.ready_spans += spans;
         self.ready.push_back(Batch { body, spans, tries: 0, backoff: self.cfg.initial_backoff });
         self.promote();

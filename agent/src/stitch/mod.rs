@@ -456,7 +456,7 @@ impl Stitcher {
             approximate,
             ..
         } = call;
-        let mut a: Vec<Attr> = Vec::with_capacity(16);
+        let mut a = span::attr_list(16);
         a.push(attr("db.system.name", system));
         push_opt(&mut a, "db.operation.name", operation);
         push_opt(&mut a, "db.collection.name", collection);
@@ -644,7 +644,7 @@ impl Stitcher {
         } else {
             Cow::Borrowed(method)
         };
-        let mut a: Vec<Attr> = Vec::with_capacity(20);
+        let mut a = span::attr_list(20);
         a.push(attr("http.request.method", method));
         if known.is_none() {
             a.push(attr("http.request.method_original", req.method));

@@ -174,6 +174,65 @@ impl SpanRecord {
     }
 }
 
+/// Attribute lists of encoded spans, kept on their thread for the next spans built there
+/// ([`attr_list`]): the event loop and the exporter share one thread, so each span's list
+/// (~1 KiB) is memory the previous drain already used, not a fresh allocator page that the
+/// allocator hands back to the kernel between drains and faults in again (measured on the live
+/// agent at 3000 requests/s: ~160 page faults a second, mostly here).
+const ATTR_POOL_MAX: usize = 1024;
+/// Lists that grew larger than this are not kept (bounds the pool at ~3 MiB).
+const ATTR_POOL_MAX_CAPACITY: usize = 64;
+/// Emptied span batches kept the same way ([`batch_vec`], [`recycle_batch`]).
+const BATCH_POOL_MAX: usize = 4;
+
+thread_local! {
+    static ATTR_POOL: std::cell::RefCell<Vec<Vec<Attr>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BATCH_POOL: std::cell::RefCell<Vec<Vec<SpanRecord>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty attribute list with room for `n`: a recycled one when this thread has one.
+pub fn attr_list(n: usize) -> Vec<Attr> {
+    match ATTR_POOL.with_borrow_mut(Vec::pop) {
+        Some(mut v) => {
+            v.reserve(n);
+            v
+        }
+        None => Vec::with_capacity(n),
+    }
+}
+
+/// Ends `spans` (an exporter calls this once it has encoded them), keeping their attribute
+/// lists for [`attr_list`] up to the pool's bound.
+pub fn recycle(spans: &mut Vec<SpanRecord>) {
+    ATTR_POOL.with_borrow_mut(|pool| {
+        for s in spans.drain(..) {
+            let mut a = s.attributes;
+            if pool.len() < ATTR_POOL_MAX && (1..=ATTR_POOL_MAX_CAPACITY).contains(&a.capacity()) {
+                a.clear();
+                pool.push(a);
+            }
+        }
+    });
+}
+
+/// An empty batch for the event loop to collect spans in: a recycled one when this thread has
+/// one (its room is that of a drain before).
+pub fn batch_vec() -> Vec<SpanRecord> {
+    BATCH_POOL.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Keeps an emptied batch for [`batch_vec`] (up to the pool's bound).
+pub fn recycle_batch(batch: Vec<SpanRecord>) {
+    debug_assert!(batch.is_empty());
+    if batch.capacity() > 0 && batch.is_empty() {
+        BATCH_POOL.with_borrow_mut(|pool| {
+            if pool.len() < BATCH_POOL_MAX {
+                pool.push(batch);
+            }
+        });
+    }
+}
+
 /// Lower-case hex of an id.
 pub fn hex(id: &[u8]) -> String {
     use std::fmt::Write;
@@ -181,4 +240,53 @@ pub fn hex(id: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(n: u8) -> Vec<SpanRecord> {
+        let r = ProcessResource::for_test(1, "a");
+        (0..n).map(|i| SpanRecord::for_test(i, &r)).collect()
+    }
+
+    /// Encoded spans' attribute lists come back emptied to the next spans built on the thread,
+    /// up to the pool's bound; lists that grew too large and batches are handled alike.
+    #[test]
+    fn attribute_lists_and_batches_are_reused_within_bounds() {
+        // Tests share threads of the harness: start from an empty pool.
+        ATTR_POOL.with_borrow_mut(Vec::clear);
+        BATCH_POOL.with_borrow_mut(Vec::clear);
+        let mut batch = spans(3);
+        batch[0].attributes.reserve(20);
+        batch[2].attributes = Vec::with_capacity(ATTR_POOL_MAX_CAPACITY + 1);
+        let kept = batch[0].attributes.as_ptr();
+        recycle(&mut batch);
+        assert!(batch.is_empty());
+        assert_eq!(ATTR_POOL.with_borrow(Vec::len), 2, "the oversized list is not kept");
+        let a = attr_list(20);
+        let b = attr_list(20);
+        assert!(a.is_empty() && b.is_empty() && a.capacity() >= 20 && b.capacity() >= 20);
+        assert!([a.as_ptr(), b.as_ptr()].contains(&kept));
+        assert_eq!(attr_list(4).capacity(), 4, "a fresh list once the pool is empty");
+
+        let mut many = spans(200);
+        for _ in 0..6 {
+            many.extend(spans(200));
+        }
+        recycle(&mut many);
+        assert_eq!(ATTR_POOL.with_borrow(Vec::len), ATTR_POOL_MAX);
+        ATTR_POOL.with_borrow_mut(Vec::clear);
+
+        let room = batch.capacity();
+        recycle_batch(batch);
+        assert_eq!(batch_vec().capacity(), room);
+        assert_eq!(batch_vec().capacity(), 0, "a new batch once the pool is empty");
+        for _ in 0..BATCH_POOL_MAX + 2 {
+            recycle_batch(Vec::with_capacity(8));
+        }
+        assert_eq!(BATCH_POOL.with_borrow(Vec::len), BATCH_POOL_MAX);
+        BATCH_POOL.with_borrow_mut(Vec::clear);
+    }
 }
