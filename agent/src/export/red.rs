@@ -24,7 +24,6 @@
 //! `waybill_red_overflow_total`.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     sync::{
         Arc, Mutex, Weak,
@@ -46,6 +45,7 @@ use opentelemetry_sdk::{
         reader::MetricReader,
     },
 };
+use rustc_hash::FxHashMap;
 use tokio::task::JoinHandle;
 
 use crate::stitch::span::{AttrValue, ProcessResource, SpanKind, SpanRecord};
@@ -346,14 +346,15 @@ struct ProcessMetrics {
     histograms: [Histogram<f64>; 3],
     /// Per metric, the series admitted under the cardinality budget (by [`series_key`]) and their
     /// attributes, built once.
-    series: [HashMap<u64, Vec<KeyValue>>; 3],
+    /// The keys are SipHash values already, so the maps use the cheap Fx hash on them.
+    series: [FxHashMap<u64, Vec<KeyValue>>; 3],
     /// Measurements since the last collection for OTLP (a dead process is dropped once clean).
     dirty: bool,
 }
 
 /// The RED histograms of every traced process.
 pub struct Red {
-    procs: Mutex<HashMap<u32, ProcessMetrics>>,
+    procs: Mutex<FxHashMap<u32, ProcessMetrics>>,
     series_limit: usize,
     host: Option<String>,
     /// Keys [`series_key`].
@@ -373,7 +374,7 @@ pub const DEFAULT_SERIES_LIMIT: usize = 500;
 impl Red {
     pub fn new(series_limit: usize, stats: Arc<RedStats>) -> Red {
         Red {
-            procs: Mutex::new(HashMap::new()),
+            procs: Mutex::new(FxHashMap::default()),
             series_limit: series_limit.max(1),
             host: super::otlp::host_name(),
             hasher: std::hash::RandomState::new(),
@@ -421,7 +422,7 @@ impl Red {
         }
     }
 
-    fn record_locked(&self, procs: &mut HashMap<u32, ProcessMetrics>, r: &SpanRecord, route: &mut String) {
+    fn record_locked(&self, procs: &mut FxHashMap<u32, ProcessMetrics>, r: &SpanRecord, route: &mut String) {
         let Some((metric, attrs)) = measure_borrowed(r, route) else {
             return;
         };
