@@ -16,16 +16,17 @@
 //!   under `SCHED_IDLE` the agent would then fall behind and lose records.
 //!
 //! `--cpu-policy adaptive` (the default) yields while the agent keeps up and competes while it
-//! falls behind: when one drain finds an eighth of the ring buffer waiting (the kernel wakes the
-//! agent at a sixteenth, so the agent did not get the CPU in time), when records or spans are
-//! lost, when the span queue is a quarter full, or — seen by a [`Watchdog`] thread that always
-//! competes — when a sixteenth of the buffer still waits [`STARVED`] after the kernel's wake-up
-//! (the event loop is starved, or too slow, and cannot notice itself). It yields again after
-//! [`CALM`] in which no drain found even a sixteenth waiting.
+//! falls behind: when one drain finds two wake steps of the ring buffer waiting (a quarter: the
+//! kernel wakes the agent at each step, an eighth, `waybill_common::RING_WAKE_STEPS`, so the
+//! agent did not get the CPU in time), when records or spans are lost, when the span queue is a
+//! quarter full, or — seen by a [`Watchdog`] thread that always competes — when a step of the
+//! buffer still waits [`STARVED`] after the kernel's wake-up (the event loop is starved, or too
+//! slow, and cannot notice itself). It yields again after [`CALM`] in which no drain found even
+//! a step waiting.
 //!
 //! The watchdog costs nothing at ordinary load: it sleeps in `epoll_wait` on the ring buffer,
 //! edge-triggered, so only the kernel's wake-ups make it run (records are submitted without one,
-//! except the record that carries the waiting data across another sixteenth of the buffer,
+//! except the record that carries the waiting data across another step of the buffer,
 //! ebpf-probes/src/events.rs), and it sleeps on a timer while the agent competes.
 
 use std::{
@@ -37,15 +38,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use waybill_common::ring_wake_step;
+
 /// How long the agent must keep up, with little waiting at each drain, before it yields again.
 pub const CALM: Duration = Duration::from_secs(5);
 
-/// After the kernel woke the agent because a sixteenth of the ring buffer waits, the event
+/// After the kernel woke the agent because a wake step of the ring buffer waits, the event
 /// loop, yielding, must have drained it below that within this time or it is starved.
 pub const STARVED: Duration = Duration::from_millis(10);
 
 /// A yielding event loop that has not drained for this long is starved even without a wake-up
-/// (a ring buffer too small or records too few to reach a sixteenth).
+/// (a ring buffer too small or records too few to reach a wake step).
 pub const STALLED: Duration = Duration::from_millis(300);
 
 /// `--cpu-policy`.
@@ -209,7 +212,7 @@ fn patience(asleep: bool) -> Duration {
 }
 
 /// A thread that stays in competing mode and makes the whole agent compete when the event loop,
-/// yielding, is starved: a sixteenth of the ring buffer still waits [`STARVED`] after a
+/// yielding, is starved: a wake step of the ring buffer still waits [`STARVED`] after a
 /// ring-buffer wake-up (read from the buffer's mapped position pages; where those cannot be
 /// mapped, no drain at all since the wake-up), or records wait and it has not drained for
 /// [`STALLED`] past its own drain period. While the agent competes the thread is parked (the
@@ -254,9 +257,9 @@ impl Watchdog {
                     let at = now_ms();
                     std::thread::sleep(STARVED);
                     match &level {
-                        // Still a sixteenth waiting: the event loop was not scheduled in time, or
+                        // Still a step waiting: the event loop was not scheduled in time, or
                         // a drain it got a slice for did not keep up (not just "no drain at all").
-                        Some(l) => l.waiting() >= ring_bytes / 16,
+                        Some(l) => l.waiting() >= ring_wake_step(ring_bytes),
                         None => s.last_drain_ms.load(Relaxed) < at,
                     }
                 } else {
@@ -414,7 +417,7 @@ pub struct Governor {
     policy: CpuPolicy,
     mode: Mode,
     ring_bytes: u64,
-    /// Last drain that found a sixteenth of the ring buffer or more waiting.
+    /// Last drain that found a wake step of the ring buffer or more waiting.
     last_busy: Instant,
     pub switches: u64,
 }
@@ -438,10 +441,11 @@ impl Governor {
     pub fn after_drain(&mut self, s: DrainSignal, now: Instant) -> Option<Mode> {
         // Losing counts as busy too: an exporter that falls behind keeps the agent competing
         // even when each drain is small.
-        if s.bytes >= self.ring_bytes / 16 || s.losing {
+        let step = ring_wake_step(self.ring_bytes);
+        if s.bytes >= step || s.losing {
             self.last_busy = now;
         }
-        let behind = s.losing || s.bytes >= self.ring_bytes / 8;
+        let behind = s.losing || s.bytes >= 2 * step;
         self.switch_to(match self.mode {
             Mode::Yield if behind => Mode::Compete,
             Mode::Compete if now.duration_since(self.last_busy) >= CALM => Mode::Yield,
@@ -483,12 +487,15 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Governor::new(CpuPolicy::Adaptive, RING, t0);
         assert_eq!(g.mode(), Mode::Yield);
-        // Keeping up: small drains change nothing.
+        let step = ring_wake_step(u64::from(RING));
+        // Keeping up: small drains change nothing, nor does one that found a step waiting (the
+        // kernel's wake-up).
         assert_eq!(g.after_drain(drain(200_000), t0), None);
-        // A drain that found an eighth of the ring waiting: compete.
-        assert_eq!(g.after_drain(drain(u64::from(RING) / 8), t0), Some(Mode::Compete));
-        // Still busy (a sixteenth at each wake-up): stays competing however long it lasts.
-        let busy = u64::from(RING) / 16;
+        assert_eq!(g.after_drain(drain(step), t0), None);
+        // A drain that found two steps waiting: compete.
+        assert_eq!(g.after_drain(drain(2 * step), t0), Some(Mode::Compete));
+        // Still busy (a step at each wake-up): stays competing however long it lasts.
+        let busy = step;
         for s in 1..20 {
             assert_eq!(g.after_drain(drain(busy), t0 + Duration::from_secs(s)), None);
         }

@@ -18,7 +18,7 @@ use crate::{
 /// before it: no wake-up of the agent for each record (a wake-up costs the agent far more than the
 /// record: ~20 µs of epoll round trip per request at moderate rates). The agent drains the buffer
 /// on a short timer instead; the record whose end carries the waiting data across a multiple of
-/// 1/16 of the buffer forces a wake-up, so a burst never waits for the timer and never fills the
+/// the wake step (an eighth of the buffer, `RING_WAKE_STEPS`) forces a wake-up, so a burst never waits for the timer and never fills the
 /// buffer; and once half the buffer waits, every record does (the agent is behind: a wake-up per
 /// record is cheaper than a lost one).
 ///
@@ -26,9 +26,9 @@ use crate::{
 /// write, a VM exit under a hypervisor), and forcing it on every record while the agent is behind
 /// cost the traced thread ~3 % of its CPU at nginx saturation and PostgreSQL a third of its
 /// throughput. The crossing is judged on the record's footprint in the buffer (8-byte header,
-/// 8-byte alignment): judged on `size` alone, a sixteenth of the buffer — a multiple of every
+/// 8-byte alignment): judged on `size` alone, a step of the buffer — a multiple of every
 /// footprint that divides it — always fell on a record's header, and no record ever woke the
-/// agent. A crossing missed by two CPUs racing is caught by the next sixteenth or the timer.
+/// agent. A crossing missed by two CPUs racing is caught by the next step or the timer.
 ///
 /// An agent that found the buffer empty and sleeps with no drain timer (idle) set
 /// `AGENT_SLEEPING`: the first record after that wakes it and clears the flag, so an idle agent

@@ -23,12 +23,12 @@ use crate::{
 };
 
 /// How long the ring buffer waits for a drain when the kernel side did not ask for a wake-up (it
-/// does each time the waiting data crosses another 1/16 of the buffer); the timer restarts at
+/// does each time the waiting data crosses another eighth of the buffer); the timer restarts at
 /// every drain and is off while the loop sleeps (see [`Pipeline::run`]). Each timer drain is a
 /// thread wake-up that meets cold caches; 250 ms delays a span by at most that, against an export
 /// schedule of 1 s, and at moderate rates costs 7–10 % less agent CPU per request than 100 ms
 /// (3.66–3.77 against 3.93–4.07 µs at 3000 requests/s, docs/performance.md). Faster traffic
-/// wakes the agent on the kernel's 1/16 crossings before the timer is due.
+/// wakes the agent on the kernel's crossings before the timer is due.
 pub(crate) const DRAIN_EVERY: Duration = Duration::from_millis(250);
 /// Housekeeping (loss counters, idle sweeps, the /proc rescan) runs this often; [`IDLE_TICK`]
 /// while the loop sleeps.
@@ -327,7 +327,7 @@ impl Pipeline {
 
     /// Runs until `shutdown` resolves; then drains what the kernel already produced.
     ///
-    /// Three things make it drain: the kernel's wake-up (at each sixteenth of the ring buffer,
+    /// Three things make it drain: the kernel's wake-up (at each eighth of the ring buffer,
     /// or at the first record after the loop went to sleep), the [`DRAIN_EVERY`] timer, and the
     /// continuation of a drain cut into slices. A timer drain that finds the buffer empty puts
     /// the loop to sleep: it sets `AGENT_SLEEPING` for the kernel side and disarms the drain

@@ -447,14 +447,29 @@ pub const fn ringbuf_footprint(size: u64) -> u64 {
     (size + 8 + 7) & !7
 }
 
+/// The kernel side wakes the agent each time the waiting data crosses another
+/// `1 / RING_WAKE_STEPS` of the ring buffer (the *wake step*, [`ring_wake_step`]); the agent's CPU
+/// policy and watchdog judge the level in the same steps (agent/src/sched.rs). An eighth: with
+/// a sixteenth (512 KiB of the default 8 MiB buffer), nginx at 3000 requests/s woke the agent
+/// every ~170 ms, before its 250 ms drain timer, and the agent's CPU per request was 12 % higher
+/// (3.67 against 3.28 µs, 3 alternated rounds; docs/performance.md).
+pub const RING_WAKE_STEPS: u64 = 8;
+
+/// The wake step of a ring buffer of `ring_size` bytes (see [`RING_WAKE_STEPS`]).
+#[inline(always)]
+pub const fn ring_wake_step(ring_size: u64) -> u64 {
+    ring_size / RING_WAKE_STEPS
+}
+
 /// Whether a record of `size` bytes, written with `waiting` bytes already in a ring buffer of
 /// `ring_size` bytes, must wake the agent: when its footprint carries the waiting data across a
-/// multiple of 1/16 of the buffer (at most 16 wake-ups per buffer's worth of records), and for
-/// every record once half the buffer waits (the agent is behind). See ebpf-probes/src/events.rs.
+/// multiple of the wake step (at most [`RING_WAKE_STEPS`] wake-ups per buffer's worth of
+/// records), and for every record once half the buffer waits (the agent is behind). See
+/// ebpf-probes/src/events.rs.
 #[inline(always)]
 pub fn ringbuf_wake_due(waiting: u64, size: u64, ring_size: u64) -> bool {
-    let step = ring_size / 16;
-    step != 0 && (waiting / step != (waiting + ringbuf_footprint(size)) / step || waiting >= 8 * step)
+    let step = ring_wake_step(ring_size);
+    step != 0 && (waiting / step != (waiting + ringbuf_footprint(size)) / step || waiting >= ring_size / 2)
 }
 
 #[cfg(test)]
@@ -462,8 +477,8 @@ mod tests {
     use super::*;
 
     /// Records of one size written into an empty buffer that nobody drains: how many of those
-    /// that start below half the buffer wake the agent (each of the 8 sixteenths up to half is
-    /// crossed by exactly one of them).
+    /// that start below half the buffer wake the agent (each wake step up to half is crossed by
+    /// exactly one of them).
     fn wakes_below_half(size: u64, ring: u64) -> u64 {
         let (mut waiting, mut wakes) = (0, 0);
         while waiting < ring / 2 {
@@ -474,13 +489,13 @@ mod tests {
     }
 
     #[test]
-    fn every_sixteenth_wakes_once_whatever_the_record_size() {
+    fn every_wake_step_wakes_once_whatever_the_record_size() {
         let ring = 8 << 20;
-        // 120 B is a 64 B payload record: a 128 B footprint that divides a sixteenth exactly, so
+        // 120 B is a 64 B payload record: a 128 B footprint that divides a step exactly, so
         // every boundary falls on a record header (the case that never woke the agent when the
         // crossing was judged on `size` alone).
         for size in [1, 8, 56, 100, 120, 128, 777, 4096, 8192 + 56] {
-            assert_eq!(wakes_below_half(size, ring), 8, "record size {size}");
+            assert_eq!(wakes_below_half(size, ring), RING_WAKE_STEPS / 2, "record size {size}");
         }
     }
 
