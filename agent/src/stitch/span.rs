@@ -221,16 +221,14 @@ pub fn batch_vec() -> Vec<SpanRecord> {
     BATCH_POOL.with_borrow_mut(Vec::pop).unwrap_or_default()
 }
 
-/// Keeps an emptied batch for [`batch_vec`] (up to the pool's bound).
-pub fn recycle_batch(batch: Vec<SpanRecord>) {
-    debug_assert!(batch.is_empty());
-    if batch.capacity() > 0 && batch.is_empty() {
-        BATCH_POOL.with_borrow_mut(|pool| {
-            if pool.len() < BATCH_POOL_MAX {
-                pool.push(batch);
-            }
-        });
-    }
+/// Keeps a batch's room for [`batch_vec`] (up to the pool's bound); callers hand it over empty.
+pub fn recycle_batch(mut batch: Vec<SpanRecord>) {
+    batch.clear();
+    BATCH_POOL.with_borrow_mut(|pool| {
+        if batch.capacity() > 0 && pool.len() < BATCH_POOL_MAX {
+            pool.push(batch);
+        }
+    });
 }
 
 /// Lower-case hex of an id.
