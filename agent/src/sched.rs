@@ -114,15 +114,20 @@ static WATCHDOG_TID: AtomicI32 = AtomicI32::new(0);
 static YIELDING: AtomicBool = AtomicBool::new(false);
 
 /// Applies `mode` to every thread of the agent but the watchdog. Returns how many took it.
+/// The flag changes last, once the threads have the mode: whoever reads it (the event loop asking
+/// whether the watchdog rescued it) sees a finished switch.
 pub fn apply_all(mode: Mode) -> usize {
-    YIELDING.store(mode == Mode::Yield, Relaxed);
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return usize::from(apply_to(0, mode));
+    let applied = match std::fs::read_dir("/proc/self/task") {
+        Ok(dir) => {
+            let skip = WATCHDOG_TID.load(Relaxed);
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+                .filter(|&tid| tid != skip && apply_to(tid, mode))
+                .count()
+        }
+        Err(_) => usize::from(apply_to(0, mode)),
     };
-    let skip = WATCHDOG_TID.load(Relaxed);
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
-        .filter(|&tid| tid != skip && apply_to(tid, mode))
-        .count()
+    YIELDING.store(mode == Mode::Yield, Relaxed);
+    applied
 }
 
 /// Whether this process may leave `SCHED_IDLE` again (root, or `CAP_SYS_NICE`, or an
@@ -269,8 +274,9 @@ impl Watchdog {
                     waiting && now_ms().saturating_sub(s.last_drain_ms.load(Relaxed)) >= late
                 };
                 if starved && YIELDING.load(Relaxed) {
-                    apply_all(Mode::Compete);
+                    // Counted first: `rescued()` is true once `apply_all` has finished.
                     s.rescues.fetch_add(1, Relaxed);
+                    apply_all(Mode::Compete);
                 }
             }
         });
