@@ -264,7 +264,7 @@ impl Metrics {
         );
         c(
             "waybill_ring_drains_total",
-            "Ring-buffer drains, by what started them: the kernel's wake-up (another eighth of the buffer filled, or the first record after the agent went to sleep), the 250 ms drain timer, or the 1 s housekeeping tick while asleep.",
+            "Ring-buffer drains, by what started them: the kernel's wake-up (another eighth of the buffer filled, or the first record after the agent went to sleep), the 500 ms drain timer, or the 1 s housekeeping tick while asleep.",
             "counter",
             &[
                 ("trigger=\"wakeup\"", self.drains_wakeup.get()),
