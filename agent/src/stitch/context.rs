@@ -29,9 +29,13 @@
 //! A thread's current request is forgotten when its response has been written, so a later call
 //! on that thread never joins an old trace.
 //!
-//! Bounds: at most `MAX_CONTEXTS` contexts; finished ones are kept `KEEP_FINISHED_NS` for late
-//! lookups and then dropped; unfinished ones are dropped after `MAX_AGE_NS`. When the table is
-//! full the context that finished first makes room (only when every context is still open, the
+//! Bounds: at most `MAX_CONTEXTS` contexts; unfinished ones are dropped after `MAX_AGE_NS`.
+//! A finished context that parents a call (a client request or a database call was attributed
+//! to it while it was open) is kept `KEEP_FINISHED_NS`, since the call may end after the request
+//! did and resolve its parent then. Any other finished context is kept `KEEP_FINISHED_LEAF_NS`,
+//! for the lookups by tuple that trail its finish by the event stream's disorder. When the table
+//! is full the context that finished first makes room, leaves before parents (only when every
+//! context is still open, the
 //! oldest open one): a long request keeps its context through any burst of short ones. At
 //! 100 000 requests/s a finished context still stays ~160 ms, far longer than any lookup needs.
 
@@ -45,7 +49,13 @@ use super::span::ParentSource;
 use crate::ids::{self, TraceParent};
 
 const MAX_CONTEXTS: usize = 16384;
+/// Keep time of a finished context that parents a call (see the module's Bounds).
 const KEEP_FINISHED_NS: u64 = 10_000_000_000;
+/// Keep time of any other finished context. Short, so that the table holds about one second of
+/// requests instead of `MAX_CONTEXTS` at every rate above ~1 600 requests/s: a request then
+/// touches a context written a second ago, not one evicted from a 4 MiB table after ~5 s (agent
+/// CPU per request at 3000 req/s 3.37 → 3.11 µs with 10 s → 1 s, docs/performance.md).
+const KEEP_FINISHED_LEAF_NS: u64 = 1_000_000_000;
 const MAX_AGE_NS: u64 = 600_000_000_000;
 /// How many of a thread's open requests (oldest first) [`Correlator::claim_server`] looks at.
 const MAX_FIFO_SCAN: usize = 32;
@@ -133,6 +143,15 @@ struct Ctx {
     finished_ns: Option<u64>,
     /// Server contexts: bit set of the call kinds (`claim_server`) already attributed to it.
     calls: u8,
+    /// Server contexts: a client context took this one as its thread parent.
+    parent_of_call: bool,
+}
+
+impl Ctx {
+    /// A later span may need this context after it finished: keep it `KEEP_FINISHED_NS`.
+    fn parents_a_call(&self) -> bool {
+        self.calls != 0 || self.parent_of_call
+    }
 }
 
 /// Contexts by id. A slab, not a hash map: when the table is full (every request at high rates),
@@ -254,8 +273,10 @@ pub struct Correlator {
     /// (finish time, id) in the order `finish` was called: finish times come from the event
     /// stream, so this is their order up to the stream's small disorder, and expired finished
     /// contexts are found at its front. An entry whose context was removed (or finished again)
-    /// since is stale and skipped.
+    /// since is stale and skipped. Contexts that parent no call (`KEEP_FINISHED_LEAF_NS`).
     finished: VecDeque<(u64, u64)>,
+    /// The same for contexts that parent a call (`KEEP_FINISHED_NS`).
+    finished_parents: VecDeque<(u64, u64)>,
     /// Contexts dropped because the table was full.
     pub evicted: u64,
 }
@@ -285,6 +306,9 @@ impl Correlator {
             let open = self.threads.get(&key).map(|v| v.as_slice()).unwrap_or(&[]);
             (open.last().copied(), open.len() > 1)
         };
+        if let Some(p) = thread_parent.and_then(|p| self.ctxs.get_mut(&p)) {
+            p.parent_of_call = true;
+        }
         let span_id = s.kernel.map(|k| k.span_id).unwrap_or_else(ids::span_id);
         let server = s.server;
         let client_key = (s.local, s.remote);
@@ -296,6 +320,7 @@ impl Correlator {
             resolved: None,
             finished_ns: None,
             calls: 0,
+            parent_of_call: false,
         });
         self.order.push_back(id);
         if server {
@@ -421,7 +446,8 @@ impl Correlator {
         let r = self.resolve(id);
         if let Some(ctx) = self.ctxs.get_mut(&id) {
             ctx.finished_ns = Some(now_ns);
-            self.finished.push_back((now_ns, id));
+            let queue = if ctx.parents_a_call() { &mut self.finished_parents } else { &mut self.finished };
+            queue.push_back((now_ns, id));
             if ctx.start.server {
                 let key = (ctx.start.pid, ctx.start.tid);
                 // An emptied list stays (with its memory) for the thread's next request; the
@@ -468,17 +494,23 @@ impl Correlator {
         self.threads.retain(|(p, _), _| *p != pid);
     }
 
-    /// Drops expired contexts: finished ones `KEEP_FINISHED_NS` after they finished, unfinished
+    /// Drops expired contexts: finished ones `KEEP_FINISHED_LEAF_NS` or `KEEP_FINISHED_NS` (those
+    /// that parent a call) after they finished, unfinished
     /// ones `MAX_AGE_NS` after they started. Both are found at the front of their queue (finish
     /// order, creation order), so a sweep costs what it removes, not the table's size.
     pub fn sweep(&mut self, now_ns: u64) {
-        while let Some(&(f, id)) = self.finished.front() {
-            if now_ns.saturating_sub(f) <= KEEP_FINISHED_NS {
-                break;
-            }
-            self.finished.pop_front();
-            if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
-                self.remove(id);
+        for parents in [false, true] {
+            let keep = if parents { KEEP_FINISHED_NS } else { KEEP_FINISHED_LEAF_NS };
+            loop {
+                let queue = if parents { &mut self.finished_parents } else { &mut self.finished };
+                let Some(&(f, id)) = queue.front() else { break };
+                if now_ns.saturating_sub(f) <= keep {
+                    break;
+                }
+                queue.pop_front();
+                if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
+                    self.remove(id);
+                }
             }
         }
         // Unfinished contexts start in creation order, give or take the event stream's disorder.
@@ -508,18 +540,25 @@ impl Correlator {
         if self.order.len() > limit {
             self.order.retain(|id| ctxs.contains_key(id));
         }
-        if self.finished.len() > limit {
-            self.finished.retain(|(f, id)| ctxs.get(id).is_some_and(|c| c.finished_ns == Some(*f)));
+        for queue in [&mut self.finished, &mut self.finished_parents] {
+            if queue.len() > limit {
+                queue.retain(|(f, id)| ctxs.get(id).is_some_and(|c| c.finished_ns == Some(*f)));
+            }
         }
     }
 
-    /// Makes room: the context that finished first goes, else (all still open) the oldest.
+    /// Makes room: the context that finished first goes (one that parents no call before one
+    /// that does), else (all still open) the oldest.
     fn evict_oldest(&mut self) {
-        while let Some((f, id)) = self.finished.pop_front() {
-            if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
-                self.remove(id);
-                self.evicted += 1;
-                return;
+        for parents in [false, true] {
+            loop {
+                let queue = if parents { &mut self.finished_parents } else { &mut self.finished };
+                let Some((f, id)) = queue.pop_front() else { break };
+                if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
+                    self.remove(id);
+                    self.evicted += 1;
+                    return;
+                }
             }
         }
         while let Some(id) = self.order.pop_front() {
@@ -726,11 +765,11 @@ mod tests {
         c.finish(b, 100);
         c.finish(a, 200);
         // b is due, a is not: b goes though it was created after both others.
-        c.sweep(100 + KEEP_FINISHED_NS + 1);
+        c.sweep(100 + KEEP_FINISHED_LEAF_NS + 1);
         assert!(c.ctxs.contains_key(&old) && c.ctxs.contains_key(&a) && !c.ctxs.contains_key(&b));
-        c.sweep(200 + KEEP_FINISHED_NS);
-        assert!(c.ctxs.contains_key(&a), "kept KEEP_FINISHED_NS after its finish, not less");
-        c.sweep(200 + KEEP_FINISHED_NS + 1);
+        c.sweep(200 + KEEP_FINISHED_LEAF_NS);
+        assert!(c.ctxs.contains_key(&a), "kept KEEP_FINISHED_LEAF_NS after its finish, not less");
+        c.sweep(200 + KEEP_FINISHED_LEAF_NS + 1);
         assert!(!c.ctxs.contains_key(&a));
         assert!(c.ctxs.contains_key(&old), "unfinished: kept until MAX_AGE_NS");
         c.sweep(1 + MAX_AGE_NS);
@@ -738,6 +777,41 @@ mod tests {
         c.sweep(1 + MAX_AGE_NS + 1);
         assert!(c.is_empty());
         assert!(c.order.is_empty() && c.finished.is_empty());
+    }
+
+    #[test]
+    fn a_context_that_parents_a_call_is_kept_longer_and_its_late_call_still_joins_it() {
+        let mut c = Correlator::new();
+        // An HTTP server request that makes an HTTP call, one that makes a database call, and
+        // one that makes none; all three finish at 1000, the two calls end much later.
+        let http_parent = c.start(start(1, 1, true, 8080, 50000, 100, None));
+        let call = c.start(start(1, 1, false, 40000, 9090, 200, None));
+        let db_parent = c.start(start(1, 2, true, 8080, 50001, 100, None));
+        assert_eq!(c.claim_server(1, 2, 1), Some((db_parent, false)));
+        let leaf = c.start(start(1, 3, true, 8080, 50002, 100, None));
+        let parent_trace = c.finish(http_parent, 1000).unwrap().trace_id;
+        c.finish(db_parent, 1000);
+        c.finish(leaf, 1000);
+        c.sweep(1000 + KEEP_FINISHED_LEAF_NS + 1);
+        assert!(!c.ctxs.contains_key(&leaf), "a leaf goes after KEEP_FINISHED_LEAF_NS");
+        assert!(c.ctxs.contains_key(&http_parent) && c.ctxs.contains_key(&db_parent));
+        // The call ends after the leaf keep time: it still resolves into its parent's trace.
+        let r = c.finish(call, 1000 + KEEP_FINISHED_LEAF_NS + 2).unwrap();
+        assert_eq!((r.trace_id, r.source), (parent_trace, ParentSource::Thread));
+        assert!(c.resolve(db_parent).is_some());
+        c.sweep(1000 + KEEP_FINISHED_NS);
+        assert!(c.ctxs.contains_key(&http_parent) && c.ctxs.contains_key(&db_parent), "not less");
+        c.sweep(1000 + KEEP_FINISHED_NS + 1);
+        assert!(!c.ctxs.contains_key(&http_parent) && !c.ctxs.contains_key(&db_parent));
+        // A full table evicts leaves before parents, whatever finished first.
+        let mut c = Correlator::new();
+        let p = c.start(start(1, 1, true, 8080, 50000, 1, None));
+        c.start(start(1, 1, false, 40000, 9090, 2, None));
+        c.finish(p, 3);
+        let l = c.start(start(1, 2, true, 8080, 50001, 4, None));
+        c.finish(l, 5);
+        c.evict_oldest();
+        assert!(c.ctxs.contains_key(&p) && !c.ctxs.contains_key(&l));
     }
 
     #[test]
@@ -799,12 +873,13 @@ mod tests {
                 _ => {}
             }
             if next(20) == 0 {
-                let before: Vec<(u64, Option<u64>, u64)> =
-                    c.ctxs.iter().map(|(id, x)| (id, x.finished_ns, x.start.start_ns)).collect();
+                let before: Vec<(u64, Option<u64>, u64, bool)> =
+                    c.ctxs.iter().map(|(id, x)| (id, x.finished_ns, x.start.start_ns, x.parents_a_call())).collect();
                 c.sweep(now);
-                for (id, finished, started) in before {
+                for (id, finished, started, parent) in before {
+                    let keep = if parent { KEEP_FINISHED_NS } else { KEEP_FINISHED_LEAF_NS };
                     let due = match finished {
-                        Some(f) => now - f > KEEP_FINISHED_NS,
+                        Some(f) => now - f > keep,
                         None => now - started > MAX_AGE_NS,
                     };
                     if finished.is_some() {
@@ -826,6 +901,7 @@ mod tests {
             c.finish(id, i);
             c.sweep(i + KEEP_FINISHED_NS + 1);
             assert!(c.order.len() <= 2 * c.len() + 1024 && c.finished.len() <= 2 * c.len() + 1024);
+            assert!(c.finished_parents.is_empty());
         }
         assert_eq!(c.len(), 1);
         assert!(c.ctxs.contains_key(&long));
@@ -833,9 +909,9 @@ mod tests {
         let x = c.start(start(1, 3, true, 80, 7, 20_000, None));
         c.finish(x, 20_000);
         c.finish(x, 30_000);
-        c.sweep(20_000 + KEEP_FINISHED_NS + 1);
+        c.sweep(20_000 + KEEP_FINISHED_LEAF_NS + 1);
         assert!(c.ctxs.contains_key(&x));
-        c.sweep(30_000 + KEEP_FINISHED_NS + 1);
+        c.sweep(30_000 + KEEP_FINISHED_LEAF_NS + 1);
         assert!(!c.ctxs.contains_key(&x));
     }
 }
