@@ -325,7 +325,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         inject: u32::from(inject_enabled(args.no_inject, std::env::var("WAYBILL_INJECT").ok().as_deref(), s.inject)?),
     };
     let opts = LoadOptions { config, ring_buffer_bytes: s.ring_buffer_bytes, object: args.ebpf_object.clone() };
-    let (probes, ring) = attach::load(&opts)?;
+    let (probes, events) = attach::load(&opts)?;
     tracing::info!(
         hooks = probes.attached.len(),
         skipped = probes.skipped.len(),
@@ -396,6 +396,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Start-up parsed vmlinux BTF and target ELF files; that memory is free now: return it.
     // SAFETY: mi_collect has no preconditions.
     unsafe { libmimalloc_sys::mi_collect(true) };
+    // Only now map the ring buffer (its pages are resident at once): the start-up peak is then
+    // the larger of the two, not their sum.
+    let ring = events.map()?;
     // The signal handlers are in place before "ready" is said: a SIGINT or SIGTERM sent as soon
     // as that is seen flushes the spans instead of killing the process.
     let stop = shutdown_signals().map_err(|e| anyhow::anyhow!("cannot handle SIGINT/SIGTERM: {e}"))?;

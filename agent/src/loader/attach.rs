@@ -230,8 +230,23 @@ fn attach_sys_exit(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The kernel → agent ring buffer, created and written to by the kernel side but not yet mapped
+/// into the agent's memory. Mapping it makes its data pages resident at once, twice over (the
+/// kernel maps the data area twice, so a record never wraps): 16 MiB for the default 8 MiB
+/// buffer. [`EventsMap::map`] is left to the caller, to do once start-up has returned its
+/// temporary memory (BTF, ELF parsing), so the two never add up in the start-up peak. Records
+/// the kernel writes in between wait in the buffer.
+pub struct EventsMap(aya::maps::Map);
+
+impl EventsMap {
+    /// Maps the ring buffer for reading.
+    pub fn map(self) -> Result<RingBuf<MapData>, LoadError> {
+        RingBuf::try_from(self.0).map_err(|e| LoadError::Map { name: "EVENTS", source: e })
+    }
+}
+
 /// Computes offsets, loads the object and attaches every program.
-pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError> {
+pub fn load(opts: &LoadOptions) -> Result<(Probes, EventsMap), LoadError> {
     let owned;
     let bytes: &[u8] = match &opts.object {
         Some(p) => {
@@ -312,8 +327,7 @@ pub fn load(opts: &LoadOptions) -> Result<(Probes, RingBuf<MapData>), LoadError>
         }
     };
     let inject_stats = ebpf.take_map("INJECT_STATS").and_then(|m| PerCpuArray::try_from(m).ok());
-    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?)
-        .map_err(|e| LoadError::Map { name: "EVENTS", source: e })?;
+    let events = EventsMap(ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?);
     let targets = BpfHashMap::try_from(ebpf.take_map("TARGETS").ok_or(LoadError::MissingMap("TARGETS"))?)
         .map_err(|e| LoadError::Map { name: "TARGETS", source: e })?;
     let target_bytes = match ebpf.take_map("TARGET_BYTES") {
