@@ -31,8 +31,9 @@ use crate::{
 /// A span waits at most this long in the ring buffer, against the exporter's 1 s schedule; at
 /// 3000 requests/s of nginx the kernel's wake-ups (~0.4 s apart) come first anyway.
 pub(crate) const DRAIN_EVERY: Duration = Duration::from_millis(500);
-/// Housekeeping (loss counters, idle sweeps, the /proc rescan) runs this often; [`IDLE_TICK`]
-/// while the loop sleeps.
+/// Housekeeping (loss counters, idle sweeps, the /proc rescan) is due this often; [`IDLE_TICK`]
+/// while the loop sleeps. While traffic flows it runs with the next drain once due (at most
+/// [`DRAIN_EVERY`] later) instead of waking the agent on its own: every wake-up meets cold caches.
 const TICK: Duration = Duration::from_millis(500);
 pub(crate) const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Most spans handed to the exporter in one batch.
@@ -360,7 +361,8 @@ impl Pipeline {
         let mut drained = 0u64;
         tokio::pin!(shutdown);
         loop {
-            timer.arm_at(drain_at.map_or(tick_at, |d| d.min(tick_at)))?;
+            // While traffic flows the timer waits for the drain; a due tick rides on it.
+            timer.arm_at(drain_at.unwrap_or(tick_at))?;
             // (drain now, woken by the kernel)
             let (pending, woken) = tokio::select! {
                 guard = ring.readable_mut() => {
@@ -411,6 +413,11 @@ impl Pipeline {
                 drain_at = (!asleep).then(|| Instant::now() + DRAIN_EVERY);
                 cpu.set_asleep(asleep);
                 self.metrics.event_loop_asleep.set(u64::from(asleep));
+            }
+            if woken && tick_at <= Instant::now() {
+                // Housekeeping due: done now, after this drain, not on a wake-up of its own.
+                self.tick(&mut last_scan);
+                tick_at = Instant::now() + TICK;
             }
             self.ship();
             if pending {
