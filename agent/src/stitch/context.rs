@@ -446,6 +446,7 @@ impl Correlator {
         let r = self.resolve(id);
         if let Some(ctx) = self.ctxs.get_mut(&id) {
             ctx.finished_ns = Some(now_ns);
+            // (Field by field: `ctx` still borrows the slab, so not through `finish_queue`.)
             let queue = if ctx.parents_a_call() { &mut self.finished_parents } else { &mut self.finished };
             queue.push_back((now_ns, id));
             if ctx.start.server {
@@ -502,7 +503,7 @@ impl Correlator {
         for parents in [false, true] {
             let keep = if parents { KEEP_FINISHED_NS } else { KEEP_FINISHED_LEAF_NS };
             loop {
-                let queue = if parents { &mut self.finished_parents } else { &mut self.finished };
+                let queue = self.finish_queue(parents);
                 let Some(&(f, id)) = queue.front() else { break };
                 if now_ns.saturating_sub(f) <= keep {
                     break;
@@ -547,13 +548,16 @@ impl Correlator {
         }
     }
 
+    /// The finish queue of contexts that parent a call, or of the others.
+    fn finish_queue(&mut self, parents: bool) -> &mut VecDeque<(u64, u64)> {
+        if parents { &mut self.finished_parents } else { &mut self.finished }
+    }
+
     /// Makes room: the context that finished first goes (one that parents no call before one
     /// that does), else (all still open) the oldest.
     fn evict_oldest(&mut self) {
         for parents in [false, true] {
-            loop {
-                let queue = if parents { &mut self.finished_parents } else { &mut self.finished };
-                let Some((f, id)) = queue.pop_front() else { break };
+            while let Some((f, id)) = self.finish_queue(parents).pop_front() {
                 if self.ctxs.get(&id).is_some_and(|c| c.finished_ns == Some(f)) {
                     self.remove(id);
                     self.evicted += 1;
