@@ -24,6 +24,8 @@
 //! 7. The user-space pipeline alone (`agent/benches/pipeline.rs`): CPU time and allocations per
 //!    request of decoding, parsing, span building, RED and OTLP encoding, warm and with cold
 //!    caches, without a kernel or a network in the way.
+//! 8. The idle agent: CPU, wake-ups and RSS with nginx attached and no traffic, for each way of
+//!    choosing targets (`--pid`, `--port`, `--exe`).
 //!
 //! Only 127.0.0.1 traffic; every load loop is bounded in time; every child is stopped by a guard.
 
@@ -54,8 +56,8 @@ pub struct BenchArgs {
     /// Request rate of the constant-rate scenario (requests per second).
     #[arg(long, default_value_t = 3000)]
     rate: u32,
-    /// Only these sections, comma separated: nginx, budget, rate, postgres, redis, events, hooks,
-    /// pipeline.
+    /// Only these sections, comma separated: nginx, budget, rate, idle, postgres, redis, events,
+    /// hooks, pipeline.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Benchmark this agent binary (default: build and use target/release/waybill).
@@ -66,7 +68,7 @@ pub struct BenchArgs {
     no_build: bool,
 }
 
-const SECTIONS: &[&str] = &["nginx", "budget", "rate", "postgres", "redis", "events", "hooks", "pipeline"];
+const SECTIONS: &[&str] = &["nginx", "budget", "rate", "idle", "postgres", "redis", "events", "hooks", "pipeline"];
 
 /// Durations and sizes of one run (`--quick` or default).
 struct Plan {
@@ -83,6 +85,7 @@ struct Plan {
     hook_tcp_n: u64,
     hook_null_n: u64,
     hook_pairs: usize,
+    idle_secs: u64,
 }
 
 impl Plan {
@@ -102,6 +105,7 @@ impl Plan {
                 hook_tcp_n: 200_000,
                 hook_null_n: 1_000_000,
                 hook_pairs: a.pairs.unwrap_or(2),
+                idle_secs: 4,
             }
         } else {
             Plan {
@@ -118,6 +122,7 @@ impl Plan {
                 hook_tcp_n: 1_000_000,
                 hook_null_n: 3_000_000,
                 hook_pairs: a.pairs.unwrap_or(5),
+                idle_secs: 10,
             }
         }
     }
@@ -196,12 +201,13 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             rep.warnings.push(format!("section `{name}` failed: {e:#}"));
         }
     };
-    if want("nginx") || want("budget") || want("rate") || want("events") {
+    if want("nginx") || want("budget") || want("rate") || want("idle") || want("events") {
         let nginx = Nginx::start(work.path())?;
         warm_up(nginx.port)?;
         section("nginx", &mut rep, &mut |rep| nginx_saturation(&b, &plan, &nginx, rep));
         section("budget", &mut rep, &mut |rep| budget(&b, &plan, &nginx, args.rate, work.path(), rep));
         section("rate", &mut rep, &mut |rep| nginx_rate(&b, &plan, &nginx, args.rate, rep));
+        section("idle", &mut rep, &mut |rep| idle(&b, &plan, &nginx, rep));
         section("events", &mut rep, &mut |rep| events(&b, &plan, &nginx, &hookbench, rep));
     }
     section("postgres", &mut rep, &mut |rep| postgres(&b, &plan, &tools, rep));
@@ -220,6 +226,69 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     std::fs::write(&path, &text)?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
+}
+
+/// Table 8: the idle agent, per way of choosing targets. nginx is attached and gets no traffic;
+/// what the agent spends then is its own housekeeping (the 500 ms tick, the 2 s `/proc` rescan,
+/// the counters), which a host pays around the clock. `--port` and `--exe` rescans read more of
+/// `/proc` than `--pid` does, and their cost grows with the host (processes, sockets).
+fn idle(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> Result<()> {
+    let (pid, port) = (nginx.pid().to_string(), nginx.port.to_string());
+    let procs = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+        .count();
+    let mut rows = Vec::new();
+    for (sel, args) in [
+        ("`--pid` (nginx's master)", ["--pid", pid.as_str()]),
+        ("`--port` (nginx's)", ["--port", port.as_str()]),
+        ("`--exe nginx`", ["--exe", "nginx"]),
+    ] {
+        let mut agent = b.start_agent_on(&args, &[])?;
+        let apid = agent.guard.pid();
+        // Past start-up and the first rescans.
+        thread::sleep(Duration::from_secs(3));
+        let (c0, w0) = (cpu_s(apid, b.clk_tck), switches(apid));
+        thread::sleep(Duration::from_secs(plan.idle_secs));
+        let (c1, w1) = (cpu_s(apid, b.clk_tck), switches(apid));
+        let rss = status_kb(apid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        let alive = agent.guard.alive();
+        agent.guard.stop();
+        if !alive {
+            bail!("waybill died while idle:\n{}", agent.stderr.lock().unwrap());
+        }
+        let secs = plan.idle_secs as f64;
+        rows.push([
+            sel.to_string(),
+            format!("{:.3}", (c1 - c0) * 1e3 / secs),
+            f1(w1.saturating_sub(w0) as f64 / secs),
+            f1(rss),
+        ]);
+    }
+    let t = rep.table(
+        &format!(
+            "8. The idle agent — nginx attached, no traffic, {} s after 3 s of settling, by way of choosing \
+             it ({procs} processes on this host)",
+            plan.idle_secs
+        ),
+        &["selector", "agent CPU (ms per s)", "times it ran per s", "RSS (MiB)"],
+    );
+    for r in &rows {
+        t.row(r);
+    }
+    Ok(())
+}
+
+/// How many times the process's threads were put on a CPU (the third field of
+/// `/proc/PID/task/*/schedstat`): its wake-ups, near enough.
+fn switches(pid: u32) -> u64 {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|t| t.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+        .sum()
 }
 
 /// Table 7: runs `agent/benches/pipeline.rs` (built with cargo's bench profile) and reports its
@@ -829,11 +898,17 @@ impl AgentRound {
 
 impl Bench {
     fn start_agent(&self, pid: u32, extra: &[&str]) -> Result<Agent> {
+        self.start_agent_on(&["--pid", &pid.to_string()], extra)
+    }
+
+    /// Starts the agent with the selector arguments `target` (`--pid N`, `--port N`, …).
+    fn start_agent_on(&self, target: &[&str], extra: &[&str]) -> Result<Agent> {
         let port = free_port()?;
         let metrics_addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(&self.agent_bin);
         cmd.arg("run")
-            .args(["--pid", &pid.to_string(), "--metrics-addr", &metrics_addr])
+            .args(target)
+            .args(["--metrics-addr", &metrics_addr])
             .args(extra)
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", self.rotel.endpoint())
             .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")

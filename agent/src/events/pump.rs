@@ -73,6 +73,7 @@ pub struct Pipeline {
     /// Spans built since the last hand-over to the exporter.
     outgoing: Vec<SpanRecord>,
     traced: HashSet<u32>,
+    scanner: process::Scanner,
     finished: Vec<Finished>,
 }
 
@@ -91,6 +92,7 @@ impl Pipeline {
             tee,
             outgoing: Vec::new(),
             traced: HashSet::new(),
+            scanner: process::Scanner::default(),
             finished: Vec::new(),
         }
     }
@@ -166,12 +168,14 @@ impl Pipeline {
                 self.trace(p, if p == pid { "--pid" } else { "descendant of --pid" });
             }
         }
-        self.rescan();
+        self.rescan(true);
         self.traced.len()
     }
 
-    fn rescan(&mut self) {
-        for pid in process::scan(&self.cfg.selector, &self.traced) {
+    /// Looks in /proc for targets the kernel side could not report; `full`: at every process,
+    /// not only the new ones ([`process::Scanner`]).
+    fn rescan(&mut self, full: bool) {
+        for pid in self.scanner.scan(&self.cfg.selector, &self.traced, full) {
             self.trace(pid, "matches --exe/--port");
         }
         // TLS libraries loaded since the last look (dlopen).
@@ -322,8 +326,10 @@ impl Pipeline {
             *last_scan = std::time::Instant::now();
             // With the rescan, not at every tick: each counter is a bpf() call that copies
             // every CPU's value (~17 calls, 13 % of an idle agent's CPU at every tick).
+            let lost = self.metrics.lost_ringbuf_full.get();
             self.refresh_lost();
-            self.rescan();
+            // Lost records may have been exec or listen events: look at every process again.
+            self.rescan(self.metrics.lost_ringbuf_full.get() != lost);
         }
     }
 

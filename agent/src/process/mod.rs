@@ -20,6 +20,8 @@ use rustc_hash::FxHashMap;
 
 use crate::stitch::span::{Attr, AttrValue, ProcessResource};
 
+mod listeners;
+
 /// What the operator asked to trace.
 #[derive(Clone, Debug, Default)]
 pub struct Selector {
@@ -129,31 +131,6 @@ pub fn exe_matches(pid: u32, wanted: &[String]) -> bool {
     wanted.iter().any(|w| n.iter().any(|x| x == w || (x.len() == 15 && w.len() > 15 && w.starts_with(x.as_str()))))
 }
 
-/// Socket inodes listening on any of `ports` (from /proc/net/tcp and tcp6).
-fn listening_inodes(ports: &[u16]) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(f) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue; // 0A = TCP_LISTEN
-            }
-            let Some(port) = cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else {
-                continue;
-            };
-            if ports.contains(&port) {
-                if let Ok(inode) = cols[9].parse() {
-                    out.insert(inode);
-                }
-            }
-        }
-    }
-    out
-}
-
 fn holds_any_socket(pid: u32, inodes: &HashSet<u64>) -> bool {
     let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else {
         return false;
@@ -169,19 +146,54 @@ fn holds_any_socket(pid: u32, inodes: &HashSet<u64>) -> bool {
     })
 }
 
-/// Processes matching `--exe` or `--port` right now (the `--pid` ones are handled by the caller).
-pub fn scan(sel: &Selector, skip: &HashSet<u32>) -> Vec<u32> {
-    if sel.exes.is_empty() && sel.ports.is_empty() {
-        return Vec::new();
+/// How often a rescan looks at every process again, not only at those new since the last one.
+const FULL_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Finds the processes that match `--exe` or `--port` (the `--pid` ones are handled by the
+/// caller), remembering what it saw so that a rescan looks only at what changed.
+///
+/// The kernel side reports the processes that exec a watched name or listen on / accept from a
+/// watched port, so the periodic /proc rescan is a fallback for what it could not report (records
+/// lost to a full ring buffer, names the kernel's exec filter cannot hold). Reading three files
+/// of every process, and every file descriptor of every process for `--port`, every 2 s grows
+/// with the host. So a rescan examines only the PIDs that were not there at the last one, unless
+/// a listener on a watched port appeared since (then every process's descriptors are read, to
+/// find who holds it), the caller asks for a full scan (records were lost), or
+/// [`FULL_SCAN_EVERY`] has passed (a PID reused between two scans).
+#[derive(Default)]
+pub struct Scanner {
+    /// The PIDs that existed at the last scan.
+    seen: HashSet<u32>,
+    /// The listening sockets on watched ports at the last scan.
+    listeners: HashSet<u64>,
+    last_full: Option<std::time::Instant>,
+}
+
+impl Scanner {
+    /// The processes that match now and are not in `skip`; `full` examines every process.
+    pub fn scan(&mut self, sel: &Selector, skip: &HashSet<u32>, full: bool) -> Vec<u32> {
+        if sel.exes.is_empty() && sel.ports.is_empty() {
+            return Vec::new();
+        }
+        let own = std::process::id();
+        let inodes = if sel.ports.is_empty() { HashSet::new() } else { listeners::listening_inodes(&sel.ports) };
+        let pids: HashSet<u32> = all_pids().into_iter().collect();
+        let full =
+            full || self.last_full.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY) || !inodes.is_subset(&self.listeners);
+        if full {
+            self.last_full = Some(std::time::Instant::now());
+        }
+        let found = pids
+            .iter()
+            .copied()
+            .filter(|p| *p != own && !skip.contains(p) && (full || !self.seen.contains(p)))
+            .filter(|&p| exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes)))
+            .filter(|&p| !sel.excludes(p))
+            .collect();
+        self.seen = pids;
+        self.listeners = inodes;
+        found
     }
-    let own = std::process::id();
-    let inodes = if sel.ports.is_empty() { HashSet::new() } else { listening_inodes(&sel.ports) };
-    all_pids()
-        .into_iter()
-        .filter(|p| *p != own && !skip.contains(p))
-        .filter(|&p| exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes)))
-        .filter(|&p| !sel.excludes(p))
-        .collect()
 }
 
 /// Reads NAME=value pairs from /proc/PID/environ (only the ones asked for).
@@ -722,20 +734,57 @@ mod tests {
         assert!(with_descendants(std::process::id()).contains(&pid));
         assert!(exe_matches(pid, &["sleep".to_string()]));
         assert!(!exe_matches(pid, &["nginx".to_string()]));
-        let found = scan(&Selector { exes: vec!["sleep".into()], ..Default::default() }, &HashSet::new());
-        assert!(found.contains(&pid));
+        let sel = Selector { exes: vec!["sleep".into()], ..Default::default() };
+        let mut scanner = Scanner::default();
+        assert!(scanner.scan(&sel, &HashSet::new(), false).contains(&pid));
+        // A rescan looks only at processes new since the last one, unless asked for all.
+        let mut second = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let found = scanner.scan(&sel, &HashSet::new(), false);
+        assert!(found.contains(&second.id()) && !found.contains(&pid), "{found:?}");
+        let found = scanner.scan(&sel, &HashSet::new(), true);
+        assert!(found.contains(&second.id()) && found.contains(&pid), "{found:?}");
+        for c in [&mut child, &mut second] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// A process already seen by a rescan that starts listening on a watched port later is
+    /// found by the next one: a new listener makes the rescan read every process's descriptors.
+    #[test]
+    fn listening_port_is_found_even_on_a_process_seen_before() {
+        use std::io::{BufRead, Write};
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", "import socket,sys\nsys.stdin.readline()\ns=socket.socket()\ns.bind(('127.0.0.1',int(sys.argv[1])))\ns.listen()\nprint('up',flush=True)\nsys.stdin.readline()", &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let pid = child.id();
+        let sel = Selector { ports: vec![port], ..Default::default() };
+        let mut scanner = Scanner::default();
+        assert!(!scanner.scan(&sel, &HashSet::new(), false).contains(&pid), "not listening yet");
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "up");
+        assert!(scanner.scan(&sel, &HashSet::new(), false).contains(&pid));
+        // Nothing new: the next rescan reads no descriptors and finds nobody new.
+        assert!(scanner.scan(&sel, &HashSet::from([pid]), false).is_empty());
         child.kill().unwrap();
         child.wait().unwrap();
     }
 
     #[test]
-    fn listening_port_is_found() {
+    fn own_listening_socket_is_held_by_this_process() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let found = scan(&Selector { ports: vec![port], ..Default::default() }, &HashSet::new());
-        // The test process itself is skipped as "own"; so check the inode lookup directly.
-        assert!(found.is_empty() || !found.contains(&std::process::id()));
-        let inodes = listening_inodes(&[port]);
+        // The agent never traces itself.
+        let found =
+            Scanner::default().scan(&Selector { ports: vec![port], ..Default::default() }, &HashSet::new(), true);
+        assert!(!found.contains(&std::process::id()));
+        let inodes = listeners::listening_inodes(&[port]);
         assert_eq!(inodes.len(), 1);
         assert!(holds_any_socket(std::process::id(), &inodes));
     }
