@@ -34,7 +34,7 @@ use std::{
 
 use opentelemetry::{
     KeyValue, Value,
-    metrics::{Histogram, MeterProvider as _},
+    metrics::{BoundHistogram, Histogram, MeterProvider as _},
 };
 use opentelemetry_sdk::{
     error::OTelSdkResult,
@@ -344,10 +344,12 @@ struct ProcessMetrics {
     _provider: SdkMeterProvider,
     reader: SharedReader,
     histograms: [Histogram<f64>; 3],
-    /// Per metric, the series admitted under the cardinality budget (by [`series_key`]) and their
-    /// attributes, built once.
+    /// Per metric, the series admitted under the cardinality budget (by [`series_key`]), each a
+    /// histogram bound to its attributes once: a measurement goes straight to the series'
+    /// buckets, where an unbound `record` hashes and looks up the attribute set every time
+    /// (table 7: RED 248 → ~110 ns per request warm).
     /// The keys are SipHash values already, so the maps use the cheap Fx hash on them.
-    series: [FxHashMap<u64, Vec<KeyValue>>; 3],
+    series: [FxHashMap<u64, BoundHistogram<f64>>; 3],
     /// Measurements since the last collection for OTLP (a dead process is dropped once clean).
     dirty: bool,
 }
@@ -439,12 +441,13 @@ impl Red {
         };
         let series = &mut pm.series[metric.index()];
         let histogram = &pm.histograms[metric.index()];
-        if let Some(kvs) = series.get(&key) {
-            histogram.record(seconds, kvs);
+        if let Some(bound) = series.get(&key) {
+            bound.record(seconds);
         } else if series.len() < self.series_limit {
             let kvs: Vec<KeyValue> = attrs.as_slice().iter().map(|(k, v)| KeyValue::new(*k, v.otel())).collect();
-            histogram.record(seconds, &kvs);
-            series.insert(key, kvs);
+            let bound = histogram.bind(&kvs);
+            bound.record(seconds);
+            series.insert(key, bound);
         } else {
             self.stats.overflow.fetch_add(1, Relaxed);
             histogram.record(seconds, &[KeyValue::new(OVERFLOW_ATTR, true)]);
