@@ -278,6 +278,67 @@ fn port_selection_picks_up_later_process_and_metrics_count_it() {
     let _ = agent.stop();
 }
 
+/// `--port` finds a server in another network namespace (a container's, a Kubernetes pod's) that
+/// was listening before the agent started, and traces requests on a keep-alive connection it
+/// accepted before then. No listen or accept after the start tells the kernel side about that
+/// server: only the start-up scan of every namespace's listeners finds it.
+#[test]
+fn port_selection_finds_a_server_in_another_network_namespace() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    if !require_root() {
+        return;
+    }
+    let rx = Receiver::start(Proto::Grpc);
+    let port = free_port().to_string();
+    let server = repo_root().join("tests/apps/http_server.py");
+    // A namespace of its own with its loopback up; `exec` keeps the child's PID the server's.
+    let script = format!("ip link set lo up && exec python3 {} {port}", server.display());
+    let server = Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux) and ip (iproute2) must be installed (cargo xtask setup)");
+    let server = waybill_tests::harness::Proc { child: server, name: "python http.server in a netns".into() };
+    let spid = server.pid().to_string();
+    // A client in the same namespace: one keep-alive connection, a GET per path read on stdin.
+    let client_py = "import http.client,sys,time\n\
+        for _ in range(100):\n\
+        \ttry:\n\t\tc=http.client.HTTPConnection('127.0.0.1',int(sys.argv[1]));c.connect();break\n\
+        \texcept OSError:\n\t\ttime.sleep(0.1)\n\
+        for p in sys.stdin:\n\
+        \tc.request('GET',p.strip());r=c.getresponse();r.read();print(r.status,flush=True)\n";
+    let mut client = Command::new("nsenter")
+        .args(["-t", &spid, "-n", "python3", "-c", client_py, &port])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nsenter");
+    let mut to_client = client.stdin.take().unwrap();
+    let mut from_client = BufReader::new(client.stdout.take().unwrap());
+    let mut get = |path: &str| {
+        writeln!(to_client, "{path}").unwrap();
+        let mut status = String::new();
+        from_client.read_line(&mut status).unwrap();
+        status.trim().to_string()
+    };
+    assert_eq!(get("/users/0"), "200", "the request before the agent started");
+    // Not visible from the agent's namespace.
+    assert!(!sh("ss", &["-Hltn"]).contains(&format!(":{port} ")));
+
+    let env = otlp_env(&rx);
+    let agent = Agent::start(&["--port", &port], &env_refs(&env));
+    assert_eq!(get("/users/1"), "200");
+    assert_eq!(get("/users/2"), "200");
+    let spans = server_spans(&rx, 2);
+    let paths: Vec<&str> = spans.iter().map(|s| attr(s, "url.path")).collect();
+    assert_eq!(paths, ["/users/1", "/users/2"], "{spans:#?}\n{}", agent.stderr());
+    assert!(spans.iter().all(|s| s.resource.get("process.pid") == Some(&spid)));
+    drop(to_client);
+    let _ = client.wait();
+    let _ = agent.stop();
+}
+
 /// With no traffic the agent's event loop goes to sleep (no drain timer: it asks the kernel side
 /// to wake it with the next record), and the first request wakes it: the span arrives, drained on
 /// the kernel's wake-up, not on the timer.

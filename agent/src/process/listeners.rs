@@ -8,10 +8,18 @@
 //! with `--port` (0.15 ms with `--pid`). `/proc/net/tcp{,6}` remain the fallback when netlink is
 //! refused (a seccomp profile, say).
 //!
-//! Both see the agent's own network namespace only, like every other /proc view it reads; the
-//! kernel side matches `--port` in every namespace (at listen and accept).
+//! Both views belong to one network namespace. The agent's own is read directly; the namespace
+//! of every other process the rescan looks at (a container's, a Kubernetes pod's) is read from
+//! a short-lived thread that enters it with `setns` (`CAP_SYS_ADMIN`, which the agent has), one
+//! dump per namespace. Without that, `--port 8080` on a node would miss a pod that was already
+//! listening when the agent started and serves only connections accepted before (the kernel side
+//! traces a process when it listens on or accepts from a watched port, in any namespace).
 
-use std::{collections::HashSet, fs, io};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs, io,
+    os::fd::AsRawFd,
+};
 
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
@@ -21,15 +29,61 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-/// Socket inodes listening on any of `ports` (TCP, IPv4 and IPv6).
-pub fn listening_inodes(ports: &[u16]) -> HashSet<u64> {
+/// Socket inodes listening on any of `ports` (TCP, IPv4 and IPv6), in the agent's network
+/// namespace and in the namespaces of `pids`.
+pub fn listening_inodes(ports: &[u16], pids: impl IntoIterator<Item = u32>) -> HashSet<u64> {
+    let own = netns("self");
+    let mut out = in_namespace(ports, "self");
+    // One process per other namespace.
+    let others: BTreeMap<u64, u32> =
+        pids.into_iter().filter_map(|p| Some((netns(&p.to_string())?, p))).filter(|(ns, _)| Some(*ns) != own).collect();
+    if !others.is_empty() {
+        // setns changes the calling thread's namespace: a thread of its own, which then ends.
+        let found = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut found = HashSet::new();
+                for (ns, pid) in others {
+                    match enter_netns(pid) {
+                        Ok(()) => found.extend(in_namespace(ports, &pid.to_string())),
+                        Err(e) => tracing::debug!(pid, netns = ns, error = %e, "cannot enter its network namespace"),
+                    }
+                }
+                found
+            })
+            .join()
+            .unwrap_or_default()
+        });
+        out.extend(found);
+    }
+    out
+}
+
+/// The listeners on `ports` in the namespace this thread is in, which is that of process `pid`
+/// (or "self") for the /proc fallback.
+fn in_namespace(ports: &[u16], pid: &str) -> HashSet<u64> {
     match netlink_listeners() {
         Ok(all) => all.into_iter().filter(|(port, _)| ports.contains(port)).map(|(_, inode)| inode).collect(),
         Err(e) => {
-            tracing::debug!(error = %e, "sock_diag netlink refused; reading /proc/net/tcp instead");
-            proc_listening_inodes(ports)
+            tracing::debug!(error = %e, "sock_diag netlink refused; reading /proc/PID/net/tcp instead");
+            proc_listening_inodes(ports, pid)
         }
     }
+}
+
+/// The inode of a process's network namespace ("self" for the agent).
+fn netns(pid: &str) -> Option<u64> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Moves the calling thread into the network namespace of `pid`.
+fn enter_netns(pid: u32) -> io::Result<()> {
+    let f = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    // SAFETY: setns on a descriptor we own; it affects only the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// (port, inode) of every listening TCP socket, from one `inet_diag` dump per address family.
@@ -82,11 +136,11 @@ fn netlink_listeners() -> io::Result<Vec<(u16, u64)>> {
     Ok(out)
 }
 
-/// The same from `/proc/net/tcp` and `/proc/net/tcp6` (the fallback).
-fn proc_listening_inodes(ports: &[u16]) -> HashSet<u64> {
+/// The same from `/proc/PID/net/tcp` and `tcp6` (the fallback).
+fn proc_listening_inodes(ports: &[u16], pid: &str) -> HashSet<u64> {
     let mut out = HashSet::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(f) else {
+    for f in ["tcp", "tcp6"] {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{f}")) else {
             continue;
         };
         for line in text.lines().skip(1) {
@@ -126,7 +180,7 @@ mod tests {
         let via_netlink: HashSet<u64> =
             netlink_listeners().unwrap().into_iter().filter(|(p, _)| ports.contains(p)).map(|(_, i)| i).collect();
         assert_eq!(via_netlink.len(), ports.len(), "one listener per port, the connection not counted");
-        assert_eq!(via_netlink, proc_listening_inodes(&ports));
-        assert_eq!(listening_inodes(&ports), via_netlink);
+        assert_eq!(via_netlink, proc_listening_inodes(&ports, "self"));
+        assert_eq!(listening_inodes(&ports, [std::process::id()]), via_netlink);
     }
 }

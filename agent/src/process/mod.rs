@@ -6,8 +6,8 @@
 //!   arbiter's workers). Children forked later are added by the kernel (`task_newtask`).
 //! - `--exe NAME`: every process whose executable file name, `comm`, or `argv[0]` file name is
 //!   NAME, now and whenever one is exec'd later.
-//! - `--port N`: every process with a TCP socket listening on port N, now and whenever one
-//!   starts listening on it or accepts a connection from it later.
+//! - `--port N`: every process with a TCP socket listening on port N, in any network namespace,
+//!   now and whenever one starts listening on it or accepts a connection from it later.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -164,7 +164,7 @@ const FULL_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 pub struct Scanner {
     /// The PIDs that existed at the last scan.
     seen: HashSet<u32>,
-    /// The listening sockets on watched ports at the last scan.
+    /// The listening sockets on watched ports seen since the last full scan.
     listeners: HashSet<u64>,
     last_full: Option<std::time::Instant>,
 }
@@ -176,12 +176,23 @@ impl Scanner {
             return Vec::new();
         }
         let own = std::process::id();
-        let inodes = if sel.ports.is_empty() { HashSet::new() } else { listeners::listening_inodes(&sel.ports) };
         let pids: HashSet<u32> = all_pids().into_iter().collect();
-        let full =
-            full || self.last_full.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY) || !inodes.is_subset(&self.listeners);
+        let new = || pids.iter().copied().filter(|p| !self.seen.contains(p));
+        let listening = |among: &mut dyn Iterator<Item = u32>| {
+            if sel.ports.is_empty() { HashSet::new() } else { listeners::listening_inodes(&sel.ports, among) }
+        };
+        let mut full = full || self.last_full.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);
+        let mut inodes = HashSet::new();
+        if !full {
+            // The agent's network namespace and those of the new processes.
+            inodes = listening(&mut new());
+            full = !inodes.is_subset(&self.listeners);
+        }
         if full {
             self.last_full = Some(std::time::Instant::now());
+            // Every process's namespace.
+            inodes = listening(&mut pids.iter().copied());
+            self.listeners.clear();
         }
         let found = pids
             .iter()
@@ -190,8 +201,8 @@ impl Scanner {
             .filter(|&p| exe_matches(p, &sel.exes) || (!inodes.is_empty() && holds_any_socket(p, &inodes)))
             .filter(|&p| !sel.excludes(p))
             .collect();
+        self.listeners.extend(inodes);
         self.seen = pids;
-        self.listeners = inodes;
         found
     }
 }
@@ -784,7 +795,7 @@ mod tests {
         let found =
             Scanner::default().scan(&Selector { ports: vec![port], ..Default::default() }, &HashSet::new(), true);
         assert!(!found.contains(&std::process::id()));
-        let inodes = listeners::listening_inodes(&[port]);
+        let inodes = listeners::listening_inodes(&[port], []);
         assert_eq!(inodes.len(), 1);
         assert!(holds_any_socket(std::process::id(), &inodes));
     }
