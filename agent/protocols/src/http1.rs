@@ -56,7 +56,7 @@
 //! discarded). Bytes moved without being captured (`sendfile`, `splice`) keep framing exact when
 //! reported as a chunk with empty `data` and the right `total`.
 
-use std::{borrow::Cow, collections::VecDeque};
+use std::{borrow::Cow, collections::VecDeque, sync::Arc};
 
 use crate::{Chunk, FlowDir};
 
@@ -115,7 +115,9 @@ pub struct HttpRequest {
     pub authority: Option<String>,
     /// 0 or 1 (HTTP/1.0 or HTTP/1.1); 1 when the version was not captured.
     pub version_minor: u8,
-    pub host: Option<String>,
+    /// Shared with the connection's previous request when it sent the same `Host` (keep-alive
+    /// clients always do): no allocation per request for it.
+    pub host: Option<Arc<str>>,
     pub user_agent: Option<String>,
     pub traceparent: Option<String>,
     /// All `tracestate` lines joined with `,`.
@@ -179,6 +181,8 @@ pub struct Http1Conn {
     next_req_seq: u64,
     /// Sequence number of the request the next final response answers.
     next_resp_seq: u64,
+    /// The `Host` of the last request (shared with the next one when it is the same).
+    last_host: Option<Arc<str>>,
     stats: Http1Stats,
 }
 
@@ -196,6 +200,7 @@ impl Http1Conn {
             pending: VecDeque::new(),
             next_req_seq: 0,
             next_resp_seq: 0,
+            last_host: None,
             stats: Http1Stats::default(),
         }
     }
@@ -530,7 +535,8 @@ impl Http1Conn {
         let (seq, framing) = match dir {
             FlowDir::ToServer => {
                 let framing = head.request_framing();
-                let seq = self.register_request(head.into_request(truncated), hb.start_ts);
+                let req = head.into_request(truncated, &mut self.last_host);
+                let seq = self.register_request(req, hb.start_ts);
                 // A new request means the client saw the end of an unframed response.
                 if let Phase::Lost { msg, .. } = self.resp.phase {
                     if msg.seq.is_some() {
@@ -1221,7 +1227,8 @@ struct Head<'a> {
     target: &'a [u8],
     status: u16,
     version_minor: u8,
-    host: Option<String>,
+    /// Borrowed: [`Head::into_request`] shares the connection's previous value when equal.
+    host: Option<&'a [u8]>,
     user_agent: Option<String>,
     traceparent: Option<String>,
     tracestate: Option<String>,
@@ -1267,7 +1274,20 @@ impl Head<'_> {
         }
     }
 
-    fn into_request(self, head_truncated: bool) -> HttpRequest {
+    /// The request; `last_host` is the connection's previous `Host`, reused when equal and
+    /// replaced otherwise.
+    fn into_request(self, head_truncated: bool, last_host: &mut Option<Arc<str>>) -> HttpRequest {
+        let host = self.host.map(|b| {
+            let b = &b[..b.len().min(MAX_FIELD_BYTES)];
+            match last_host {
+                Some(h) if h.as_bytes() == b => Arc::clone(h),
+                _ => {
+                    let h: Arc<str> = Arc::from(String::from_utf8_lossy(b));
+                    *last_host = Some(Arc::clone(&h));
+                    h
+                }
+            }
+        });
         let target = String::from_utf8_lossy(self.target);
         let (path, query, authority) = split_target(&self.method, &target);
         HttpRequest {
@@ -1276,7 +1296,7 @@ impl Head<'_> {
             query,
             authority,
             version_minor: self.version_minor,
-            host: self.host,
+            host,
             user_agent: self.user_agent,
             traceparent: self.traceparent,
             tracestate: self.tracestate,
@@ -1376,7 +1396,7 @@ fn parse_head<'a>(dir: FlowDir, buf: &'a [u8], ends: &[u16]) -> Option<Head<'a>>
     Some(head)
 }
 
-fn parse_header(head: &mut Head, line: &[u8]) {
+fn parse_header<'a>(head: &mut Head<'a>, line: &'a [u8]) {
     // `[OWS] name [OWS] ":"` in one pass: the name is a run of `tchar`s, so the walk that checks
     // it also finds the colon (a line without one, or with anything else before it, is bad).
     let skip_ows = |mut i: usize| {
@@ -1410,7 +1430,7 @@ fn parse_header(head: &mut Head, line: &[u8]) {
             head.te_chunked = last.eq_ignore_ascii_case(b"chunked");
         }
         4 if is("host") => {
-            head.host.get_or_insert_with(|| capped(value));
+            head.host.get_or_insert(value);
         }
         10 if is("user-agent") => {
             head.user_agent.get_or_insert_with(|| capped(value));
@@ -1576,6 +1596,31 @@ mod tests {
         for (line, complete, known, want) in cases {
             assert_eq!(check_request_line(line, *complete, *known), *want, "{:?}", String::from_utf8_lossy(line));
         }
+    }
+
+    /// A keep-alive connection's requests share one `Host` text when it does not change: no
+    /// allocation per request for it.
+    #[test]
+    fn same_host_on_a_connection_is_shared() {
+        let mut conn = Http1Conn::new();
+        let mut out = Vec::new();
+        let mut ts = 0;
+        let mut exchange = |conn: &mut Http1Conn, host: &str| {
+            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            for (dir, data) in
+                [(FlowDir::ToServer, req.as_bytes()), (FlowDir::ToClient, &b"HTTP/1.1 204 No Content\r\n\r\n"[..])]
+            {
+                ts += 1;
+                conn.feed(Chunk { dir, data, total: data.len(), ts_ns: ts }, &mut out);
+            }
+        };
+        exchange(&mut conn, "a.example");
+        exchange(&mut conn, "a.example");
+        exchange(&mut conn, "b.example");
+        let hosts: Vec<Arc<str>> = out.iter().map(|e| e.request.host.clone().unwrap()).collect();
+        assert_eq!(hosts.iter().map(|h| &**h).collect::<Vec<_>>(), ["a.example", "a.example", "b.example"]);
+        assert!(Arc::ptr_eq(&hosts[0], &hosts[1]));
+        assert!(!Arc::ptr_eq(&hosts[1], &hosts[2]));
     }
 
     #[test]

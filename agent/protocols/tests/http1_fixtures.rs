@@ -55,7 +55,7 @@ fn curl_get(path: &str, port: u16) -> HttpRequest {
         method: "GET".into(),
         path: path.into(),
         version_minor: 1,
-        host: Some(format!("127.0.0.1:{port}")),
+        host: Some(format!("127.0.0.1:{port}").into()),
         user_agent: Some("curl/7.88.1".into()),
         ..Default::default()
     }
