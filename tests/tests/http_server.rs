@@ -301,6 +301,13 @@ fn port_selection_finds_a_server_in_another_network_namespace() {
         .expect("unshare (util-linux) and ip (iproute2) must be installed (cargo xtask setup)");
     let server = waybill_tests::harness::Proc { child: server, name: "python http.server in a netns".into() };
     let spid = server.pid().to_string();
+    // The child enters its namespace only once `unshare` runs: wait for that before `nsenter`.
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let t = std::time::Instant::now();
+    while netns(&spid) == netns("self") && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_ne!(netns(&spid), netns("self"), "the server never entered a network namespace of its own");
     // A client in the same namespace: one keep-alive connection, a GET per path read on stdin.
     let client_py = "import http.client,sys,time\n\
         for _ in range(100):\n\
