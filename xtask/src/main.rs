@@ -303,16 +303,30 @@ pub fn build_ebpf(root: &Path) -> Result<PathBuf> {
 }
 
 /// Builds the eBPF object and the agent; returns the agent binary's path.
+///
+/// A release build uses the `dist` profile (the release profile with whole-program LTO, see the
+/// workspace Cargo.toml) and is copied to target/release/waybill. The returned path is the
+/// `dist` one: `cargo test --release` rebuilds target/release/waybill without LTO for the
+/// agent's own integration tests, and the root tests must run the binary that ships.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let obj = build_ebpf(root)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root).args(["build", "--package", "waybill", "--bin", "waybill"]).env("WAYBILL_EBPF_OBJ", &obj);
-    if release {
-        cmd.arg("--release");
+    if !release {
+        run(&mut cmd)?;
+        let bin = root.join("target/debug/waybill");
+        eprintln!("xtask: built {}", bin.display());
+        return Ok(bin);
     }
-    run(&mut cmd)?;
-    let bin = root.join("target").join(if release { "release" } else { "debug" }).join("waybill");
-    eprintln!("xtask: built {}", bin.display());
+    run(cmd.args(["--profile", "dist"]))?;
+    let bin = root.join("target/dist/waybill");
+    let release_dir = root.join("target/release");
+    std::fs::create_dir_all(&release_dir)?;
+    // Copy, then rename over: the old binary may be running.
+    let tmp = release_dir.join(".waybill.tmp");
+    std::fs::copy(&bin, &tmp).with_context(|| format!("copying {}", bin.display()))?;
+    std::fs::rename(&tmp, release_dir.join("waybill"))?;
+    eprintln!("xtask: built {} (copied from {})", release_dir.join("waybill").display(), bin.display());
     Ok(bin)
 }
 
