@@ -22,7 +22,12 @@
 //!
 //! Run: `cargo bench -p waybill --bench pipeline` (or `cargo xtask bench --only pipeline`, which
 //! puts it in the report as table 7). `WAYBILL_PIPELINE_REQUESTS` sets the requests per round
-//! (default 200 000).
+//! (default 200 000), `WAYBILL_PIPELINE_MIX=nginx` runs one traffic kind (names by prefix), and
+//! `WAYBILL_PIPELINE_WARM_ONLY=1` runs warm rounds in place of the cold ones. The last two make a
+//! short, deterministic run for counting instructions, which this noisy machine's clocks cannot
+//! compare to a few per cent (docs/performance.md, "Instructions per request"):
+//! `WAYBILL_PIPELINE_MIX=nginx WAYBILL_PIPELINE_WARM_ONLY=1 WAYBILL_PIPELINE_REQUESTS=5000
+//! valgrind --tool=callgrind target/release/deps/pipeline-*`.
 
 use std::{
     alloc::{GlobalAlloc, Layout},
@@ -368,7 +373,9 @@ fn main() {
         );
     }
 
-    for mix in &MIXES {
+    let only = std::env::var("WAYBILL_PIPELINE_MIX").ok();
+    let warm_only = std::env::var_os("WAYBILL_PIPELINE_WARM_ONLY").is_some();
+    for mix in MIXES.iter().filter(|m| only.as_deref().is_none_or(|o| m.name.starts_with(o))) {
         // Round 0 of each kind warms up (process resource, RED series, encoder cache, interned
         // texts) and is not reported. Warm and cold rounds alternate.
         let mut warm: Vec<[Cost; 4]> = Vec::new();
@@ -383,7 +390,11 @@ fn main() {
             }
             let mut cost = [Cost::default(); 4];
             for _ in 0..batches {
-                agent.cold_batch(mix, &mut cost, &mut thrash);
+                if warm_only {
+                    agent.warm_batch(mix, &mut cost);
+                } else {
+                    agent.cold_batch(mix, &mut cost, &mut thrash);
+                }
             }
             if round > 0 {
                 cold.push(cost);

@@ -101,6 +101,35 @@ pub const KNOWN_METHODS: &[&str] = &[
     "QUERY",
 ];
 
+/// The [`KNOWN_METHODS`] constant equal to `m`, if any: one comparison of lengths and words, not
+/// a string comparison per known method (every request head looks its method up).
+pub fn known_method(m: &[u8]) -> Option<&'static str> {
+    Some(match m {
+        b"GET" => "GET",
+        b"HEAD" => "HEAD",
+        b"POST" => "POST",
+        b"PUT" => "PUT",
+        b"DELETE" => "DELETE",
+        b"CONNECT" => "CONNECT",
+        b"OPTIONS" => "OPTIONS",
+        b"TRACE" => "TRACE",
+        b"PATCH" => "PATCH",
+        b"PROPFIND" => "PROPFIND",
+        b"PROPPATCH" => "PROPPATCH",
+        b"MKCOL" => "MKCOL",
+        b"COPY" => "COPY",
+        b"MOVE" => "MOVE",
+        b"LOCK" => "LOCK",
+        b"UNLOCK" => "UNLOCK",
+        b"REPORT" => "REPORT",
+        b"SEARCH" => "SEARCH",
+        b"MKCALENDAR" => "MKCALENDAR",
+        b"PURGE" => "PURGE",
+        b"QUERY" => "QUERY",
+        _ => return None,
+    })
+}
+
 /// A parsed request head.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpRequest {
@@ -1124,7 +1153,7 @@ fn check_request_line(line: &[u8], complete: bool, known_only: bool) -> LineChec
         let ok = !known_only || KNOWN_METHODS.iter().any(|m| m.as_bytes().starts_with(method));
         return if ok { Partial } else { Invalid };
     };
-    if method.is_empty() || (known_only && !KNOWN_METHODS.iter().any(|m| m.as_bytes() == method)) {
+    if method.is_empty() || (known_only && known_method(method).is_none()) {
         return Invalid;
     }
     let rest = &line[sp + 1..];
@@ -1371,7 +1400,7 @@ fn parse_head<'a>(dir: FlowDir, buf: &'a [u8], ends: &[u16]) -> Option<Head<'a>>
             }
             let mut parts = first.splitn(3, |&b| b == b' ');
             let m = parts.next()?;
-            head.method = match KNOWN_METHODS.iter().find(|k| k.as_bytes() == m) {
+            head.method = match known_method(m) {
                 Some(k) => Cow::Borrowed(k),
                 None => Cow::Owned(capped(m)),
             };
@@ -1470,23 +1499,26 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
 
 /// Split a request-target into (path, redacted query, authority).
 fn split_target(method: &str, target: &str) -> (String, Option<String>, Option<String>) {
-    let target = target.split('#').next().unwrap_or_default();
+    // Byte searches for ASCII delimiters (so every cut is a char boundary); the origin form
+    // (`/path?query`, nearly every request) skips the search for a scheme.
+    let target = memchr::memchr(b'#', target.as_bytes()).map_or(target, |i| &target[..i]);
     if target == "*" {
         return ("*".into(), None, None);
     }
     if method == "CONNECT" {
         return (String::new(), None, Some(strip_userinfo(target).to_string()));
     }
-    let (authority, rest) = match target.find("://") {
-        Some(i) if !target.starts_with('/') => {
+    let scheme_end = if target.starts_with('/') { None } else { memchr::memmem::find(target.as_bytes(), b"://") };
+    let (authority, rest) = match scheme_end {
+        Some(i) => {
             let after = &target[i + 3..];
-            let end = after.find(['/', '?']).unwrap_or(after.len());
+            let end = memchr::memchr2(b'/', b'?', after.as_bytes()).unwrap_or(after.len());
             (Some(strip_userinfo(&after[..end]).to_string()), &after[end..])
         }
-        _ => (None, target),
+        None => (None, target),
     };
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
+    let (path, query) = match memchr::memchr(b'?', rest.as_bytes()) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
         None => (rest, None),
     };
     let path = if path.is_empty() && authority.is_some() { "/" } else { path };
@@ -1512,7 +1544,8 @@ pub fn path_template(path: &str) -> String {
 
 /// [`path_template`] appended to `out` (a span name being built: no string of its own).
 pub fn push_path_template(out: &mut String, path: &str) {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+    // Cuts at ASCII bytes only, so every piece is a char boundary of `path`.
+    let path = memchr::memchr2(b'?', b'#', path.as_bytes()).map_or(path, |i| &path[..i]);
     if path.is_empty() {
         out.push('/');
         return;
@@ -1521,34 +1554,83 @@ pub fn push_path_template(out: &mut String, path: &str) {
         out.push('*');
         return;
     }
-    for (i, seg) in path.split('/').take(33).enumerate() {
+    let bytes = path.as_bytes();
+    let mut start = 0;
+    for i in 0..33 {
+        let end = memchr::memchr(b'/', &bytes[start..]).map_or(bytes.len(), |e| start + e);
         if i > 0 {
             out.push('/');
         }
-        let seg = seg.split(';').next().unwrap_or_default();
+        let seg = &path[start..end];
+        let seg = memchr::memchr(b';', seg.as_bytes()).map_or(seg, |p| &seg[..p]);
         if is_id_segment(seg) {
             out.push_str("{id}");
         } else {
             out.push_str(seg);
         }
+        if end == bytes.len() {
+            break;
+        }
+        start = end + 1;
     }
 }
+
+/// Byte classes of [`is_id_segment`], one table lookup per byte of a path segment.
+const SEG_DIGIT: u8 = 1;
+const SEG_LETTER: u8 = 2;
+const SEG_HEX: u8 = 4;
+/// Alphanumeric or one of `-_.~=%`.
+const SEG_TOKEN: u8 = 8;
+const SEG_AT: u8 = 16;
+
+static SEG_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut c = 0;
+        if b.is_ascii_digit() {
+            c |= SEG_DIGIT | SEG_HEX | SEG_TOKEN;
+        }
+        if b.is_ascii_alphabetic() {
+            c |= SEG_LETTER | SEG_TOKEN;
+        }
+        if b.is_ascii_hexdigit() {
+            c |= SEG_HEX;
+        }
+        if matches!(b, b'-' | b'_' | b'.' | b'~' | b'=' | b'%') {
+            c |= SEG_TOKEN;
+        }
+        if b == b'@' {
+            c |= SEG_AT;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
 
 fn is_id_segment(seg: &str) -> bool {
     let b = seg.as_bytes();
     if b.is_empty() {
         return false;
     }
-    let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
-    let letters = b.iter().filter(|c| c.is_ascii_alphabetic()).count();
-    let all_hex = b.iter().all(u8::is_ascii_hexdigit);
-    let tokenish = b.iter().all(|&c| c.is_ascii_alphanumeric() || b"-_.~=%".contains(&c));
+    // One pass over the segment: which classes every byte is in, and which some byte is in.
+    let (mut digits, mut letters, mut all, mut any) = (0usize, 0usize, 0xffu8, 0u8);
+    for &c in b {
+        let k = SEG_CLASS[c as usize];
+        digits += usize::from(k & SEG_DIGIT);
+        letters += usize::from((k & SEG_LETTER) >> 1);
+        all &= k;
+        any |= k;
+    }
+    let (all_hex, tokenish, at) = (all & SEG_HEX != 0, all & SEG_TOKEN != 0, any & SEG_AT != 0);
     digits == b.len()
         || is_uuid(b)
         || (all_hex && b.len() >= 8 && digits > 0)
         || (b.len() >= 4 && digits * 2 >= b.len())
         || (tokenish && b.len() >= 16 && digits > 0 && letters > 0)
-        || seg.contains('@')
+        || at
         || b.len() > 64
 }
 
@@ -1563,6 +1645,42 @@ fn is_uuid(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-class table gives the rules' plain reading, byte for byte.
+    #[test]
+    fn id_segments_by_table_match_the_rules() {
+        fn plain(seg: &str) -> bool {
+            let b = seg.as_bytes();
+            if b.is_empty() {
+                return false;
+            }
+            let digits = b.iter().filter(|c| c.is_ascii_digit()).count();
+            let letters = b.iter().filter(|c| c.is_ascii_alphabetic()).count();
+            let all_hex = b.iter().all(u8::is_ascii_hexdigit);
+            let tokenish = b.iter().all(|&c| c.is_ascii_alphanumeric() || b"-_.~=%".contains(&c));
+            digits == b.len()
+                || is_uuid(b)
+                || (all_hex && b.len() >= 8 && digits > 0)
+                || (b.len() >= 4 && digits * 2 >= b.len())
+                || (tokenish && b.len() >= 16 && digits > 0 && letters > 0)
+                || seg.contains('@')
+                || b.len() > 64
+        }
+        let pieces = ["a", "Z", "7", "f", "-", "_", ".", "~", "=", "%", "@", "!", "é", " ", "ab12", "deadbeef"];
+        let mut n = 0u32;
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    for reps in [1, 3, 9] {
+                        let seg = format!("{a}{b}{c}").repeat(reps);
+                        assert_eq!(is_id_segment(&seg), plain(&seg), "{seg:?}");
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 16 * 16 * 16 * 3);
+    }
 
     #[test]
     fn request_line_checks() {

@@ -1060,6 +1060,16 @@ fn route_templates() {
 }
 
 #[test]
+fn known_methods_are_found_by_bytes() {
+    for m in KNOWN_METHODS {
+        assert_eq!(known_method(m.as_bytes()), Some(*m));
+    }
+    for m in [&b""[..], b"get", b"GETX", b"GE", b"BREW", b"PROPFINDX"] {
+        assert_eq!(known_method(m), None, "{:?}", String::from_utf8_lossy(m));
+    }
+}
+
+#[test]
 fn strict_query_mode() {
     assert_eq!(redact_all_query_values("q=rust&page=2"), "q=?&page=?");
     assert_eq!(redact_query("q=rust&password=x"), "q=rust&password=REDACTED");

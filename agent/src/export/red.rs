@@ -244,28 +244,32 @@ fn measure_borrowed<'a>(r: &'a SpanRecord, route: &'a mut String) -> Option<(Red
             b.push(key, ValRef::of(v));
         }
     };
+    // Pushed in the order of their keys (the series key and the bound attribute set need one
+    // order; sorting per span was a string comparison per pair).
     match metric {
         RedMetric::DbClient => {
-            copy(&mut b, "db.system.name", f.db_system);
             copy(&mut b, "db.operation.name", f.db_operation);
+            copy(&mut b, "db.system.name", f.db_system);
+            copy(&mut b, "error.type", f.error);
             copy(&mut b, "server.address", f.server_address);
         }
         RedMetric::HttpServer => {
+            copy(&mut b, "error.type", f.error);
             copy(&mut b, "http.request.method", f.method);
+            copy(&mut b, "http.response.status_code", f.status);
             if has_route {
                 b.push("http.route", ValRef::Str(route));
             }
-            copy(&mut b, "http.response.status_code", f.status);
         }
         RedMetric::HttpClient => {
+            copy(&mut b, "error.type", f.error);
             copy(&mut b, "http.request.method", f.method);
+            copy(&mut b, "http.response.status_code", f.status);
             copy(&mut b, "server.address", f.server_address);
             copy(&mut b, "server.port", f.server_port);
-            copy(&mut b, "http.response.status_code", f.status);
         }
     }
-    copy(&mut b, "error.type", f.error);
-    b.attrs[..b.len].sort_by(|x, y| x.0.cmp(y.0));
+    debug_assert!(b.as_slice().is_sorted_by(|x, y| x.0 < y.0), "RED attributes out of key order");
     Some((metric, b))
 }
 
@@ -744,6 +748,32 @@ mod tests {
             )
         );
         assert!(measurement(&span(&p, SpanKind::Server, 1, &[])).is_none());
+        // Every attribute a series can have, in key order (the order is built, not sorted).
+        let e = span(
+            &p,
+            SpanKind::Server,
+            3,
+            &[
+                ("http.request.method", "GET".into()),
+                ("url.path", "/a".into()),
+                ("http.response.status_code", AttrValue::Int(500)),
+                ("error.type", "500".into()),
+            ],
+        );
+        let keys = |s: &SpanRecord| measurement(s).unwrap().1.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(keys(&e), ["error.type", "http.request.method", "http.response.status_code", "http.route"]);
+        let d = span(
+            &p,
+            SpanKind::Client,
+            3,
+            &[
+                ("db.system.name", "redis".into()),
+                ("db.operation.name", "GET".into()),
+                ("server.address", "cache".into()),
+                ("error.type", "ERR".into()),
+            ],
+        );
+        assert_eq!(keys(&d), ["db.operation.name", "db.system.name", "error.type", "server.address"]);
     }
 
     #[test]

@@ -27,9 +27,23 @@ use context::{Correlator, Endpoint, KernelIds, RequestStart, Resolved};
 use span::{Attr, AttrStr, AttrValue, ParentSource, SpanKind, SpanRecord, SpanStatus};
 use waybill_common::{CTX_FROM_HEADER, CTX_HAS_PARENT, CTX_SAMPLED, CtxTrailer, InjectEvent};
 
-/// Methods named by the HTTP semantic conventions; others become `_OTHER`.
-const KNOWN_METHODS: &[&str] =
-    &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"];
+/// `m` if the HTTP semantic conventions name it (others become `_OTHER`): a match compiles to a
+/// comparison of lengths and words, not a string comparison per method.
+fn semconv_method(m: &str) -> Option<&'static str> {
+    Some(match m {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "PATCH" => "PATCH",
+        "QUERY" => "QUERY",
+        _ => return None,
+    })
+}
 
 pub fn ip(t: &Tuple, local: bool) -> Option<IpAddr> {
     let a = if local { &t.laddr } else { &t.raddr };
@@ -51,8 +65,9 @@ fn split_host(h: &str) -> (&str, Option<u16>) {
             return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
         }
     }
-    match h.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+    // Byte searches: ':' is ASCII, so the cut is a char boundary.
+    match memchr::memrchr(b':', h.as_bytes()) {
+        Some(i) if memchr::memchr(b':', &h.as_bytes()[..i]).is_none() => (&h[..i], h[i + 1..].parse().ok()),
         _ => (h, None),
     }
 }
@@ -629,7 +644,7 @@ impl Stitcher {
         let (start, approximate) = (ex.request_start_ns, ex.approximate);
         // The exchange is ours: its strings move into the attributes instead of being copied.
         let HttpExchange { request: req, response, .. } = ex;
-        let known: Option<&'static str> = KNOWN_METHODS.iter().copied().find(|k| *k == req.method);
+        let known = semconv_method(&req.method);
         let method = known.unwrap_or("_OTHER");
         let name = if server {
             // "METHOD route": few distinct values per service, interned (no allocation per span).
@@ -898,6 +913,28 @@ mod tests {
         assert_eq!(split_host("a.b:81"), ("a.b", Some(81)));
         assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
         assert_eq!(split_host("host"), ("host", None));
+        assert_eq!(split_host(" host:x "), ("host", None));
+        assert_eq!(split_host("::1"), ("::1", None));
+        assert_eq!(split_host("[::1]"), ("::1", None));
+    }
+
+    #[test]
+    fn methods_outside_the_conventions_are_other() {
+        let m = Metrics::default();
+        let mut s = Stitcher::new(Clock::new());
+        let mut method_of = |req: &[u8]| {
+            let ex = exchange(req, b"HTTP/1.1 207 Multi\r\nContent-Length: 0\r\n\r\n");
+            let sp = s.span(Finished::Http(meta(Role::Server), 0, ex), &m).unwrap();
+            let get = |k: &str| sp.attr(k).map(|v| v.to_string());
+            (sp.name.to_string(), get("http.request.method"), get("http.request.method_original"))
+        };
+        let (name, method, original) = method_of(b"PROPFIND /d HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            (name.as_str(), method.as_deref(), original.as_deref()),
+            ("_OTHER /d", Some("_OTHER"), Some("PROPFIND"))
+        );
+        let (name, method, original) = method_of(b"PATCH /d HTTP/1.1\r\n\r\n");
+        assert_eq!((name.as_str(), method.as_deref(), original), ("PATCH /d", Some("PATCH"), None));
     }
 
     #[test]
