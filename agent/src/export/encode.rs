@@ -113,6 +113,10 @@ impl Any<'_> {
 
     fn put(&self, buf: &mut Vec<u8>) {
         match self {
+            Any::Str(s) if s.len() < 0x80 => {
+                buf.extend_from_slice(&[0x0a, s.len() as u8]);
+                buf.extend_from_slice(s.as_bytes());
+            }
             Any::Str(s) => put_bytes(1, s.as_bytes(), buf),
             Any::Bool(b) => put_varint(2, u64::from(*b), buf),
             Any::Int(i) => put_varint(3, *i as u64, buf),
@@ -131,9 +135,20 @@ fn kv_len(key: &str, v: &Any<'_>) -> usize {
 
 /// A `KeyValue` as field `tag` of its parent.
 fn put_kv(tag: u32, key: &str, v: &Any<'_>, buf: &mut Vec<u8>) {
-    put_ld_header(tag, kv_len(key, v), buf);
+    let v_len = v.len();
+    let len = ld_len(1, key.len()) + ld_len(2, v_len);
+    if tag < 16 && len < 0x80 {
+        // Nearly every attribute: each tag and length is one byte, so the headers go in as two
+        // short runs instead of one `push` (and capacity check) per byte.
+        buf.extend_from_slice(&[(tag << 3) as u8 | WireType::LengthDelimited as u8, len as u8, 0x0a, key.len() as u8]);
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(&[0x12, v_len as u8]);
+        v.put(buf);
+        return;
+    }
+    put_ld_header(tag, len, buf);
     put_bytes(1, key.as_bytes(), buf);
-    put_ld_header(2, v.len(), buf);
+    put_ld_header(2, v_len, buf);
     v.put(buf);
 }
 
@@ -418,6 +433,33 @@ mod tests {
         assert_eq!(s.kind, PKind::Server as i32);
         assert_eq!(s.flags, 0x100);
         assert!(s.status.is_none());
+    }
+
+    /// Keys and values on both sides of the one-byte lengths (the short form of `put_kv`) and
+    /// past them decode to what was encoded; the body is exactly as long as computed.
+    #[test]
+    fn attributes_of_every_length_around_one_byte_lengths() {
+        let p = ProcessResource::for_test(7, "shop");
+        let mut r = SpanRecord::for_test(1, &p);
+        r.attributes.clear();
+        let keys: Vec<String> = [1, 60, 120, 127, 128, 200].iter().map(|&n| "k".repeat(n)).collect();
+        for (i, key) in keys.iter().enumerate() {
+            for n in (0..140).chain([200, 16_383, 16_384]) {
+                r.attributes.push((format!("{i}{key}{n}").into(), AttrValue::from("v".repeat(n))));
+            }
+            r.attributes.push((format!("{i}{key}int").into(), AttrValue::Int(i64::MIN)));
+        }
+        let req = decode(&Encoder::new(None).encode(std::slice::from_ref(&r)));
+        let got = &req.resource_spans[0].scope_spans[0].spans[0].attributes;
+        assert_eq!(got.len(), r.attributes.len() + 1);
+        for (k, v) in &r.attributes {
+            let want = match v {
+                AttrValue::Str(s) => PV::StringValue(s.to_string()),
+                AttrValue::Int(i) => PV::IntValue(*i),
+                AttrValue::Bool(b) => PV::BoolValue(*b),
+            };
+            assert_eq!(attr(got, k), Some(want), "{k}");
+        }
     }
 
     #[test]
