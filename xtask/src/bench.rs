@@ -24,6 +24,8 @@
 //! 7. The user-space pipeline alone (`agent/benches/pipeline.rs`): CPU time and allocations per
 //!    request of decoding, parsing, span building, RED and OTLP encoding, warm and with cold
 //!    caches, without a kernel or a network in the way.
+//!    Table 7b counts the instructions per request of each stage under callgrind (valgrind):
+//!    deterministic, so it compares two builds where the noisy times cannot.
 //! 8. The idle agent: CPU, wake-ups and RSS with nginx attached and no traffic, for each way of
 //!    choosing targets (`--pid`, `--port`, `--exe`).
 //!
@@ -335,7 +337,96 @@ fn pipeline(root: &Path, quick: bool, rep: &mut Report) -> Result<()> {
     if t.rows.is_empty() {
         bail!("the pipeline bench printed no rows");
     }
+    pipeline_instructions(root, rep)
+}
+
+/// The functions of the pipeline whose instructions table 7b counts (inclusive of what they
+/// call), with the stage each one is.
+const COUNTED_STAGES: [(&str, &str); 4] = [
+    ("waybill::conn::ConnTable::on_data", "connection table + HTTP parse"),
+    ("waybill::stitch::Stitcher::span", "span building (stitcher)"),
+    ("waybill::export::red::Red::record_all", "RED histograms"),
+    ("waybill::export::encode::Encoder::encode", "OTLP protobuf encoding"),
+];
+
+/// Table 7b: instructions per request of each stage, counted by callgrind in warm rounds of the
+/// pipeline bench. The count is the same from run to run (it does not depend on the machine's
+/// other tenants, its caches or its clock), so it tells two builds apart to a fraction of a per
+/// cent where table 7's times move by several per cent. It says nothing of cache misses: cold
+/// costs are table 7's.
+fn pipeline_instructions(root: &Path, rep: &mut Report) -> Result<()> {
+    if !in_path("valgrind") {
+        eprintln!("bench: installing valgrind (table 7b)");
+        crate::apt_install(&["valgrind"])?;
+    }
+    // The bench executable cargo has just built (cargo names it on stderr).
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(["bench", "-p", "waybill", "--bench", "pipeline", "--no-run"])
+        .output()
+        .context("cargo bench --no-run")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let exe = err
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Executable "))
+        .find_map(|l| l.rsplit_once('(').map(|(_, p)| root.join(p.trim_end_matches(')'))))
+        .ok_or_else(|| anyhow!("cargo bench --no-run named no executable:\n{err}"))?;
+    let dir = TempDir::new("callgrind")?;
+    let requests = 2048;
+    let t = rep.table(
+        &format!(
+            "7b. User-space pipeline alone — instructions per HTTP request (callgrind, warm rounds of {requests} \
+             requests; each stage with what it calls)"
+        ),
+        &["traffic", "stage", "instructions / request"],
+    );
+    for (mix, name) in [("nginx", "nginx page"), ("browser", "browser to JSON API")] {
+        let file = dir.path().join(format!("callgrind.{mix}"));
+        let stdout = run_bounded(
+            Command::new("valgrind")
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", file.display()))
+                .arg(&exe)
+                .env("WAYBILL_PIPELINE_MIX", mix)
+                .env("WAYBILL_PIPELINE_WARM_ONLY", "1")
+                .env("WAYBILL_PIPELINE_REQUESTS", requests.to_string()),
+            "valgrind --tool=callgrind",
+            Duration::from_secs(300),
+        )?;
+        let spans: f64 = stdout
+            .rsplit_once("Spans created: ")
+            .and_then(|(_, n)| n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .filter(|&n: &f64| n > 0.0)
+            .ok_or_else(|| anyhow!("the pipeline bench under callgrind did not say how many spans it made"))?;
+        // The function list only (`--auto=no`): the annotated sources would be ~350 KB.
+        let annotated = run_bounded(
+            Command::new("callgrind_annotate").args(["--inclusive=yes", "--auto=no"]).arg(&file),
+            "callgrind_annotate",
+            Duration::from_secs(60),
+        )?;
+        let mut total = 0.0;
+        for (func, stage) in COUNTED_STAGES {
+            let ir = inclusive_instructions(&annotated, func)
+                .ok_or_else(|| anyhow!("callgrind counted no calls of {func} (inlined?)"))?;
+            total += ir / spans;
+            t.row(&[name, stage, &f0(ir / spans)]);
+        }
+        t.row(&[name, "**total**", &f0(total)]);
+    }
     Ok(())
+}
+
+/// A function's inclusive instruction count in `callgrind_annotate --inclusive=yes` output. A
+/// function is listed once per source file its code came from (`file:func`, some with
+/// `[object]`): pieces inlined from other files are parts of the whole, so the whole is the
+/// largest count on a line naming it.
+fn inclusive_instructions(annotated: &str, func: &str) -> Option<f64> {
+    let needle = format!(":{func}");
+    annotated
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w.ends_with(&needle)))
+        .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse::<f64>().ok())
+        .reduce(f64::max)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1445,37 +1445,41 @@ fn parse_header<'a>(head: &mut Head<'a>, line: &'a [u8]) {
         return;
     }
     let name = &line[start..end];
-    let value = trim_ows(&line[colon + 1..]);
+    // Trimmed only for the headers read below (most are not).
+    let value = || trim_ows(&line[colon + 1..]);
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     // Dispatch on the length first: most header names match none of these.
     match name.len() {
-        14 if is("content-length") => match parse_content_length(value) {
+        14 if is("content-length") => match parse_content_length(value()) {
             Some(n) if head.content_length.is_none_or(|c| c == n) => head.content_length = Some(n),
             _ => head.bad_framing = true,
         },
         17 if is("transfer-encoding") => {
             head.te_present = true;
-            let last = value.rsplit(|&b| b == b',').next().map(trim_ows).unwrap_or_default();
+            let last = value().rsplit(|&b| b == b',').next().map(trim_ows).unwrap_or_default();
             head.te_chunked = last.eq_ignore_ascii_case(b"chunked");
         }
         4 if is("host") => {
-            head.host.get_or_insert(value);
+            head.host.get_or_insert(value());
         }
         10 if is("user-agent") => {
-            head.user_agent.get_or_insert_with(|| capped(value));
+            head.user_agent.get_or_insert_with(|| capped(value()));
         }
         11 if is("traceparent") => {
-            head.traceparent.get_or_insert_with(|| capped(value));
+            head.traceparent.get_or_insert_with(|| capped(value()));
         }
-        10 if is("tracestate") => match &mut head.tracestate {
-            Some(ts) if ts.len() + value.len() < MAX_FIELD_BYTES => {
-                ts.push(',');
-                ts.push_str(&String::from_utf8_lossy(value));
+        10 if is("tracestate") => {
+            let value = value();
+            match &mut head.tracestate {
+                Some(ts) if ts.len() + value.len() < MAX_FIELD_BYTES => {
+                    ts.push(',');
+                    ts.push_str(&String::from_utf8_lossy(value));
+                }
+                Some(_) => {}
+                None => head.tracestate = Some(capped(value)),
             }
-            Some(_) => {}
-            None => head.tracestate = Some(capped(value)),
-        },
-        6 if is("expect") => head.expect_continue |= value.eq_ignore_ascii_case(b"100-continue"),
+        }
+        6 if is("expect") => head.expect_continue |= value().eq_ignore_ascii_case(b"100-continue"),
         _ => {}
     }
 }
