@@ -147,7 +147,8 @@ pub struct HttpRequest {
     /// Shared with the connection's previous request when it sent the same `Host` (keep-alive
     /// clients always do): no allocation per request for it.
     pub host: Option<Arc<str>>,
-    pub user_agent: Option<String>,
+    /// Shared like `host` (a client sends the same `User-Agent` with every request).
+    pub user_agent: Option<Arc<str>>,
     pub traceparent: Option<String>,
     /// All `tracestate` lines joined with `,`.
     pub tracestate: Option<String>,
@@ -210,8 +211,9 @@ pub struct Http1Conn {
     next_req_seq: u64,
     /// Sequence number of the request the next final response answers.
     next_resp_seq: u64,
-    /// The `Host` of the last request (shared with the next one when it is the same).
+    /// The `Host` and `User-Agent` of the last request (shared with the next one when the same).
     last_host: Option<Arc<str>>,
+    last_user_agent: Option<Arc<str>>,
     stats: Http1Stats,
 }
 
@@ -230,6 +232,7 @@ impl Http1Conn {
             next_req_seq: 0,
             next_resp_seq: 0,
             last_host: None,
+            last_user_agent: None,
             stats: Http1Stats::default(),
         }
     }
@@ -564,7 +567,7 @@ impl Http1Conn {
         let (seq, framing) = match dir {
             FlowDir::ToServer => {
                 let framing = head.request_framing();
-                let req = head.into_request(truncated, &mut self.last_host);
+                let req = head.into_request(truncated, &mut self.last_host, &mut self.last_user_agent);
                 let seq = self.register_request(req, hb.start_ts);
                 // A new request means the client saw the end of an unframed response.
                 if let Phase::Lost { msg, .. } = self.resp.phase {
@@ -1258,7 +1261,7 @@ struct Head<'a> {
     version_minor: u8,
     /// Borrowed: [`Head::into_request`] shares the connection's previous value when equal.
     host: Option<&'a [u8]>,
-    user_agent: Option<String>,
+    user_agent: Option<&'a [u8]>,
     traceparent: Option<String>,
     tracestate: Option<String>,
     content_length: Option<u64>,
@@ -1303,20 +1306,16 @@ impl Head<'_> {
         }
     }
 
-    /// The request; `last_host` is the connection's previous `Host`, reused when equal and
-    /// replaced otherwise.
-    fn into_request(self, head_truncated: bool, last_host: &mut Option<Arc<str>>) -> HttpRequest {
-        let host = self.host.map(|b| {
-            let b = &b[..b.len().min(MAX_FIELD_BYTES)];
-            match last_host {
-                Some(h) if h.as_bytes() == b => Arc::clone(h),
-                _ => {
-                    let h: Arc<str> = Arc::from(String::from_utf8_lossy(b));
-                    *last_host = Some(Arc::clone(&h));
-                    h
-                }
-            }
-        });
+    /// The request; `last_host` and `last_user_agent` are the connection's previous values,
+    /// reused when equal and replaced otherwise.
+    fn into_request(
+        self,
+        head_truncated: bool,
+        last_host: &mut Option<Arc<str>>,
+        last_user_agent: &mut Option<Arc<str>>,
+    ) -> HttpRequest {
+        let host = self.host.map(|b| shared(last_host, b));
+        let user_agent = self.user_agent.map(|b| shared(last_user_agent, b));
         let target = String::from_utf8_lossy(self.target);
         let (path, query, authority) = split_target(&self.method, &target);
         HttpRequest {
@@ -1326,7 +1325,7 @@ impl Head<'_> {
             authority,
             version_minor: self.version_minor,
             host,
-            user_agent: self.user_agent,
+            user_agent,
             traceparent: self.traceparent,
             tracestate: self.tracestate,
             content_length: self.content_length,
@@ -1343,6 +1342,20 @@ impl Head<'_> {
             content_length: self.content_length,
             chunked: self.te_chunked,
             head_truncated,
+        }
+    }
+}
+
+/// `b` (capped at [`MAX_FIELD_BYTES`]) as text: `last` when it holds the same text, else a new
+/// one that replaces it.
+fn shared(last: &mut Option<Arc<str>>, b: &[u8]) -> Arc<str> {
+    let b = &b[..b.len().min(MAX_FIELD_BYTES)];
+    match last {
+        Some(h) if h.as_bytes() == b => Arc::clone(h),
+        _ => {
+            let h: Arc<str> = Arc::from(String::from_utf8_lossy(b));
+            *last = Some(Arc::clone(&h));
+            h
         }
     }
 }
@@ -1463,7 +1476,7 @@ fn parse_header<'a>(head: &mut Head<'a>, line: &'a [u8]) {
             head.host.get_or_insert(value());
         }
         10 if is("user-agent") => {
-            head.user_agent.get_or_insert_with(|| capped(value()));
+            head.user_agent.get_or_insert_with(value);
         }
         11 if is("traceparent") => {
             head.traceparent.get_or_insert_with(|| capped(value()));
@@ -1720,15 +1733,15 @@ mod tests {
         }
     }
 
-    /// A keep-alive connection's requests share one `Host` text when it does not change: no
-    /// allocation per request for it.
+    /// A keep-alive connection's requests share one `Host` text, and one `User-Agent` text, when
+    /// it does not change: no allocation per request for it.
     #[test]
     fn same_host_on_a_connection_is_shared() {
         let mut conn = Http1Conn::new();
         let mut out = Vec::new();
         let mut ts = 0;
         let mut exchange = |conn: &mut Http1Conn, host: &str| {
-            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ua/{host}\r\n\r\n");
             for (dir, data) in
                 [(FlowDir::ToServer, req.as_bytes()), (FlowDir::ToClient, &b"HTTP/1.1 204 No Content\r\n\r\n"[..])]
             {
@@ -1743,6 +1756,10 @@ mod tests {
         assert_eq!(hosts.iter().map(|h| &**h).collect::<Vec<_>>(), ["a.example", "a.example", "b.example"]);
         assert!(Arc::ptr_eq(&hosts[0], &hosts[1]));
         assert!(!Arc::ptr_eq(&hosts[1], &hosts[2]));
+        let agents: Vec<Arc<str>> = out.iter().map(|e| e.request.user_agent.clone().unwrap()).collect();
+        assert_eq!(agents.iter().map(|h| &**h).collect::<Vec<_>>(), ["ua/a.example", "ua/a.example", "ua/b.example"]);
+        assert!(Arc::ptr_eq(&agents[0], &agents[1]));
+        assert!(!Arc::ptr_eq(&agents[1], &agents[2]));
     }
 
     #[test]

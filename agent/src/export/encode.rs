@@ -94,6 +94,7 @@ impl<'a> From<&'a AttrValue> for Any<'a> {
     fn from(v: &'a AttrValue) -> Self {
         match v {
             AttrValue::Str(s) => Any::Str(s.as_ref()),
+            AttrValue::Shared(s) => Any::Str(s),
             AttrValue::Int(i) => Any::Int(*i),
             AttrValue::Bool(b) => Any::Bool(*b),
         }
@@ -455,6 +456,7 @@ mod tests {
         for (k, v) in &r.attributes {
             let want = match v {
                 AttrValue::Str(s) => PV::StringValue(s.to_string()),
+                AttrValue::Shared(s) => PV::StringValue(s.to_string()),
                 AttrValue::Int(i) => PV::IntValue(*i),
                 AttrValue::Bool(b) => PV::BoolValue(*b),
             };

@@ -591,6 +591,7 @@ pub fn scope() -> InstrumentationScope {
 fn otel_value(v: &AttrValue) -> Value {
     match v {
         AttrValue::Str(s) => Value::String(s.to_string().into()),
+        AttrValue::Shared(s) => Value::String(s.to_string().into()),
         AttrValue::Int(i) => Value::I64(*i),
         AttrValue::Bool(b) => Value::Bool(*b),
     }

@@ -109,6 +109,7 @@ impl<'a> ValRef<'a> {
     fn of(v: &'a AttrValue) -> Self {
         match v {
             AttrValue::Str(s) => ValRef::Str(s),
+            AttrValue::Shared(s) => ValRef::Str(s),
             AttrValue::Int(i) => ValRef::Int(*i),
             AttrValue::Bool(b) => ValRef::Bool(*b),
         }

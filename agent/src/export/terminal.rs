@@ -102,6 +102,7 @@ fn protocol(s: &SpanRecord) -> String {
 fn status_code(s: &SpanRecord) -> Option<String> {
     ["http.response.status_code", "rpc.grpc.status_code"].iter().find_map(|k| s.attr(k)).map(|v| match v {
         AttrValue::Str(s) => s.to_string(),
+        AttrValue::Shared(s) => s.to_string(),
         other => other.to_string(),
     })
 }

@@ -12,6 +12,8 @@ pub type AttrStr = Cow<'static, str>;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AttrValue {
     Str(AttrStr),
+    /// Text shared with other spans (a connection's `User-Agent`): no copy per span.
+    Shared(Arc<str>),
     Int(i64),
     Bool(bool),
 }
@@ -21,6 +23,7 @@ impl AttrValue {
     pub fn as_str(&self) -> Option<&str> {
         match self {
             AttrValue::Str(s) => Some(s),
+            AttrValue::Shared(s) => Some(s),
             _ => None,
         }
     }
@@ -41,6 +44,11 @@ impl From<AttrStr> for AttrValue {
         AttrValue::Str(v)
     }
 }
+impl From<Arc<str>> for AttrValue {
+    fn from(v: Arc<str>) -> Self {
+        AttrValue::Shared(v)
+    }
+}
 impl From<i64> for AttrValue {
     fn from(v: i64) -> Self {
         AttrValue::Int(v)
@@ -56,6 +64,7 @@ impl std::fmt::Display for AttrValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttrValue::Str(s) => f.write_str(s),
+            AttrValue::Shared(s) => f.write_str(s),
             AttrValue::Int(i) => write!(f, "{i}"),
             AttrValue::Bool(b) => write!(f, "{b}"),
         }
