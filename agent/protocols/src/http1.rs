@@ -149,9 +149,9 @@ pub struct HttpRequest {
     pub host: Option<Arc<str>>,
     /// Shared like `host` (a client sends the same `User-Agent` with every request).
     pub user_agent: Option<Arc<str>>,
-    pub traceparent: Option<String>,
+    pub traceparent: Option<Arc<str>>,
     /// All `tracestate` lines joined with `,`.
-    pub tracestate: Option<String>,
+    pub tracestate: Option<Arc<str>>,
     pub content_length: Option<u64>,
     pub chunked: bool,
     pub expect_continue: bool,
@@ -1262,7 +1262,7 @@ struct Head<'a> {
     /// Borrowed: [`Head::into_request`] shares the connection's previous value when equal.
     host: Option<&'a [u8]>,
     user_agent: Option<&'a [u8]>,
-    traceparent: Option<String>,
+    traceparent: Option<Arc<str>>,
     tracestate: Option<String>,
     content_length: Option<u64>,
     te_present: bool,
@@ -1327,7 +1327,7 @@ impl Head<'_> {
             host,
             user_agent,
             traceparent: self.traceparent,
-            tracestate: self.tracestate,
+            tracestate: self.tracestate.map(Arc::from),
             content_length: self.content_length,
             chunked: self.te_chunked,
             expect_continue: self.expect_continue,
@@ -1380,30 +1380,8 @@ fn trim_ows(mut b: &[u8]) -> &[u8] {
 /// lines past them are found by searching).
 fn parse_head<'a>(dir: FlowDir, buf: &'a [u8], ends: &[u16]) -> Option<Head<'a>> {
     // One pass: each line is complete when a '\n' ends it; the piece after the last '\n' is not.
-    let mut at = 0;
-    let mut known = ends.iter().map(|&e| e as usize);
-    let mut next_line = || -> Option<(&'a [u8], bool)> {
-        if at >= buf.len() {
-            return None;
-        }
-        let nl = match known.next() {
-            Some(e) if e >= at && buf.get(e) == Some(&b'\n') => Some(e),
-            _ => memchr::memchr(b'\n', &buf[at..]).map(|i| at + i),
-        };
-        Some(match nl {
-            Some(i) => {
-                let line = &buf[at..i];
-                at = i + 1;
-                (strip_cr(line), true)
-            }
-            None => {
-                let line = &buf[at..];
-                at = buf.len();
-                (line, false)
-            }
-        })
-    };
-    let (first, first_complete) = next_line().unwrap_or((&[], false));
+    let mut lines = HeadLines { buf, at: 0, known: ends.iter() };
+    let (first, first_complete) = lines.next().unwrap_or((&[], false));
     let mut head = Head::default();
     match dir {
         FlowDir::ToServer => {
@@ -1429,13 +1407,48 @@ fn parse_head<'a>(dir: FlowDir, buf: &'a [u8], ends: &[u16]) -> Option<Head<'a>>
             head.status = first[9..12].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'));
         }
     }
-    while let Some((line, complete)) = next_line() {
+    for (line, complete) in lines {
         if !complete || line.is_empty() {
             break;
         }
         parse_header(&mut head, line);
     }
     Some(head)
+}
+
+/// The lines of a head: `(line without its "\r\n", complete)`, the last one incomplete when no
+/// '\n' ends it. `known`: offsets of the first '\n's, each checked before it is used (the lines
+/// past them are found by searching).
+struct HeadLines<'a, 'e> {
+    buf: &'a [u8],
+    at: usize,
+    known: std::slice::Iter<'e, u16>,
+}
+
+impl<'a> Iterator for HeadLines<'a, '_> {
+    type Item = (&'a [u8], bool);
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let (buf, at) = (self.buf, self.at);
+        if at >= buf.len() {
+            return None;
+        }
+        let nl = match self.known.next() {
+            Some(&e) if e as usize >= at && buf.get(e as usize) == Some(&b'\n') => Some(e as usize),
+            _ => memchr::memchr(b'\n', &buf[at..]).map(|i| at + i),
+        };
+        Some(match nl {
+            Some(i) => {
+                self.at = i + 1;
+                (strip_cr(&buf[at..i]), true)
+            }
+            None => {
+                self.at = buf.len();
+                (&buf[at..], false)
+            }
+        })
+    }
 }
 
 fn parse_header<'a>(head: &mut Head<'a>, line: &'a [u8]) {
@@ -1479,7 +1492,7 @@ fn parse_header<'a>(head: &mut Head<'a>, line: &'a [u8]) {
             head.user_agent.get_or_insert_with(value);
         }
         11 if is("traceparent") => {
-            head.traceparent.get_or_insert_with(|| capped(value()));
+            head.traceparent.get_or_insert_with(|| Arc::from(capped(value())));
         }
         10 if is("tracestate") => {
             let value = value();

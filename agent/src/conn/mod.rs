@@ -22,6 +22,8 @@
 //! Bounds: at most `max_conns` entries (the least recently active is evicted and counted),
 //! idle entries expire after `idle_ns`.
 
+use std::sync::Arc;
+
 // FxHash: the table is keyed by (pid, fd), looked up for every data record.
 use rustc_hash::FxHashMap;
 
@@ -73,7 +75,7 @@ pub struct ConnMeta {
 #[derive(Debug)]
 pub enum Finished {
     /// A request head was seen (`meta.tid` is the thread that read or wrote it).
-    HttpStart { meta: ConnMeta, seq: u64, traceparent: Option<String>, tracestate: Option<String>, start_ns: u64 },
+    HttpStart { meta: ConnMeta, seq: u64, traceparent: Option<Arc<str>>, tracestate: Option<Arc<str>>, start_ns: u64 },
     /// The exchange of request `seq` on this connection finished.
     Http(ConnMeta, u64, HttpExchange),
     /// A PostgreSQL or Redis call finished (`meta.tid`: the thread that sent it).

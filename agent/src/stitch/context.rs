@@ -39,7 +39,7 @@
 //! oldest open one): a long request keeps its context through any burst of short ones. At
 //! 100 000 requests/s a finished context still stays ~160 ms, far longer than any lookup needs.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 // FxHash: every key here is an integer the agent or the kernel chose (context ids, pid/tid,
 // socket endpoints of the traced processes' own outgoing connections), hashed per request.
@@ -75,8 +75,8 @@ pub struct RequestStart {
     pub local: Endpoint,
     pub remote: Endpoint,
     pub start_ns: u64,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
+    pub traceparent: Option<Arc<str>>,
+    pub tracestate: Option<Arc<str>>,
     /// Ids the kernel already decided (and may have sent downstream) for this request.
     pub kernel: Option<KernelIds>,
 }
@@ -102,7 +102,7 @@ pub struct Resolved {
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
     pub sampled: bool,
-    pub trace_state: Option<String>,
+    pub trace_state: Option<Arc<str>>,
     pub source: ParentSource,
     pub uncertain: bool,
     /// The incoming traceparent was present but malformed.
@@ -609,7 +609,7 @@ mod tests {
             local: ep(local),
             remote: ep(remote),
             start_ns: ts,
-            traceparent: tp.map(str::to_string),
+            traceparent: tp.map(Arc::from),
             tracestate: None,
             kernel: None,
         }

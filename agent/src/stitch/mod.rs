@@ -5,7 +5,7 @@
 pub mod context;
 pub mod span;
 
-use std::{borrow::Cow, fmt::Write as _, net::IpAddr};
+use std::{borrow::Cow, fmt::Write as _, net::IpAddr, sync::Arc};
 
 // FxHash: the tables below are keyed by integers (connection ids, pids, fds, ports, kernel
 // timestamps), looked up per request.
@@ -109,8 +109,8 @@ fn push_opt(a: &mut Vec<Attr>, k: &'static str, v: Option<impl Into<AttrValue>>)
 fn request_start(
     meta: &ConnMeta,
     start_ns: u64,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
+    traceparent: Option<Arc<str>>,
+    tracestate: Option<Arc<str>>,
 ) -> RequestStart {
     RequestStart {
         pid: meta.pid,

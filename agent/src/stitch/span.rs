@@ -142,7 +142,7 @@ pub struct SpanRecord {
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
     /// W3C `tracestate` carried from the incoming request, if any.
-    pub trace_state: Option<String>,
+    pub trace_state: Option<Arc<str>>,
     pub sampled: bool,
     /// Interned (borrowed) for the HTTP names that repeat, owned otherwise.
     pub name: AttrStr,
