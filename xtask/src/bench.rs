@@ -284,13 +284,17 @@ fn idle(b: &Bench, plan: &Plan, nginx: &Nginx, rep: &mut Report) -> Result<()> {
 /// How many times the process's threads were put on a CPU (the third field of
 /// `/proc/PID/task/*/schedstat`): its wake-ups, near enough.
 fn switches(pid: u32) -> u64 {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
+    schedstat_sum(pid, 2).unwrap_or(0)
+}
+
+/// Field `field` of `/proc/PID/task/*/schedstat` (0: run time in ns, 2: times put on a CPU),
+/// summed over the process's threads; None when no thread's could be read.
+fn schedstat_sum(pid: u32, field: usize) -> Option<u64> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     rd.flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|t| t.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
-        .sum()
+        .filter_map(|t| t.split_whitespace().nth(field).and_then(|v| v.parse::<u64>().ok()))
+        .fold(None, |sum, v| Some(sum.unwrap_or(0) + v))
 }
 
 /// Table 7: runs `agent/benches/pipeline.rs` (built with cargo's bench profile) and reports its
@@ -705,20 +709,10 @@ fn pump(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
 /// several ticks either way; the run time is exact. (Threads that exited during the round are
 /// not in `task/`; the processes measured here keep theirs.)
 fn cpu_s(pid: u32, tck: f64) -> f64 {
-    let mut ns = 0u64;
-    let mut any = false;
-    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for e in rd.flatten() {
-            let run = std::fs::read_to_string(e.path().join("schedstat"))
-                .ok()
-                .and_then(|t| t.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()));
-            if let Some(v) = run {
-                ns += v;
-                any = true;
-            }
-        }
+    match schedstat_sum(pid, 0) {
+        Some(ns) => ns as f64 / 1e9,
+        None => cpu_ticks(pid).unwrap_or(0) as f64 / tck,
     }
-    if any { ns as f64 / 1e9 } else { cpu_ticks(pid).unwrap_or(0) as f64 / tck }
 }
 
 /// CPU seconds of a process and of the children it has reaped (utime + stime + cutime + cstime,
